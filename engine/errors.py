@@ -21,7 +21,8 @@ or templates: they may reach a relying party.
     ├── SessionError                    session_error
     │   ├── UnknownSession              unknown_session
     │   ├── SessionExpired              session_expired
-    │   └── SessionUsed                 session_used           (replay)
+    │   ├── SessionUsed                 session_used           (replay)
+    │   └── ResultPending               result_pending         (retry_after_ms)
     ├── CredentialError                 credential_error
     │   ├── UnknownCredential           unknown_credential
     │   ├── CredentialVoided            credential_voided
@@ -77,6 +78,7 @@ __all__ = [
     "UnknownSession",
     "SessionExpired",
     "SessionUsed",
+    "ResultPending",
     "CredentialError",
     "UnknownCredential",
     "CredentialVoided",
@@ -229,6 +231,12 @@ class SessionUsed(SessionError):
     """The session has already been used."""
 
     code = "session_used"
+
+
+class ResultPending(SessionError):
+    """The session has no result yet."""
+
+    code = "result_pending"
 
 
 class CredentialError(EngineError):

@@ -1,0 +1,102 @@
+"""Assemble and run an engine from an :class:`EngineConfig`.
+
+``run_engine`` loads the indexes, warms the models, serves the wire protocol
+and, if configured, the metrics endpoint. ``task_status`` reports a
+:class:`Running` handle with the bound ports once the engine is ready. On
+:meth:`Running.drain` (the CLI calls it on SIGTERM/SIGINT) the engine stops
+accepting, answers every request in flight, and returns.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from .config import EngineConfig
+from .crypto import EngineKeys, TemplateCipher
+from .extract import Extractors, onnx_extractors
+from .metrics import Metrics, serve_http
+from .server import Server, open_listeners
+from .service import Engine
+from .store import Store, open_store
+
+log = logging.getLogger("engine.app")
+
+__all__ = ["Running", "build_engine", "run_engine", "default_scores"]
+
+
+@dataclass
+class Running:
+    engine: Engine
+    server: Server
+    port: int
+    metrics_port: int | None
+
+    def drain(self) -> None:
+        """Stop accepting; ``run_engine`` returns once the requests in flight are answered."""
+        self.server.drain()
+
+
+def default_scores(config: EngineConfig) -> Any:
+    """The calibrated score model shipped next to the model manifests."""
+    from .calibration import ScoreModel, load_operating_points
+
+    return ScoreModel(load_operating_points(config.models_dir), models_dir=config.models_dir, target_fmr=config.target_fmr)
+
+
+def build_engine(
+    config: EngineConfig,
+    *,
+    store: Store | None = None,
+    extractors: Extractors | None = None,
+    scores: Any = None,
+    metrics: Metrics | None = None,
+) -> Engine:
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    return Engine(
+        config,
+        store=store or open_store(config.store_location),
+        keys=EngineKeys.load_or_create(config.data_dir),
+        cipher=TemplateCipher.load_or_create(config.template_key_file),
+        extractors=extractors
+        or onnx_extractors(config.models_dir, intra_op_threads=config.intra_op_threads, check_challenge=config.challenge.check),
+        scores=scores if scores is not None else default_scores(config),
+        metrics=metrics or Metrics(),
+    )
+
+
+async def run_engine(engine: Engine, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    config = engine.config
+    server = Server(engine)
+    async with trio.open_nursery() as nursery:
+        metrics_port = None
+        if config.metrics_port is not None:
+
+            async def metrics_http(task_status=trio.TASK_STATUS_IGNORED) -> None:
+                await serve_http(
+                    engine.metrics,
+                    host=config.metrics_host,
+                    port=config.metrics_port,
+                    ready=lambda: engine.ready and not server.draining,
+                    task_status=task_status,
+                )
+
+            metrics_port = await nursery.start(metrics_http)
+        await nursery.start(engine.run)
+        listeners = await open_listeners(config)
+        served = trio.Event()
+
+        async def serving(task_status=trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                await server.serve(listeners, task_status=task_status)
+            finally:
+                served.set()
+
+        port = await nursery.start(serving)
+        log.info("engine ready on %s:%d", config.host, port)
+        task_status.started(Running(engine, server, port, metrics_port))
+        await served.wait()  # after a drain, once every connection has finished
+        nursery.cancel_scope.cancel()

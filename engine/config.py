@@ -1,0 +1,97 @@
+"""Explicit, validated configuration objects.
+
+Nothing inside ``engine/`` reads the environment: the CLI reads flags and
+files and builds an :class:`EngineConfig`, which is passed down explicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .batcher import BatcherConfig
+from .errors import ConfigError
+from .models import DEFAULT_MODELS_DIR
+from .protocol import MAX_FRAME_BYTES
+
+__all__ = ["LimitsConfig", "ChallengeSettings", "EngineConfig"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LimitsConfig:
+    """Per-connection and per-request limits."""
+
+    max_frame: int = MAX_FRAME_BYTES
+    max_in_flight: int = 64  # requests in flight per connection
+    outbox: int = 256  # replies and pushes queued per connection
+    session_ttl: float = 60.0  # seconds a QR session stays usable
+    result_retention: float = 600.0  # seconds a result can still be fetched
+    max_open_sessions: int = 100_000
+    request_deadline: float = 10.0  # seconds for any one request, set at the boundary
+
+    def __post_init__(self) -> None:
+        if self.max_frame < 1024:
+            raise ConfigError("max_frame must be at least 1024 bytes")
+        if self.max_in_flight < 1 or self.outbox < 1:
+            raise ConfigError("max_in_flight and outbox must be positive")
+        if not 1.0 <= self.session_ttl <= 3600.0:
+            raise ConfigError("session_ttl must be between 1 s and 1 h")
+        if self.request_deadline <= 0:
+            raise ConfigError("request_deadline must be positive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChallengeSettings:
+    """The spoken challenge carried by every session."""
+
+    kind: str = "digits"  # "digits" or "phrase"
+    length: int = 6
+    phrases: tuple[str, ...] = ()
+    check: bool = True  # check that the recording says the challenge
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("digits", "phrase"):
+            raise ConfigError("challenge kind must be 'digits' or 'phrase'")
+        if self.kind == "phrase" and not self.phrases:
+            raise ConfigError("challenge kind 'phrase' needs a phrase list")
+        if not 4 <= self.length <= 12:
+            raise ConfigError("challenge length must be 4..12 digits")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 7400
+    store_url: str | None = None  # default: sqlite in data_dir
+    template_key_path: Path | None = None  # default: data_dir/template.key
+    models_dir: Path = DEFAULT_MODELS_DIR
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None  # None: no metrics endpoint
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    challenge: ChallengeSettings = field(default_factory=ChallengeSettings)
+    face_batch: BatcherConfig = field(default_factory=lambda: BatcherConfig(max_batch=8, max_wait=0.004, queue_size=128, workers=1))
+    voice_batch: BatcherConfig = field(default_factory=lambda: BatcherConfig(max_batch=16, max_wait=0.004, queue_size=128, workers=1))
+    challenge_batch: BatcherConfig = field(default_factory=lambda: BatcherConfig(max_batch=4, max_wait=0.002, queue_size=128, workers=1))
+    intra_op_threads: int = 1
+    store_threads: int = 4
+    duplicate_search: bool = True
+    target_fmr: float | None = None  # None: the calibrated default
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("TLS needs both a certificate and a key")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("port out of range")
+        if self.intra_op_threads < 1 or self.store_threads < 1:
+            raise ConfigError("thread counts must be positive")
+
+    @property
+    def store_location(self) -> str:
+        return self.store_url or f"sqlite:///{self.data_dir / 'engine.db'}"
+
+    @property
+    def template_key_file(self) -> Path:
+        return self.template_key_path or self.data_dir / "template.key"

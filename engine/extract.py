@@ -1,0 +1,127 @@
+"""The extractor seam: what the service needs from the biometric models.
+
+Two implementations stand behind it: :func:`onnx_extractors` (the real ONNX
+models: YuNet + SFace, GE2E, and the pocketsphinx challenge check) and
+:func:`fake_extractors`, a deterministic stand-in for unit tests of batching
+and protocol. The fake derives an identity from a marker at the start of the
+sample bytes (``b"FACE:alice:..."``, ``b"VOICE:alice:..."``), so tests can
+make genuine and impostor samples without models.
+
+Every ``*_batch`` call returns one entry per input, in order: a result, or the
+:class:`~engine.errors.SampleError` instance for that input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import NoFace, NoSpeech, SampleError, UndecodableSample
+
+__all__ = ["Extractors", "onnx_extractors", "fake_extractors"]
+
+Pcm = Any  # float32 16 kHz mono audio (np.ndarray); opaque bytes for the fake
+
+
+@dataclass(frozen=True)
+class Extractors:
+    face_dim: int
+    voice_dim: int
+    #: list[image bytes] -> list[embedding | SampleError]
+    face_batch: Callable[[list[bytes]], list]
+    #: (audio bytes, format) -> Pcm, raises SampleError
+    decode_audio: Callable[[bytes, str], Pcm]
+    #: list[Pcm] -> list[embedding | SampleError]
+    voice_batch: Callable[[list[Pcm]], list]
+    #: list[(Pcm, expected challenge)] -> list[score | SampleError]
+    challenge_batch: Callable[[list[tuple[Pcm, str]]], list]
+    #: score -> accepted?
+    challenge_accept: Callable[[float], bool]
+    warmup: Callable[[], None] = lambda: None
+
+
+def onnx_extractors(models_dir: Path, *, intra_op_threads: int = 1, check_challenge: bool = True) -> Extractors:
+    """The real models, loaded and digest-checked from ``models_dir``."""
+    from .audio import decode_audio
+    from .face import FaceExtractor
+    from .voice import VoiceExtractor
+
+    face = FaceExtractor(models_dir, intra_op_threads=intra_op_threads)
+    voice = VoiceExtractor(models_dir, intra_op_threads=intra_op_threads)
+    if check_challenge:
+        from .challenge import ChallengeChecker
+
+        checker = ChallengeChecker()
+        challenge_batch = checker.score_batch
+        challenge_accept = checker.accept
+    else:
+        challenge_batch = lambda items: [1.0] * len(items)  # noqa: E731 - check disabled by config
+        challenge_accept = lambda score: True  # noqa: E731
+
+    def warmup() -> None:
+        face.warmup()
+        voice.warmup()
+
+    return Extractors(
+        face_dim=face.dim,
+        voice_dim=voice.dim,
+        face_batch=face.embed_batch,
+        decode_audio=lambda data, fmt: decode_audio(data, fmt=fmt),
+        voice_batch=voice.embed_pcm_batch,
+        challenge_batch=challenge_batch,
+        challenge_accept=challenge_accept,
+        warmup=warmup,
+    )
+
+
+# ---- deterministic fake, for unit tests -----------------------------------------------------------
+def _identity_vector(kind: str, identity: str, dim: int) -> np.ndarray:
+    seed = int.from_bytes(hashlib.sha256(f"{kind}:{identity}".encode()).digest()[:8], "big")
+    v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def _fake_embed(kind: str, data: bytes, dim: int, err: type[SampleError]) -> np.ndarray | SampleError:
+    prefix = f"{kind}:".encode()
+    if not data.startswith(prefix):
+        return UndecodableSample()
+    parts = data[len(prefix):].split(b":", 1)
+    identity = parts[0].decode(errors="replace")
+    if identity == "none":
+        return err()
+    base = _identity_vector(kind, identity, dim)
+    seed = int.from_bytes(hashlib.sha256(data).digest()[:8], "big")
+    noise = np.random.default_rng(seed).standard_normal(dim).astype(np.float32) * 0.02
+    v = base + noise
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+def fake_extractors() -> Extractors:
+    """Deterministic stand-in: ``FACE:<who>:...`` / ``VOICE:<who>:<said>:...``; ``<who>`` = none → no face/speech."""
+
+    def decode(data: bytes, fmt: str) -> bytes:
+        if not data.startswith(b"VOICE:"):
+            raise UndecodableSample()
+        return data
+
+    def challenge(items: list[tuple[bytes, str]]) -> list:
+        out: list = []
+        for pcm, expected in items:
+            said = pcm.split(b":")[2].decode(errors="replace") if pcm.count(b":") >= 2 else ""
+            out.append(1.0 if said == expected else -1.0)
+        return out
+
+    return Extractors(
+        face_dim=128,
+        voice_dim=256,
+        face_batch=lambda items: [_fake_embed("FACE", b, 128, NoFace) for b in items],
+        decode_audio=decode,
+        voice_batch=lambda items: [_fake_embed("VOICE", b, 256, NoSpeech) for b in items],
+        challenge_batch=challenge,
+        challenge_accept=lambda score: score > 0.0,
+    )

@@ -1,0 +1,559 @@
+"""The engine's flows: enroll, open session, verify, rebind, report lost, upgrade.
+
+:class:`Engine` owns the durable store, the keys, the template indexes, the
+batchers in front of the models, the session store and the result hub. The
+server calls its ``handle_*`` methods with typed requests; they return typed
+replies or raise an :class:`~engine.errors.EngineError`. Blocking work (the
+store, FAISS, audio decoding) runs in worker threads; model work goes through
+the batchers.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import numpy as np
+import trio
+
+from . import protocol as P
+from .batcher import Batcher
+from .config import EngineConfig
+from .crypto import EngineKeys, TemplateCipher, device_box_key, seal, sha256, verify_signature
+from .errors import (
+    BadSignature,
+    CardLost,
+    CardNotValid,
+    CardPhotoMismatch,
+    CredentialDeleted,
+    CredentialError,
+    CredentialSuspended,
+    CredentialVoided,
+    DeadlineExceeded,
+    DuplicateIdentity,
+    EngineError,
+    InvalidMessage,
+    LevelNotAllowed,
+    LevelTooLow,
+    NotAuthenticated,
+    Overloaded,
+    RateLimited,
+    RelyingPartyDisabled,
+    ResultPending,
+    SampleError,
+    UnknownAcceptancePoint,
+    UnknownCard,
+    UnknownCredential,
+    UnknownRelyingParty,
+    UnknownSession,
+    VerificationFailed,
+    WrongDeviceKey,
+)
+from .extract import Extractors
+from .index import TemplateIndex
+from .metrics import Metrics
+from .sessions import MemorySessionStore, ResultHub, Session
+from .store import Credential, RelyingParty, Store
+
+log = logging.getLogger("engine.service")
+
+__all__ = ["Engine", "Conn", "REASONS"]
+
+#: Coarse reason classes a relying party may see.
+REASONS = ("match", "biometric_mismatch", "challenge_mismatch", "sample_quality", "credential_inactive", "level_too_low")
+
+#: Target false-match rates for the checks that are not the main decision.
+CARD_PHOTO_FMR = 1e-4  # a card photo is older and of lower quality than a live capture
+DUPLICATE_FMR = 1e-6  # 1:N search: strict, so that no honest resident is refused
+
+
+@dataclass
+class Conn:
+    """What the engine knows about one connection."""
+
+    nonce: bytes
+    outbox: trio.MemorySendChannel
+    rp: RelyingParty | None = None
+
+
+class _Quota:
+    """Token bucket per relying party (requests per minute)."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, rp_id: str, per_minute: int, now: float) -> None:
+        if per_minute <= 0:
+            return
+        rate = per_minute / 60.0
+        tokens, last = self._buckets.get(rp_id, (float(per_minute), now))
+        tokens = min(float(per_minute), tokens + (now - last) * rate)
+        if tokens < 1.0:
+            self._buckets[rp_id] = (tokens, now)
+            raise RateLimited(retry_after_ms=int((1.0 - tokens) / rate * 1000) + 1)
+        self._buckets[rp_id] = (tokens - 1.0, now)
+
+
+class Engine:
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        store: Store,
+        keys: EngineKeys,
+        cipher: TemplateCipher,
+        extractors: Extractors,
+        scores: Any,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.keys = keys
+        self.cipher = cipher
+        self.x = extractors
+        self.scores = scores
+        self.metrics = metrics or Metrics()
+        self.clock = clock
+        self.sessions = MemorySessionStore()
+        self.hub = ResultHub()
+        self.face_index = TemplateIndex(extractors.face_dim)
+        self.voice_index = TemplateIndex(extractors.voice_dim)
+        self._store_limiter = trio.CapacityLimiter(config.store_threads)
+        self._decode_limiter = trio.CapacityLimiter(2)
+        self._quota = _Quota()
+        self._rp_cache: dict[str, tuple[float, RelyingParty | None]] = {}
+        self.face_batcher = Batcher("face", extractors.face_batch, config.face_batch, metrics=self.metrics)
+        self.voice_batcher = Batcher("voice", extractors.voice_batch, config.voice_batch, metrics=self.metrics)
+        self.challenge_batcher = Batcher("challenge", extractors.challenge_batch, config.challenge_batch, metrics=self.metrics)
+        self.ready = False
+
+    # ---- life cycle ------------------------------------------------------------------------------
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Load templates, warm the models, start the batchers; then sweep sessions forever."""
+        await self._db(self._load_indexes)
+        await trio.to_thread.run_sync(self.x.warmup)
+        async with trio.open_nursery() as nursery:
+            for b in (self.face_batcher, self.voice_batcher, self.challenge_batcher):
+                await nursery.start(b.run)
+            self.ready = True
+            await self._refresh_credential_gauge()
+            task_status.started()
+            while True:
+                await trio.sleep(1.0)
+                self.sessions.sweep(self.clock())
+
+    def _load_indexes(self) -> None:
+        for modality, index in (("face", self.face_index), ("voice", self.voice_index)):
+            ids, owners, vecs = [], [], []
+            for row in self.store.active_templates(modality):
+                cred = self.store.get_credential(row.credential_id)
+                if cred is None:
+                    continue
+                ids.append(row.template_id)
+                owners.append(row.credential_id)
+                vecs.append(self._open_template(row.ciphertext, cred.card_number, modality))
+            if ids:
+                index.add(np.asarray(ids, dtype=np.int64), owners, np.stack(vecs))
+        log.info("indexes loaded: %d face, %d voice templates", len(self.face_index), len(self.voice_index))
+
+    async def _refresh_credential_gauge(self) -> None:
+        counts = await self._db(self.store.count_credentials)
+        for status, n in counts.items():
+            self.metrics.credentials.labels(status=status).set(n)
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    async def _db(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        return await trio.to_thread.run_sync(lambda: fn(*args, **kwargs), limiter=self._store_limiter)
+
+    def _seal_template(self, vec: np.ndarray, card_number: str, modality: str) -> bytes:
+        return self.cipher.encrypt(np.asarray(vec, dtype=np.float32).tobytes(), f"{modality}:{card_number}")
+
+    def _open_template(self, ciphertext: bytes, card_number: str, modality: str) -> np.ndarray:
+        return np.frombuffer(self.cipher.decrypt(ciphertext, f"{modality}:{card_number}"), dtype=np.float32)
+
+    async def _face(self, image: bytes) -> np.ndarray:
+        return await self.face_batcher.submit(image)
+
+    async def _voice(self, audio: bytes, fmt: str) -> tuple[np.ndarray, Any]:
+        pcm = await trio.to_thread.run_sync(self.x.decode_audio, audio, fmt, limiter=self._decode_limiter)
+        return await self.voice_batcher.submit(pcm), pcm
+
+    async def _voice_and_challenge(self, audio: bytes, fmt: str, challenge: str | None) -> tuple[np.ndarray, float | None]:
+        """One recording, two checks: the speaker embedding and what was said, side by side."""
+        pcm = await trio.to_thread.run_sync(self.x.decode_audio, audio, fmt, limiter=self._decode_limiter)
+        if challenge is None:
+            return await self.voice_batcher.submit(pcm), None
+        voice, score = await self._gather(lambda: self.voice_batcher.submit(pcm), lambda: self.challenge_batcher.submit((pcm, challenge)))
+        return voice, score
+
+    async def _gather(self, *thunks: Callable[[], Any]) -> list[Any]:
+        """Run coroutines concurrently; the first EngineError (samples first) wins."""
+        results: list[Any] = [None] * len(thunks)
+        errors: list[BaseException | None] = [None] * len(thunks)
+
+        async def one(i: int) -> None:
+            try:
+                results[i] = await thunks[i]()
+            except EngineError as exc:
+                errors[i] = exc
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(thunks)):
+                nursery.start_soon(one, i)
+        for e in errors:
+            if e is not None:
+                raise e
+        return results
+
+    async def _relying_party(self, rp_id: str, *, fresh: bool = False) -> RelyingParty:
+        """The relying party's record, re-read at most every 2 s (disable takes effect fast)."""
+        now = self.clock()
+        cached = self._rp_cache.get(rp_id)
+        if fresh or cached is None or now - cached[0] > 2.0:
+            rp = await self._db(self.store.get_relying_party, rp_id)
+            self._rp_cache[rp_id] = (now, rp)
+        else:
+            rp = cached[1]
+        if rp is None:
+            raise UnknownRelyingParty()
+        if rp.status != "active":
+            raise RelyingPartyDisabled()
+        return rp
+
+    async def _active_credential(self, credential_id: str, device_key: bytes) -> Credential:
+        cred = await self._db(self.store.get_credential, credential_id)
+        if cred is None:
+            raise UnknownCredential()
+        if not hmac.compare_digest(cred.device_key, device_key):
+            if await self._db(self.store.retired_device, device_key) == credential_id:
+                raise CredentialDeleted()
+            raise WrongDeviceKey()
+        _raise_unless_active(cred)
+        return cred
+
+    def _match(self, cred: Credential, face: np.ndarray, voice: np.ndarray) -> tuple[float, float, Any]:
+        f = float(self.face_index.compare(cred.credential_id, face[None, :])[0])
+        enrolled = self.voice_index.vectors_of(cred.credential_id)
+        v_raw = float(self.voice_index.compare(cred.credential_id, voice[None, :])[0])
+        v = float(self.scores.normalise_voice(voice, enrolled, v_raw))
+        return f, v, self.scores.decide(f, v)
+
+    # ---- relying party -----------------------------------------------------------------------------
+    async def handle_auth(self, conn: Conn, req: P.Auth) -> P.Authenticated:
+        rp = await self._relying_party(req.rp_id, fresh=True)
+        verify_signature(rp.sign_key, P.auth_message(conn.nonce, req.rp_id), req.sig)
+        if conn.rp is not None:
+            self.hub.unsubscribe(conn.rp.rp_id, conn.outbox)
+        conn.rp = rp
+        self.hub.subscribe(rp.rp_id, conn.outbox)
+        await self._audit(actor=rp.rp_id, action="rp_connect", subject=rp.rp_id, outcome="ok")
+        return P.Authenticated(id=req.id, rp_id=rp.rp_id, display_name=rp.display_name, max_level=rp.max_level)
+
+    async def _rp_for(self, conn: Conn) -> RelyingParty:
+        if conn.rp is None:
+            raise NotAuthenticated()
+        rp = await self._relying_party(conn.rp.rp_id)
+        try:
+            self._quota.take(rp.rp_id, rp.quota_per_minute, self.clock())
+        except RateLimited:
+            self.metrics.rate_limited.inc()
+            raise
+        return rp
+
+    async def handle_open_session(self, conn: Conn, req: P.OpenSession) -> P.SessionOpened:
+        from .challenge import new_challenge
+
+        rp = await self._rp_for(conn)
+        if P.level_rank(req.level) > P.level_rank(rp.max_level):
+            raise LevelNotAllowed()
+        lim = self.config.limits
+        if len(self.sessions) >= lim.max_open_sessions:
+            self.sessions.sweep(self.clock())
+            if len(self.sessions) >= lim.max_open_sessions:
+                raise Overloaded("too many open sessions", retry_after_ms=1000)
+        now = self.clock()
+        ch = self.config.challenge
+        session = Session(
+            session_id=secrets.token_urlsafe(18),
+            rp_id=rp.rp_id,
+            level=req.level,
+            purpose=req.purpose,
+            nonce=secrets.token_bytes(16),
+            challenge=new_challenge(kind=ch.kind, length=ch.length, phrases=ch.phrases),
+            created_at=now,
+            expires_at=now + lim.session_ttl,
+        )
+        self.sessions.add(session)
+        qr = P.QrPayload(
+            session_id=session.session_id,
+            rp_name=rp.display_name,
+            nonce=session.nonce,
+            expires_at=session.expires_at,
+            challenge=session.challenge,
+            level=session.level,
+            purpose=session.purpose,
+        )
+        body = P.encode(qr)
+        return P.SessionOpened(id=req.id, session_id=session.session_id, qr=P.Signed(payload=body, sig=self.keys.sign(body)), expires_at=session.expires_at)
+
+    async def handle_fetch_result(self, conn: Conn, req: P.FetchResult) -> P.ResultMsg:
+        rp = await self._rp_for(conn)
+        s = self.sessions.peek(req.session_id)
+        if s is None or s.rp_id != rp.rp_id:
+            raise UnknownSession()
+        if s.result is None:
+            raise ResultPending(retry_after_ms=500)
+        return P.ResultMsg(id=req.id, session_id=s.session_id, sealed=s.result)
+
+    # ---- holder: verification (the hot path) --------------------------------------------------------
+    async def handle_verify(self, conn: Conn, req: P.Verify) -> P.Verified:
+        now = self.clock()
+        self.sessions.check(req.session_id, req.nonce, now)
+        tbs = P.verify_message(req.session_id, req.nonce, req.credential_id, sha256(req.face), sha256(req.voice))
+        verify_signature(req.device_key, tbs, req.sig)
+        device_box = device_box_key(req.device_key)
+        session = self.sessions.claim(req.session_id, req.nonce, self.clock())  # single use from here on
+
+        cred: Credential | None = None
+        delivered = False
+        try:
+            try:
+                cred = await self._active_credential(req.credential_id, req.device_key)
+                if P.level_rank(cred.level) < P.level_rank(session.level):
+                    raise LevelTooLow()
+                challenge = session.challenge if self.config.challenge.check else None
+                (face, (voice, challenge_score)) = await self._gather(
+                    lambda: self._face(req.face), lambda: self._voice_and_challenge(req.voice, req.audio_format, challenge)
+                )
+                f, v, decision = self._match(cred, face, voice)
+                # The card may have been reported lost while the models ran: check again.
+                latest = await self._db(self.store.get_credential, cred.credential_id)
+                _raise_unless_active(latest)
+            except (Overloaded, DeadlineExceeded):
+                raise  # the engine's fault, not the holder's: the session stays usable
+            except EngineError as exc:
+                result = self._result(session, cred, "fail", _reason_for(exc))
+                await self._deliver(session, result)
+                delivered = True
+                await self._audit(actor=session.rp_id, action="verify", subject=req.credential_id, outcome="fail", detail={"reason": exc.code})
+                if isinstance(exc, LevelTooLow):
+                    return P.Verified(id=req.id, session_id=session.session_id, sealed=seal(device_box, result))
+                raise
+            if not decision.passed:
+                outcome, reason, detail = "fail", "biometric_mismatch", decision.reason
+            elif challenge_score is not None and not self.x.challenge_accept(challenge_score):
+                outcome, reason, detail = "fail", "challenge_mismatch", "challenge_mismatch"
+            else:
+                outcome, reason, detail = "pass", "match", "match"
+            result = self._result(session, cred, outcome, reason)
+            await self._deliver(session, result)
+            delivered = True
+        finally:
+            if not delivered:
+                session.used = False  # aborted before any result: the holder may retry
+        await self._audit(actor=session.rp_id, action="verify", subject=cred.credential_id, outcome=outcome, detail={"reason": detail})
+        log.debug("verify %s: face=%.3f voice=%.3f %s", session.session_id, f, v, detail)
+        return P.Verified(id=req.id, session_id=session.session_id, sealed=seal(device_box, result))
+
+    def _result(self, session: Session, cred: Credential | None, outcome: str, reason: str) -> bytes:
+        payload = P.ResultPayload(
+            session_id=session.session_id,
+            rp_id=session.rp_id,
+            outcome=outcome,
+            reason=reason,
+            level=cred.level if cred is not None else session.level,
+            time=self.clock(),
+            pseudonym=self.keys.pseudonym(cred.card_number, session.rp_id) if cred is not None else "",
+        )
+        body = P.encode(payload)
+        return P.encode(P.Signed(payload=body, sig=self.keys.sign(body)))
+
+    async def _deliver(self, session: Session, signed_result: bytes) -> None:
+        rp = await self._db(self.store.get_relying_party, session.rp_id)
+        if rp is None:
+            return
+        sealed = seal(rp.box_key, signed_result)
+        self.sessions.finish(session.session_id, sealed, self.clock() + self.config.limits.result_retention)
+        self.hub.publish(rp.rp_id, P.ResultMsg(session_id=session.session_id, sealed=sealed))
+
+    async def _audit(self, **kw: Any) -> None:
+        await self._db(self.store.audit, now=self.clock(), **kw)
+
+    # ---- holder: enrollment -----------------------------------------------------------------------------
+    async def handle_enroll(self, conn: Conn, req: P.Enroll) -> P.Enrolled:
+        tbs = P.enroll_message(req.card_number, req.device_key, [sha256(f) for f in req.faces], [sha256(v) for v in req.voices])
+        verify_signature(req.device_key, tbs, req.sig)
+        device_box_key(req.device_key)  # a usable key for the holder's sealed copies
+        card = await self._db(self.store.get_card, req.card_number)
+        if card is None:
+            raise UnknownCard()
+        if card.status == "lost":
+            raise CardLost()
+        if card.status != "valid" or card.photo_template is None:
+            raise CardNotValid()
+        card_vec = self._open_template(card.photo_template, card.card_number, "card")
+
+        thunks = [lambda f=f: self._face(f) for f in req.faces]
+        thunks += [lambda a=a: self._voice(a, req.audio_format) for a in req.voices]
+        out = await self._gather(*thunks)
+        faces = np.stack(out[: len(req.faces)])
+        voices = np.stack([v for v, _pcm in out[len(req.faces):]])
+
+        card_thr = self.scores.threshold("face", CARD_PHOTO_FMR)
+        if float((faces @ card_vec).min()) < card_thr:
+            await self._audit(actor="holder", action="enroll", subject=card.card_number, outcome="refused", detail={"reason": "card_photo_mismatch"})
+            raise CardPhotoMismatch()
+        if self.config.duplicate_search and len(self.face_index):
+            dup_thr = self.scores.threshold("face", DUPLICATE_FMR)
+            hits = {owner for row in self.face_index.search(faces, 5) for owner, score in row if score >= dup_thr}
+            for owner in hits:
+                other = await self._db(self.store.get_credential, owner)
+                if other is not None and other.card_number != card.card_number:
+                    await self._audit(actor="holder", action="enroll", subject=card.card_number, outcome="refused", detail={"reason": "duplicate_identity"})
+                    raise DuplicateIdentity()
+
+        templates = [("face", self._seal_template(v, card.card_number, "face")) for v in faces]
+        templates += [("voice", self._seal_template(v, card.card_number, "voice")) for v in voices]
+        cred, rows, voided = await self._db(
+            self.store.issue_credential,
+            card_number=card.card_number,
+            device_key=req.device_key,
+            templates=templates,
+            actor="holder",
+            now=self.clock(),
+        )
+        for old in voided:
+            self.face_index.remove_owner(old)
+            self.voice_index.remove_owner(old)
+        vec_by_row = {"face": list(faces), "voice": list(voices)}
+        for modality, index in (("face", self.face_index), ("voice", self.voice_index)):
+            mine = [r for r in rows if r.modality == modality]
+            index.add(np.asarray([r.template_id for r in mine], dtype=np.int64), [cred.credential_id] * len(mine), np.stack(vec_by_row[modality]))
+        await self._refresh_credential_gauge()
+        return P.Enrolled(id=req.id, credential_id=cred.credential_id, version=cred.version, level=cred.level)
+
+    # ---- holder: new phone, lost card, status -----------------------------------------------------------
+    async def _fresh_check(self, cred: Credential, face: bytes, voice: bytes, fmt: str) -> None:
+        (f, (v, _pcm)) = await self._gather(lambda: self._face(face), lambda: self._voice(voice, fmt))
+        *_scores, decision = self._match(cred, f, v)
+        if not decision.passed:
+            raise VerificationFailed()
+
+    async def handle_rebind(self, conn: Conn, req: P.Rebind) -> P.Rebound:
+        tbs = P.rebind_message(req.credential_id, req.new_device_key, sha256(req.face), sha256(req.voice))
+        verify_signature(req.new_device_key, tbs, req.sig)
+        device_box_key(req.new_device_key)
+        cred = await self._db(self.store.get_credential, req.credential_id)
+        if cred is None:
+            raise UnknownCredential()
+        _raise_unless_active(cred)
+        expected = cred.device_key
+        try:
+            await self._fresh_check(cred, req.face, req.voice, req.audio_format)
+        except VerificationFailed:
+            await self._audit(actor="holder", action="rebind", subject=cred.credential_id, outcome="refused", detail={"reason": "verification_failed"})
+            raise
+        new = await self._db(
+            self.store.rebind_device, cred.credential_id, expected_device_key=expected, new_device_key=req.new_device_key, actor="holder", now=self.clock()
+        )
+        return P.Rebound(id=req.id, credential_id=new.credential_id)
+
+    async def handle_report_lost(self, conn: Conn, req: P.ReportLost) -> P.ReportedLost:
+        tbs = P.report_lost_message(req.credential_id, sha256(req.face), sha256(req.voice))
+        verify_signature(req.device_key, tbs, req.sig)
+        cred = await self._active_credential(req.credential_id, req.device_key)
+        await self._fresh_check(cred, req.face, req.voice, req.audio_format)
+        suspended = await self.report_lost(cred.card_number, actor="holder")
+        return P.ReportedLost(id=req.id, suspended=len(suspended))
+
+    async def report_lost(self, card_number: str, *, actor: str) -> list[str]:
+        suspended = await self._db(self.store.report_card_lost, card_number, actor=actor, now=self.clock())
+        for cid in suspended:
+            self.face_index.remove_owner(cid)
+            self.voice_index.remove_owner(cid)
+        await self._refresh_credential_gauge()
+        return suspended
+
+    async def handle_status(self, conn: Conn, req: P.Status) -> P.StatusReply:
+        verify_signature(req.device_key, P.status_message(req.credential_id, req.nonce), req.sig)
+        cred = await self._db(self.store.get_credential, req.credential_id)
+        if cred is None:
+            raise UnknownCredential()
+        if not hmac.compare_digest(cred.device_key, req.device_key):
+            if await self._db(self.store.retired_device, req.device_key) == req.credential_id:
+                raise CredentialDeleted()
+            raise WrongDeviceKey()
+        return P.StatusReply(id=req.id, credential_id=cred.credential_id, status=cred.status, level=cred.level)
+
+    # ---- acceptance point ---------------------------------------------------------------------------------
+    async def handle_upgrade(self, conn: Conn, req: P.Upgrade) -> P.Upgraded:
+        try:
+            att = msgspec.msgpack.decode(req.attestation.payload, type=P.Attestation)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise InvalidMessage(f"attestation: {exc}") from None
+        ap = await self._db(self.store.get_acceptance_point, att.ap_id)
+        if ap is None or ap.status != "active":
+            raise UnknownAcceptancePoint()
+        verify_signature(ap.sign_key, req.attestation.payload, req.attestation.sig)
+        now = self.clock()
+        if not (now - 86400.0 <= att.checked_at <= now + 300.0):
+            raise InvalidMessage("attestation is not recent")
+        cred = await self._db(self.store.get_credential, att.credential_id)
+        if cred is None:
+            raise UnknownCredential()
+        if not hmac.compare_digest(cred.card_number, att.card_number):
+            raise BadSignature("attestation does not match the credential")
+        _raise_unless_active(cred)
+        new = await self._db(self.store.set_level, cred.credential_id, att.level, actor=att.ap_id, now=now, attestation=P.encode(req.attestation))
+        return P.Upgraded(id=req.id, credential_id=new.credential_id, level=new.level)
+
+    async def handle_ping(self, conn: Conn, req: P.Ping) -> P.Pong:
+        return P.Pong(id=req.id)
+
+    def disconnect(self, conn: Conn) -> None:
+        if conn.rp is not None:
+            self.hub.unsubscribe(conn.rp.rp_id, conn.outbox)
+
+    HANDLERS: dict[type, str] = {
+        P.Auth: "handle_auth",
+        P.OpenSession: "handle_open_session",
+        P.FetchResult: "handle_fetch_result",
+        P.Verify: "handle_verify",
+        P.Enroll: "handle_enroll",
+        P.Rebind: "handle_rebind",
+        P.ReportLost: "handle_report_lost",
+        P.Status: "handle_status",
+        P.Upgrade: "handle_upgrade",
+        P.Ping: "handle_ping",
+    }
+
+    async def dispatch(self, conn: Conn, req: P.Request) -> msgspec.Struct:
+        return await getattr(self, self.HANDLERS[type(req)])(conn, req)
+
+
+def _raise_unless_active(cred: Credential | None) -> None:
+    if cred is None:
+        raise UnknownCredential()
+    if cred.status == "voided":
+        raise CredentialVoided()
+    if cred.status == "suspended":
+        raise CredentialSuspended()
+    if cred.status != "active":
+        raise CredentialError()
+
+
+def _reason_for(exc: EngineError) -> str:
+    if isinstance(exc, LevelTooLow):
+        return "level_too_low"
+    if isinstance(exc, SampleError):
+        return "sample_quality"
+    if isinstance(exc, CredentialError):
+        return "credential_inactive"
+    return "error"

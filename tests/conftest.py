@@ -1,0 +1,68 @@
+"""Shared fixtures: an engine on loopback with the fake extractor (fast) or the real models."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import nacl.public
+import nacl.signing
+import pytest
+
+DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+class _Decision(NamedTuple):
+    passed: bool
+    reason: str
+
+
+class FixedScores:
+    """Score model for the fake extractor: cosine 0.5 per modality, no fusion."""
+
+    def threshold(self, modality: str, target_fmr: float | None = None) -> float:
+        return 0.5
+
+    def normalise_voice(self, probe, enrolled, raw: float) -> float:
+        return raw
+
+    def decide(self, face: float, voice: float) -> _Decision:
+        if face < 0.5:
+            return _Decision(False, "face_mismatch")
+        if voice < 0.5:
+            return _Decision(False, "voice_mismatch")
+        return _Decision(True, "match")
+
+
+@dataclass
+class RPKeys:
+    rp_id: str
+    signing: nacl.signing.SigningKey
+    box: nacl.public.PrivateKey
+
+
+def make_rp(store, rp_id: str = "hotel", *, max_level: str = "high", quota: int = 100_000, name: str = "Hotel Example") -> RPKeys:
+    from engine.store import RelyingParty
+
+    keys = RPKeys(rp_id, nacl.signing.SigningKey.generate(), nacl.public.PrivateKey.generate())
+    store.add_relying_party(
+        RelyingParty(
+            rp_id=rp_id,
+            display_name=name,
+            sign_key=bytes(keys.signing.verify_key),
+            box_key=bytes(keys.box.public_key),
+            max_level=max_level,
+            quota_per_minute=quota,
+            status="active",
+            created_at=time.time(),
+        ),
+        actor="test",
+    )
+    return keys
+
+
+@pytest.fixture
+def seed() -> int:
+    return 20261127

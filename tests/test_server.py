@@ -1,0 +1,239 @@
+"""Protocol and flows over real TCP, with the deterministic fake extractor."""
+
+from __future__ import annotations
+
+import struct
+import time
+
+import msgspec
+import nacl.signing
+import numpy as np
+import pytest
+import trio
+
+from engine import errors as E
+from engine import protocol as P
+from engine.app import build_engine, run_engine
+from engine.client import open_connection, open_holder, open_relying_party
+from engine.config import ChallengeSettings, EngineConfig, LimitsConfig
+from engine.extract import _identity_vector, fake_extractors
+from engine.registry import seal_card_template
+from engine.store import CardRecord
+
+from .conftest import FixedScores, make_rp
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+def face(who: str, n: int = 0) -> bytes:
+    return f"FACE:{who}:{n}".encode()
+
+
+def voice(who: str, said: str = "", n: int = 0) -> bytes:
+    return f"VOICE:{who}:{said}:{n}".encode()
+
+
+@pytest.fixture
+async def env(tmp_path, nursery):
+    cfg = EngineConfig(
+        data_dir=tmp_path / "data",
+        port=0,
+        limits=LimitsConfig(max_in_flight=8, session_ttl=30.0, max_frame=64 * 1024),
+        challenge=ChallengeSettings(kind="digits", length=6),
+    )
+    engine = build_engine(cfg, extractors=fake_extractors(), scores=FixedScores())
+    engine.clock = Clock()
+    cards = []
+    for card, who in (("C1", "alice"), ("C2", "bob"), ("C3", "carol")):
+        vec = _identity_vector("FACE", who, 128)
+        cards.append(
+            CardRecord(card_number=card, name=who.title(), photo_path=f"{who}.jpg", status="valid", photo_template=seal_card_template(engine.cipher, vec, card))
+        )
+    engine.store.import_cards(cards, actor="test")
+    rp = make_rp(engine.store, "hotel")
+    rp2 = make_rp(engine.store, "courier", max_level="basic", name="Courier")
+    running = await nursery.start(run_engine, engine)
+    yield running, rp, rp2
+    running.drain()
+
+
+async def enroll(port: int, card: str, who: str, key: nacl.signing.SigningKey | None = None):
+    key = key or nacl.signing.SigningKey.generate()
+    async with open_holder("127.0.0.1", port, device_key=key) as phone:
+        enrolled = await phone.enroll(card, [face(who, 1), face(who, 2)], [voice(who, "enroll", 1), voice(who, "enroll", 2)])
+    return enrolled.credential_id, key
+
+
+async def test_genuine_pass_and_results_to_both(env):
+    running, rp_keys, _ = env
+    port = running.port
+    cred, key = await enroll(port, "C1", "alice")
+    with trio.fail_after(10):
+        async with open_relying_party("127.0.0.1", port, rp_id="hotel", signing_key=rp_keys.signing, box_key=rp_keys.box) as rp:
+            opened = await rp.open_session(level="basic", purpose="check-in")
+            async with open_holder("127.0.0.1", port, device_key=key) as phone:
+                qr = phone.scan(opened.qr_text)
+                assert qr.challenge.isdigit() and len(qr.challenge) == 6
+                mine = await phone.verify(cred, qr, face=face("alice", 9), voice=voice("alice", qr.challenge, 9))
+            pushed = await rp.results().__anext__()
+            fetched = await rp.fetch_result(opened.session_id)
+    assert mine.outcome == pushed.outcome == fetched.outcome == "pass"
+    assert pushed.session_id == opened.session_id and pushed.reason == "match"
+    assert pushed.pseudonym == mine.pseudonym and len(pushed.pseudonym) == 32
+
+
+@pytest.mark.parametrize(
+    "probe_face, probe_voice_who, say_right, reason",
+    [
+        ("bob", "alice", True, "biometric_mismatch"),
+        ("alice", "bob", True, "biometric_mismatch"),
+        ("alice", "alice", False, "challenge_mismatch"),
+    ],
+)
+async def test_impostors_fail(env, probe_face, probe_voice_who, say_right, reason):
+    running, rp_keys, _ = env
+    cred, key = await enroll(running.port, "C1", "alice")
+    with trio.fail_after(10):
+        async with open_relying_party("127.0.0.1", running.port, rp_id="hotel", signing_key=rp_keys.signing, box_key=rp_keys.box) as rp:
+            opened = await rp.open_session()
+            async with open_holder("127.0.0.1", running.port, device_key=key) as phone:
+                qr = phone.scan(opened.qr)
+                said = qr.challenge if say_right else "000000"
+                mine = await phone.verify(cred, qr, face=face(probe_face, 5), voice=voice(probe_voice_who, said, 5))
+            pushed = await rp.results().__anext__()
+    assert mine.outcome == pushed.outcome == "fail"
+    assert pushed.reason == reason
+
+
+async def test_replay_wrong_key_expired(env):
+    running, rp_keys, _ = env
+    port = running.port
+    cred, key = await enroll(port, "C1", "alice")
+    with trio.fail_after(10):
+        async with open_relying_party("127.0.0.1", port, rp_id="hotel", signing_key=rp_keys.signing, box_key=rp_keys.box) as rp:
+            async with open_holder("127.0.0.1", port, device_key=key) as phone:
+                qr = phone.scan((await rp.open_session()).qr)
+                ok = await phone.verify(cred, qr, face=face("alice"), voice=voice("alice", qr.challenge))
+                assert ok.outcome == "pass"
+                with pytest.raises(E.SessionUsed):
+                    await phone.verify(cred, qr, face=face("alice"), voice=voice("alice", qr.challenge))
+
+            thief = nacl.signing.SigningKey.generate()
+            async with open_holder("127.0.0.1", port, device_key=thief) as phone:
+                qr = phone.scan((await rp.open_session()).qr)
+                with pytest.raises(E.WrongDeviceKey):
+                    await phone.verify(cred, qr, face=face("alice"), voice=voice("alice", qr.challenge))
+
+            async with open_holder("127.0.0.1", port, device_key=key) as phone:
+                opened = await rp.open_session()
+                qr = phone.scan(opened.qr)
+                running.engine.clock.offset += 31.0
+                with pytest.raises(E.SessionExpired):
+                    await phone.verify(cred, qr, face=face("alice"), voice=voice("alice", qr.challenge))
+                with pytest.raises(E.SessionExpired):
+                    phone.scan(opened.qr, now=time.time() + 31.0)
+
+
+async def test_bad_samples_get_specific_codes(env):
+    running, rp_keys, _ = env
+    cred, key = await enroll(running.port, "C1", "alice")
+    async with open_relying_party("127.0.0.1", running.port, rp_id="hotel", signing_key=rp_keys.signing, box_key=rp_keys.box) as rp:
+        async with open_holder("127.0.0.1", running.port, device_key=key) as phone:
+            qr = phone.scan((await rp.open_session()).qr)
+            with pytest.raises(E.NoFace):
+                await phone.verify(cred, qr, face=face("none"), voice=voice("alice", qr.challenge))
+            pushed = await rp.results().__anext__()
+            assert pushed.outcome == "fail" and pushed.reason == "sample_quality"
+            with pytest.raises(E.UnknownCard):
+                await phone.enroll("NOPE", [face("alice")], [voice("alice")])
+
+
+async def test_malformed_and_oversized_frames_keep_server_alive(env):
+    running, rp_keys, _ = env
+    port = running.port
+    with trio.fail_after(10):
+        async with open_connection("127.0.0.1", port) as conn:
+            # valid frame, invalid message: error reply, connection lives on
+            await conn.send_raw(struct.pack(">I", 3) + b"\x93\x01\x02")
+            await conn.send_raw(struct.pack(">I", 2) + msgspec.msgpack.encode({}))
+            await conn.send_raw(struct.pack(">I", 20) + msgspec.msgpack.encode({"type": "warp", "id": 77}))
+            await conn.ping()
+            with pytest.raises(E.NotAuthenticated):
+                await conn.request(P.OpenSession)
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(struct.pack(">I", 10**9))
+        data = b""
+        while True:
+            chunk = await stream.receive_some()
+            if not chunk:
+                break
+            data += chunk
+        msgs = _split_frames(data)
+        assert msgs[0]["type"] == "hello"
+        assert msgs[-1]["type"] == "error" and msgs[-1]["code"] == "frame_too_large"
+        # others still served
+        async with open_connection("127.0.0.1", port) as conn:
+            await conn.ping()
+
+
+def _split_frames(data: bytes) -> list[dict]:
+    out = []
+    while data:
+        (n,) = struct.unpack(">I", data[:4])
+        out.append(msgspec.msgpack.decode(data[4 : 4 + n]))
+        data = data[4 + n :]
+    return out
+
+
+async def test_unknown_type_answers_with_id(env):
+    running, *_ = env
+    async with open_connection("127.0.0.1", running.port) as conn:
+        send, recv = trio.open_memory_channel(1)
+        conn._waiting[77] = send
+        await conn.send_raw(_frame({"type": "warp", "id": 77}))
+        with trio.fail_after(5):
+            reply = await recv.receive()
+        assert isinstance(reply, P.Error) and reply.code == "unknown_message" and reply.id == 77
+
+
+def _frame(obj) -> bytes:
+    body = msgspec.msgpack.encode(obj)
+    return struct.pack(">I", len(body)) + body
+
+
+async def test_pipelining_and_in_flight_cap(env):
+    running, rp_keys, _ = env
+    async with open_relying_party("127.0.0.1", running.port, rp_id="hotel", signing_key=rp_keys.signing, box_key=rp_keys.box) as rp:
+        got = []
+
+        async def one() -> None:
+            got.append((await rp.open_session()).session_id)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as n:
+                for _ in range(40):
+                    n.start_soon(one)
+        assert len(set(got)) == 40
+
+
+async def test_rp_auth_failures(env):
+    running, rp_keys, _ = env
+    wrong = nacl.signing.SigningKey.generate()
+    with pytest.raises(E.BadSignature):
+        async with open_relying_party("127.0.0.1", running.port, rp_id="hotel", signing_key=wrong, box_key=rp_keys.box):
+            pass
+    with pytest.raises(E.UnknownRelyingParty):
+        async with open_relying_party("127.0.0.1", running.port, rp_id="nobody", signing_key=wrong, box_key=rp_keys.box):
+            pass
+
+
+def test_fake_extractor_is_deterministic():
+    x = fake_extractors()
+    a, b = x.face_batch([face("alice", 1), face("alice", 1)])
+    assert np.array_equal(a, b)
