@@ -42,9 +42,9 @@ class Running:
 
 def default_scores(config: EngineConfig) -> Any:
     """The calibrated score model shipped next to the model manifests."""
-    from .calibration import ScoreModel, load_operating_points
+    from .calibration import ScoreModel
 
-    return ScoreModel(load_operating_points(config.models_dir), models_dir=config.models_dir, target_fmr=config.target_fmr)
+    return ScoreModel.load(config.models_dir)
 
 
 def build_engine(
@@ -55,6 +55,9 @@ def build_engine(
     scores: Any = None,
     metrics: Metrics | None = None,
 ) -> Engine:
+    import faiss
+
+    faiss.omp_set_num_threads(config.intra_op_threads)  # process-wide; FAISS must not fight the models for cores
     config.data_dir.mkdir(parents=True, exist_ok=True)
     return Engine(
         config,

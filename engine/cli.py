@@ -70,7 +70,6 @@ def build_config(args: argparse.Namespace, **overrides) -> EngineConfig:
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
             intra_op_threads=args.threads,
-            target_fmr=args.target_fmr,
             limits=LimitsConfig(session_ttl=args.session_ttl, max_in_flight=args.max_in_flight),
             challenge=ChallengeSettings(kind=args.challenge, phrases=phrases, check=not args.no_challenge_check),
         )
@@ -292,7 +291,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-port", type=int, default=None, help="serve /metrics, /healthz, /readyz on this port")
     s.add_argument("--metrics-host", default="127.0.0.1")
     s.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per model")
-    s.add_argument("--target-fmr", type=float, default=None, help="operating point (default: the calibrated one)")
     s.add_argument("--session-ttl", type=float, default=60.0)
     s.add_argument("--max-in-flight", type=int, default=64)
     s.add_argument("--challenge", choices=["digits", "phrase"], default="digits")
@@ -350,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("b", nargs="?")
     cmp_.add_argument("--pairs", type=Path, help="file of pathA<TAB>pathB lines; one JSON line out per pair")
     cmp_.add_argument("--models", type=Path, default=None)
-    cmp_.add_argument("--target-fmr", type=float, default=None)
+    cmp_.add_argument("--target-fmr", type=float, default=None, help="a calibrated target FMR (default: the modality's operating point)")
     cmp_.add_argument("--batch", type=int, default=32)
     cmp_.set_defaults(func=cmd_compare)
 
@@ -365,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rounds", type=int, default=4, help="genuine verifications per resident")
     d.add_argument("--workdir", type=Path, default=None)
     d.add_argument("--seed", type=int, default=7)
+    d.add_argument("--voices", choices=["digits", "speech"], default="digits", help="digits: FSDD speakers, challenge checked; speech: speechocean762")
+    d.add_argument("--concurrency", type=int, default=8, help="verifications in flight")
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks: accuracy, load, limit, challenge")

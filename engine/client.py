@@ -160,14 +160,20 @@ async def open_connection(host: str, port: int, *, ssl_context: ssl.SSLContext |
     if not isinstance(hello, P.Hello):
         raise InvalidMessage("expected hello")
     conn = Connection(stream, hello, reader)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(conn._read_loop)
-        try:
-            yield conn
-        finally:
-            nursery.cancel_scope.cancel()
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(stream)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn._read_loop)
+            try:
+                yield conn
+            finally:
+                nursery.cancel_scope.cancel()
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(stream)
+    except BaseExceptionGroup as group:
+        # the reader task never fails, so the group holds the caller's own exception: unwrap it
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 # ---- relying party --------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def run_compare(args: argparse.Namespace) -> int:
         print(f"no such file: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""), file=sys.stderr)
         return 2
 
-    scores = default_scores(EngineConfig(data_dir=Path("."), models_dir=models, target_fmr=args.target_fmr))
+    scores = default_scores(EngineConfig(data_dir=Path("."), models_dir=models))
     if args.modality == "face":
         from .face import FaceExtractor
 
@@ -66,7 +66,7 @@ def run_compare(args: argparse.Namespace) -> int:
         embed = VoiceExtractor(models).embed_batch
     distinct = sorted({p for pair in pairs for p in pair})
     vecs = embed_files(distinct, embed, batch=args.batch)
-    threshold = scores.threshold(args.modality)
+    threshold = scores.threshold(args.modality, args.target_fmr)
     for a, b in pairs:
         va, vb = vecs[a], vecs[b]
         line: dict = {"a": str(a), "b": str(b), "modality": args.modality}

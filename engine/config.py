@@ -27,6 +27,9 @@ class LimitsConfig:
     session_ttl: float = 60.0  # seconds a QR session stays usable
     result_retention: float = 600.0  # seconds a result can still be fetched
     max_open_sessions: int = 100_000
+    #: Biometric requests (verify, enroll, rebind, report) admitted at once, engine-wide;
+    #: one more is answered ``overloaded`` at once instead of queueing.
+    max_biometric: int = 96
     request_deadline: float = 10.0  # seconds for any one request, set at the boundary
 
     def __post_init__(self) -> None:
@@ -78,7 +81,6 @@ class EngineConfig:
     intra_op_threads: int = 1
     store_threads: int = 4
     duplicate_search: bool = True
-    target_fmr: float | None = None  # None: the calibrated default
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -132,6 +132,7 @@ class Engine:
         self.face_batcher = Batcher("face", extractors.face_batch, config.face_batch, metrics=self.metrics)
         self.voice_batcher = Batcher("voice", extractors.voice_batch, config.voice_batch, metrics=self.metrics)
         self.challenge_batcher = Batcher("challenge", extractors.challenge_batch, config.challenge_batch, metrics=self.metrics)
+        self._biometric = 0  # biometric requests admitted and not yet answered
         self.ready = False
 
     # ---- life cycle ------------------------------------------------------------------------------
@@ -534,8 +535,20 @@ class Engine:
         P.Ping: "handle_ping",
     }
 
+    BIOMETRIC = (P.Verify, P.Enroll, P.Rebind, P.ReportLost)
+
     async def dispatch(self, conn: Conn, req: P.Request) -> msgspec.Struct:
-        return await getattr(self, self.HANDLERS[type(req)])(conn, req)
+        handler = getattr(self, self.HANDLERS[type(req)])
+        if not isinstance(req, self.BIOMETRIC):
+            return await handler(conn, req)
+        # Admission control: beyond capacity, answer at once rather than queue.
+        if self._biometric >= self.config.limits.max_biometric:
+            raise Overloaded(retry_after_ms=max(self.face_batcher.retry_after_ms(), self.voice_batcher.retry_after_ms()))
+        self._biometric += 1
+        try:
+            return await handler(conn, req)
+        finally:
+            self._biometric -= 1
 
 
 def _raise_unless_active(cred: Credential | None) -> None:

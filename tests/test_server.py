@@ -161,8 +161,9 @@ async def test_malformed_and_oversized_frames_keep_server_alive(env):
         async with open_connection("127.0.0.1", port) as conn:
             # valid frame, invalid message: error reply, connection lives on
             await conn.send_raw(struct.pack(">I", 3) + b"\x93\x01\x02")
-            await conn.send_raw(struct.pack(">I", 2) + msgspec.msgpack.encode({}))
-            await conn.send_raw(struct.pack(">I", 20) + msgspec.msgpack.encode({"type": "warp", "id": 77}))
+            await conn.send_raw(_frame({}))
+            await conn.send_raw(_frame({"type": "open_session", "id": 5, "level": "ultra"}))
+            await conn.send_raw(_frame({"type": "warp", "id": 77}))
             await conn.ping()
             with pytest.raises(E.NotAuthenticated):
                 await conn.request(P.OpenSession)

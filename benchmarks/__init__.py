@@ -1,0 +1,1 @@
+"""Benchmarks that ship with the engine: ``netid bench accuracy`` and ``netid calibrate``."""

@@ -1,0 +1,259 @@
+"""Shared helpers of the load and limit benchmarks: data, payloads, percentiles, output.
+
+* :func:`data_root` finds the real data (``../shared/data``) or the bundled ``samples/``.
+* :func:`load_people` makes *chimeric* residents: an LFW face identity paired with a Free
+  Spoken Digit Dataset speaker (no public set holds the same people's faces and voices).
+  The first image is the ID-card photo, images 2-3 enroll, the rest are live captures.
+* :class:`DigitVoices` splices one speaker's real digit recordings into the digit string
+  asked for, as WAV bytes. The digits are kept as raw 16-bit PCM, so building a recording
+  is a few byte joins: cheap enough for a load generator that shares the cores it measures.
+* :func:`pct` / :func:`latency_summary`, :func:`emit` (one JSON line), :class:`CpuClock`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import struct
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "REPO",
+    "DIGIT_SPEAKERS",
+    "data_root",
+    "Person",
+    "load_people",
+    "DigitVoices",
+    "Verification",
+    "make_verifications",
+    "pct",
+    "latency_summary",
+    "emit",
+    "CpuClock",
+    "proc_cpu_seconds",
+    "machine_busy_seconds",
+]
+
+REPO = Path(__file__).resolve().parent.parent
+DIGIT_SPEAKERS = ("george", "jackson", "lucas", "nicolas", "theo", "yweweler")
+_DIGIT_RATE = 8000
+
+
+def data_root(given: Path | None = None) -> Path:
+    """``given``, else ``../shared/data`` beside the repository, else the bundled samples."""
+    if given is not None:
+        return given
+    shared = REPO.parent / "shared" / "data"
+    return shared if (shared / "lfw").is_dir() else REPO / "samples"
+
+
+def _layout(root: Path) -> tuple[Path, Path]:
+    """(LFW person folders, FSDD digit files) for the full data or the bundled samples."""
+    if (root / "lfw" / "images").is_dir():
+        return root / "lfw" / "images", root / "digits"
+    return root / "lfw", root / "digits"
+
+
+@dataclass
+class Person:
+    """One chimeric resident: a face identity and a digit speaker."""
+
+    card_number: str
+    name: str
+    card_photo: Path
+    enroll_faces: list[bytes]
+    probe_faces: list[bytes]
+    speaker: str
+
+
+def load_people(root: Path, n: int, *, seed: int = 5, card_prefix: str = "LOAD") -> tuple[list[Person], list[bytes]]:
+    """``n`` residents and face images of people who are not residents (impostor faces).
+
+    People are LFW identities with at least 6 images, chosen by ``seed``; speakers are
+    dealt round-robin from the six FSDD speakers (so with more than six residents several
+    share a speaker; an impostor voice is always another speaker's).
+    """
+    lfw, _digits = _layout(root)
+    people = sorted(p.name for p in lfw.iterdir() if p.is_dir() and len(list(p.glob("*.jpg"))) >= 6)
+    rng = random.Random(seed)
+    rng.shuffle(people)
+    if len(people) < n + 1:
+        raise SystemExit(f"{lfw}: only {len(people)} people with 6 images; asked for {n} residents")
+    residents = []
+    for i, name in enumerate(people[:n]):
+        files = sorted((lfw / name).glob("*.jpg"))
+        residents.append(
+            Person(
+                card_number=f"{card_prefix}-{i:05d}",
+                name=name.replace("_", " "),
+                card_photo=files[0].resolve(),
+                enroll_faces=[f.read_bytes() for f in files[1:3]],
+                probe_faces=[f.read_bytes() for f in files[3:8]],
+                speaker=DIGIT_SPEAKERS[i % len(DIGIT_SPEAKERS)],
+            )
+        )
+    strangers = [sorted((lfw / name).glob("*.jpg"))[0].read_bytes() for name in people[n : n + 50]]
+    return residents, strangers
+
+
+def _wav(pcm16: bytes, rate: int) -> bytes:
+    """A canonical 44-byte-header PCM WAV (mono, 16-bit)."""
+    return (
+        b"RIFF" + struct.pack("<I", 36 + len(pcm16)) + b"WAVEfmt "
+        + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
+        + b"data" + struct.pack("<I", len(pcm16)) + pcm16
+    )
+
+
+class DigitVoices:
+    """Real FSDD recordings of each speaker's digits, spliced into any digit string.
+
+    ``takes`` selects which takes of each digit may be used (enrollment and live
+    recordings use disjoint takes). Everything is loaded up front.
+    """
+
+    def __init__(self, root: Path, speakers: Sequence[str], takes: range) -> None:
+        import soundfile as sf
+
+        _lfw, digits = _layout(root)
+        self._pcm: dict[tuple[str, str], list[bytes]] = {}
+        for spk in speakers:
+            for d in "0123456789":
+                clips = []
+                for t in takes:
+                    path = digits / f"{d}_{spk}_{t}.flac"
+                    if path.exists():
+                        pcm, rate = sf.read(path, dtype="int16")
+                        if rate != _DIGIT_RATE:
+                            raise SystemExit(f"{path}: expected {_DIGIT_RATE} Hz")
+                        clips.append(pcm.tobytes())
+                if not clips:
+                    raise SystemExit(f"no recordings of digit {d} by {spk} in {digits}")
+                self._pcm[(spk, d)] = clips
+        self._gap = bytes(2 * int(0.12 * _DIGIT_RATE))
+        self._edge = bytes(2 * int(0.3 * _DIGIT_RATE))
+
+    def say(self, speaker: str, digits: str, rng: random.Random) -> bytes:
+        parts = [self._edge]
+        for d in digits:
+            parts += [self._gap, rng.choice(self._pcm[(speaker, d)])]
+        parts.append(self._edge)
+        return _wav(b"".join(parts), _DIGIT_RATE)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The extraction inputs of one verification: a live face, a recording, the challenge."""
+
+    face: bytes
+    voice: bytes
+    challenge: str
+
+
+def make_verifications(root: Path, n: int, *, seed: int = 11, length: int = 6) -> list[Verification]:
+    """``n`` genuine verification payloads from distinct people (for the limit benchmark)."""
+    people, _ = load_people(root, min(n, 60), seed=seed)
+    voices = DigitVoices(root, sorted({p.speaker for p in people}), range(2, 50))
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        p = people[i % len(people)]
+        digits = "".join(rng.choice("0123456789") for _ in range(length))
+        out.append(Verification(face=p.probe_faces[i % len(p.probe_faces)], voice=voices.say(p.speaker, digits, rng), challenge=digits))
+    return out
+
+
+# ---- statistics and output -------------------------------------------------------------------
+
+
+def pct(sorted_values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of already sorted values, by linear interpolation; NaN if empty."""
+    n = len(sorted_values)
+    if n == 0:
+        return float("nan")
+    pos = q * (n - 1)
+    lo = int(pos)
+    hi = min(lo + 1, n - 1)
+    return float(sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo))
+
+
+def latency_summary(seconds: Sequence[float]) -> dict[str, float | None]:
+    """p50/p95/p99/max/mean in milliseconds (None when there is no sample)."""
+    v = sorted(seconds)
+    if not v:
+        return {"p50_ms": None, "p95_ms": None, "p99_ms": None, "max_ms": None, "mean_ms": None}
+    r = lambda x: round(1000.0 * x, 1)  # noqa: E731
+    return {"p50_ms": r(pct(v, 0.50)), "p95_ms": r(pct(v, 0.95)), "p99_ms": r(pct(v, 0.99)), "max_ms": r(v[-1]), "mean_ms": r(float(np.mean(v)))}
+
+
+def emit(obj: dict[str, Any]) -> None:
+    """One JSON line on stdout."""
+    print(json.dumps(obj, separators=(",", ":")), flush=True)
+
+
+def proc_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process and its reaped children, from /proc (None if gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    # fields[0] is the state (field 3); utime, stime are fields 14, 15
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def machine_busy_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
+    parts = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    vals = [int(x) for x in parts]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (sum(vals[:8]) - idle) / ticks, sum(vals[:8]) / ticks
+
+
+@dataclass
+class CpuClock:
+    """Wall, own CPU, another process's CPU and the machine's busy CPU over an interval."""
+
+    other_pid: int | None = None
+    _t0: tuple[float, float, float | None, float, float] = field(default=(0.0, 0.0, None, 0.0, 0.0))
+
+    @staticmethod
+    def _own() -> float:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return ru.ru_utime + ru.ru_stime
+
+    def start(self) -> None:
+        busy, total = machine_busy_seconds()
+        other = proc_cpu_seconds(self.other_pid) if self.other_pid else None
+        self._t0 = (time.perf_counter(), self._own(), other, busy, total)
+
+    def stop(self) -> dict[str, float | None]:
+        wall0, own0, other0, busy0, total0 = self._t0
+        wall = time.perf_counter() - wall0
+        busy, total = machine_busy_seconds()
+        other = proc_cpu_seconds(self.other_pid) if self.other_pid else None
+        cores = os.cpu_count() or 1
+        out: dict[str, float | None] = {
+            "wall_s": round(wall, 3),
+            "generator_cpu_s": round(self._own() - own0, 3),
+            "generator_cpu_share": round((self._own() - own0) / (wall * cores), 4) if wall else None,
+            "machine_busy_share": round((busy - busy0) / (total - total0), 4) if total > total0 else None,
+        }
+        if other is not None and other0 is not None:
+            out["engine_cpu_s"] = round(other - other0, 3)
+            out["engine_cpu_share"] = round((other - other0) / (wall * cores), 4) if wall else None
+        return out
+
+
+def stderr(*args: Any) -> None:
+    print(*args, file=sys.stderr, flush=True)

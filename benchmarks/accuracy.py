@@ -1,0 +1,105 @@
+"""``netid bench accuracy``: false-match and false-non-match rates, honestly measured.
+
+Faces on LFW (10-fold protocol and all-against-all), voices on speechocean762 (AS-norm),
+face + voice fusion on chimeric persons, and the calibrated operating points applied to
+the held-apart part of the data. Writes ``results.jsonl``, DET and histogram PNGs and
+``report.md`` under ``--out`` (default ``benchmarks/out/``).
+
+    netid bench accuracy [--data ../shared/data] [--out benchmarks/out]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.calibrate import DEFAULT_OUT, calibrate, cohort_file_bytes, common_arguments, measure_config
+from benchmarks.evaluate import evaluate
+from benchmarks.measure import Measurements, measure
+from benchmarks.report import write_jsonl, write_plots, write_report
+from engine.calibration import OperatingPoints, load_operating_points
+from engine.errors import ModelError
+
+__all__ = ["main", "choose_points"]
+
+
+def choose_points(meas: Measurements, points_dir: Path | None, cohort_sha: str) -> tuple[OperatingPoints, str]:
+    """The shipped operating points if they were calibrated on this very set-up, else a
+    fresh calibration on part A (the report says which)."""
+    subset = meas.config.pairs_per_fold is not None or meas.config.max_speakers is not None
+    reason = ""
+    if points_dir is not None and not subset:
+        try:
+            shipped = load_operating_points(points_dir)
+        except ModelError as e:
+            reason = f"no usable shipped operating points ({e.code})"
+        else:
+            if shipped.models != dict(sorted(meas.models.items())):
+                reason = "shipped operating points were calibrated with other model files"
+            elif shipped.split is None or shipped.split.salt != meas.config.salt:
+                reason = "shipped operating points used another split"
+            elif shipped.cohort is None or shipped.cohort.sha256 != cohort_sha \
+                    or shipped.cohort.top_k != meas.cohort_top_k:
+                reason = "shipped voice cohort differs from this run's"
+            else:
+                return shipped, f"shipped `{points_dir / 'operating_points.json'}`"
+    elif subset:
+        reason = "subset run"
+    points, _ = calibrate(meas)
+    return points, f"calibrated in memory on part A ({reason or 'no points directory'})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="netid bench accuracy", description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    common_arguments(p)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (git-ignored)")
+    p.add_argument("--points", type=Path, default=None,
+                   help="directory of operating_points.json to evaluate (default: --models)")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    meas = measure(measure_config(args, out))
+    cohort_sha = hashlib.sha256(cohort_file_bytes(meas.cohort)).hexdigest()
+    points, source = choose_points(meas, args.points or args.models, cohort_sha)
+    t1 = time.perf_counter()
+    ev = evaluate(meas, points, source)
+    timings = dict(meas.timings)
+    timings["evaluate_s"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    write_plots(out, ev)
+    timings["plots_s"] = time.perf_counter() - t2
+    timings["total_s"] = time.perf_counter() - t0
+    command = "netid bench accuracy " + shlex.join(argv if argv is not None else sys.argv[1:])
+    extra = [{"figure": "timing", **timings}, {"figure": "run", "command": command, "points": source,
+                                               "models": meas.models}]
+    jl = write_jsonl(out / "results.jsonl", ev, extra)
+    md = write_report(out / "report.md", meas, ev, points, timings,
+                      ["netid calibrate", command])
+    _summary(ev, jl, md)
+    return 0
+
+
+def _summary(ev, jl: Path, md: Path) -> None:
+    tf = ev.find("lfw_10fold")[0]
+    print(f"LFW 10-fold accuracy: {100 * tf['mean_accuracy']:.2f} % ± {100 * tf['std_accuracy']:.2f}")
+    for r in ev.find("fnmr_at_fmr", modality="face", part="all"):
+        f, n = r["fnmr"], r["fmr"]
+        print(f"face all-vs-all FMR {r['target_fmr']:.0e}: FNMR {f['rate']:.4f} [{f['lower95']:.4f}, "
+              f"{f['upper95']:.4f}] ({n['n']:,} impostor, {f['n']:,} genuine)")
+    pol = ev.find("policy")
+    if pol:
+        p = pol[0]
+        print(f"policy at fused FMR {p['target_fmr']:.0e} on held-apart part B: FNMR {p['fnmr']['rate']:.4f} "
+              f"({p['fnmr']['errors']}/{p['fnmr']['n']}), impostors accepted {p['fmr_cross']['accepted']} "
+              f"of {p['fmr_cross']['n']:.3g}")
+    print(f"wrote {jl} and {md}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""``netid calibrate``: operating points from measured score distributions.
+
+Measures the calibration part ("A") of the identity-disjoint split only - LFW
+identities and speechocean762 speakers that the accuracy report never reports on -
+and writes ``operating_points.json`` (thresholds per target FMR for face, voice and
+fused, the split and the sample sizes) and ``voice_cohort.npy`` (the AS-norm cohort:
+the calibration speakers' utterance embeddings, float16) into the models directory.
+
+    netid calibrate [--data ../shared/data] [--models models/] [--target-fmr 1e-6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import math
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.fusion import CrossFused, fisher_weights
+from benchmarks.measure import MeasureConfig, Measurements, measure
+from benchmarks.stats import ExactScores, ImpostorDistribution, threshold_at_fmr
+from engine.calibration import (
+    CohortSpec,
+    FusionSpec,
+    ModalityCalibration,
+    OperatingPoint,
+    OperatingPoints,
+    SplitSpec,
+    save_operating_points,
+)
+from engine.models import DEFAULT_MODELS_DIR
+
+__all__ = ["TARGETS", "COHORT_FILE", "calibrate", "cohort_file_bytes", "common_arguments", "measure_config", "main"]
+
+TARGETS = (1e-3, 1e-4, 1e-5, 1e-6)
+COHORT_FILE = "voice_cohort.npy"
+SPLIT_METHOD = ("identities (LFW names, speechocean762 speakers) ordered by sha256(salt:kind:id), "
+                "dealt alternately into A (calibration) and B (report)")
+_REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = _REPO.parent / "shared" / "data"
+DEFAULT_OUT = _REPO / "benchmarks" / "out"
+
+
+def _points(genuine: ExactScores, impostor: ImpostorDistribution, targets: tuple[float, ...]) -> tuple[OperatingPoint, ...]:
+    out = []
+    for t in targets:
+        thr, resolved, _exact = threshold_at_fmr(impostor, t)
+        fm = int(impostor.count_ge(thr))
+        fnm = int(genuine.count_lt(thr))
+        out.append(OperatingPoint(
+            target_fmr=t, threshold=thr, measured_fmr=fm / max(1, impostor.n),
+            fnmr=fnm / max(1, genuine.n), n_genuine=genuine.n, n_impostor=int(impostor.n),
+            unresolved=not resolved,
+        ))
+    return tuple(out)
+
+
+def cohort_file_bytes(cohort: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(cohort, dtype=np.float16), allow_pickle=False)
+    return buf.getvalue()
+
+
+def calibrate(
+    meas: Measurements, *, target_fmr: float = 1e-6, floor_fmr: float = 1e-3,
+    targets: tuple[float, ...] = TARGETS, command: str = "",
+) -> tuple[OperatingPoints, bytes]:
+    """Operating points from part A, and the bytes of the voice cohort file."""
+    targets = tuple(sorted(set(targets) | {target_fmr, floor_fmr}, reverse=True))
+    face = meas.aaa.parts["A"]
+    face_imp_mean, face_imp_std = face.impostor.mean_std()
+    face_gen_mean, face_gen_std = face.genuine.mean_std()
+    face_cal = ModalityCalibration(
+        score="cosine", impostor_mean=face_imp_mean, impostor_std=face_imp_std,
+        genuine_mean=face_gen_mean, genuine_std=face_gen_std,
+        points=_points(face.genuine, face.impostor, targets),
+        n_identities=face.identities, n_samples=face.images,
+        comparisons="LFW part A all-against-all: every same-person and every different-person image pair",
+    )
+
+    vs = meas.voice["A"]
+    vg, vi = vs.scores(normalised=True)
+    v_gen, v_imp = ExactScores(vg), ExactScores(vi)
+    vim, vis = v_imp.mean_std()
+    vgm, vgs = v_gen.mean_std()
+    voice_cal = ModalityCalibration(
+        score="as-norm", impostor_mean=vim, impostor_std=vis, genuine_mean=vgm, genuine_std=vgs,
+        points=_points(v_gen, v_imp, targets), n_identities=len(vs.speakers),
+        n_samples=len(vs.probe_keys) + sum(len(t) for t in vs.templates.values()),
+        comparisons=(f"speechocean762 part A: {meas.config.voice_enroll}-utterance enrollments x "
+                     f"probes of every speaker of the part (first {meas.config.max_seconds:g} s); "
+                     "AS-norm leaving both speakers out of the cohort"),
+    )
+
+    ch = meas.chimeric["A"]
+    g = ch.genuine_mask
+    wf, wv = fisher_weights(ch.face[g], ch.voice[g], (face_imp_mean, face_imp_std), (vim, vis))
+    cross = CrossFused(face.impostor, vi, mf=face_imp_mean, sf=face_imp_std, mv=vim, sv=vis, wf=wf, wv=wv)
+    fused_gen = ExactScores(wf * (ch.face[g] - face_imp_mean) / face_imp_std + wv * (ch.voice[g] - vim) / vis)
+    fgm, fgs = fused_gen.mean_std()
+    fused_cal = ModalityCalibration(
+        score="fused", impostor_mean=0.0, impostor_std=math.sqrt(wf * wf + wv * wv),
+        genuine_mean=fgm, genuine_std=fgs, points=_points(fused_gen, cross, targets),
+        n_identities=len(ch.persons), n_samples=int(g.sum()),
+        comparisons=(f"chimeric persons of part A (genuine); impostors: {cross.describe()}, "
+                     "independent by construction"),
+    )
+
+    cohort_bytes = cohort_file_bytes(meas.cohort)
+    spk = sorted(set(meas.cohort_labels))
+    cohort = CohortSpec(file=COHORT_FILE, sha256=hashlib.sha256(cohort_bytes).hexdigest(),
+                        top_k=meas.cohort_top_k, n_embeddings=int(meas.cohort.shape[0]), speakers=tuple(spk))
+    a_names = {n for n, p in meas.lfw.part.items() if p == "A"}
+    split = SplitSpec(
+        method=SPLIT_METHOD, salt=meas.config.salt, calibration_part="A",
+        face_identities=len(a_names),
+        face_images=sum(1 for im in meas.lfw.images if im.name in a_names),
+        voice_speakers=tuple(s for s in meas.speech.speakers if meas.speech.part[s] == "A"),
+        chimeric_persons=len(ch.persons),
+    )
+    subset = meas.config.pairs_per_fold is not None or meas.config.max_speakers is not None
+    points = OperatingPoints(
+        target_fmr=target_fmr, floor_fmr=floor_fmr, face=face_cal, voice=voice_cal, fused=fused_cal,
+        fusion=FusionSpec(weight_face=wf, weight_voice=1.0 - wf), cohort=cohort, split=split,
+        models=dict(sorted(meas.models.items())),
+        datasets={"face": "LFW (deep-funneled), all images" if not subset else "LFW subset",
+                  "voice": "speechocean762, 10 utterances per speaker" if not subset else "speechocean762 subset"},
+        command=command,
+    )
+    return points, cohort_bytes
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def common_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="data root holding lfw/ and speech/")
+    p.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR, help="models directory (extractors)")
+    p.add_argument("--cache", type=Path, default=None, help="embedding cache (default: OUT/cache)")
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    p.add_argument("--batch", type=int, default=32, help="files per extractor call")
+    p.add_argument("--block", type=int, default=1024, help="rows per all-against-all block")
+    p.add_argument("--salt", default=MeasureConfig.__dataclass_fields__["salt"].default)
+    p.add_argument("--pairs-per-fold", type=int, default=None, help="subset: LFW pairs per fold and kind")
+    p.add_argument("--max-speakers", type=int, default=None, help="subset: speakers")
+    p.add_argument("--voice-enroll", type=int, default=3, help="enrollment utterances per speaker")
+    p.add_argument("--voice-probes", type=int, default=7, help="probe utterances per speaker")
+    p.add_argument("--max-seconds", type=float, default=5.0, help="cut recordings to this length")
+    p.add_argument("--chimeric-attempts", type=int, default=7, help="attempts per chimeric person")
+    p.add_argument("--cohort-top-k", type=int, default=100, help="AS-norm: cohort scores averaged")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def measure_config(args: argparse.Namespace, out: Path) -> MeasureConfig:
+    return MeasureConfig(
+        data=args.data, models=args.models, cache=args.cache or out / "cache", threads=args.threads,
+        batch=args.batch, block=args.block, salt=args.salt, pairs_per_fold=args.pairs_per_fold,
+        max_speakers=args.max_speakers, voice_enroll=args.voice_enroll, voice_probes=args.voice_probes,
+        max_seconds=args.max_seconds, chimeric_attempts=args.chimeric_attempts,
+        cohort_top_k=args.cohort_top_k, show_progress=not args.quiet,
+    )
+
+
+def write_points(points: OperatingPoints, cohort_bytes: bytes, models_dir: Path) -> Path:
+    models_dir.mkdir(parents=True, exist_ok=True)
+    tmp = models_dir / (COHORT_FILE + ".tmp")
+    tmp.write_bytes(cohort_bytes)
+    tmp.replace(models_dir / COHORT_FILE)
+    return save_operating_points(points, models_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="netid calibrate", description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    common_arguments(p)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="work directory (embedding cache)")
+    p.add_argument("--write-to", type=Path, default=None,
+                   help="where to write operating_points.json and the cohort (default: --models)")
+    p.add_argument("--target-fmr", type=float, default=1e-6, help="the fused operating point")
+    p.add_argument("--floor-fmr", type=float, default=1e-3, help="the per-modality floors")
+    args = p.parse_args(argv)
+    meas = measure(measure_config(args, args.out))
+    command = "netid calibrate " + shlex.join(argv if argv is not None else sys.argv[1:])
+    points, cohort = calibrate(meas, target_fmr=args.target_fmr, floor_fmr=args.floor_fmr, command=command)
+    path = write_points(points, cohort, args.write_to or args.models)
+    for name in ("face", "voice", "fused"):
+        for pt in points.calibration(name).points:
+            print(f"{name:5s} FMR {pt.target_fmr:.0e}: threshold {pt.threshold:.6f}  FNMR {pt.fnmr:.4f}"
+                  f"  ({pt.n_genuine:,} genuine, {pt.n_impostor:,} impostor{', unresolved' if pt.unresolved else ''})")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

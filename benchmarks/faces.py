@@ -1,0 +1,247 @@
+"""Face figures on LFW: the 10-fold protocol and all-against-all scoring in blocks.
+
+Scores are cosine similarities of the engine's own embeddings (unit vectors, so the
+inner product), computed with FAISS.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from benchmarks.datasets import Lfw
+from benchmarks.embeddings import Embedded, progress
+from benchmarks.stats import ExactScores, TailHistogram
+
+__all__ = ["TenFold", "ten_fold", "AllAgainstAll", "PartScores", "all_against_all", "best_threshold"]
+
+
+# --------------------------------------------------------------------------- 10-fold
+
+
+def best_threshold(scores: np.ndarray, same: np.ndarray) -> tuple[float, int]:
+    """The threshold maximising correct decisions (accept = score >= t), and how many.
+
+    A pair without a score (a failure to acquire) is a rejection: right for a
+    different-person pair, wrong for a same-person pair, whatever the threshold.
+    """
+    valid = np.isfinite(scores)
+    s, y = scores[valid], same[valid]
+    fixed = int((~same[~valid]).sum())
+    order = np.argsort(s, kind="stable")
+    s, y = s[order], y[order]
+    # threshold at candidate position i accepts s[i:]; candidates between distinct scores
+    uniq_idx = np.concatenate(([0], np.flatnonzero(np.diff(s) > 0) + 1, [s.size]))
+    gen_below = np.concatenate(([0], np.cumsum(y)))  # same-person pairs rejected below i
+    imp_below = np.concatenate(([0], np.cumsum(~y)))
+    correct = imp_below[uniq_idx] + (int(y.sum()) - gen_below[uniq_idx])
+    best = int(np.argmax(correct))
+    i = uniq_idx[best]
+    if i == 0:
+        thr = float(s[0]) - 1e-6 if s.size else 0.0
+    elif i == s.size:
+        thr = float(s[-1]) + 1e-6
+    else:
+        thr = 0.5 * (float(s[i - 1]) + float(s[i]))
+    return thr, int(correct[best]) + fixed
+
+
+@dataclass
+class TenFold:
+    accuracies: list[float]
+    thresholds: list[float]
+    mean: float
+    std: float
+    n_pairs: int
+    #: pairs with an image that failed to acquire (counted as rejections above)
+    pairs_with_fta: int
+    #: the same protocol leaving those pairs out, for comparison with published figures
+    mean_without_fta: float
+    std_without_fta: float
+    pair_eer: float
+
+
+def _folds(scores: np.ndarray, same: np.ndarray, fold: np.ndarray) -> tuple[list[float], list[float]]:
+    accs, thrs = [], []
+    for k in np.unique(fold):
+        train, test = fold != k, fold == k
+        thr, _ = best_threshold(scores[train], same[train])
+        s, y = scores[test], same[test]
+        accepted = np.where(np.isfinite(s), s >= thr, False)
+        accs.append(float((accepted == y).mean()))
+        thrs.append(thr)
+    return accs, thrs
+
+
+def ten_fold(lfw: Lfw, faces: Embedded) -> TenFold:
+    """LFW View 2: each fold's threshold chosen on the other nine; mean and std."""
+    a = np.array([p.a for p in lfw.pairs])
+    b = np.array([p.b for p in lfw.pairs])
+    same = np.array([p.same for p in lfw.pairs])
+    fold = np.array([p.fold for p in lfw.pairs])
+    scores = np.einsum("ij,ij->i", faces.emb[a].astype(np.float64), faces.emb[b].astype(np.float64))
+    accs, thrs = _folds(scores, same, fold)
+    ok = np.isfinite(scores)
+    accs2, _ = _folds(scores[ok], same[ok], fold[ok])
+    from benchmarks.stats import eer
+
+    e, _ = eer(scores[ok & same], ExactScores(scores[ok & ~same]))
+    return TenFold(accs, thrs, float(np.mean(accs)), float(np.std(accs)), int(len(scores)),
+                   int((~ok).sum()), float(np.mean(accs2)), float(np.std(accs2)), e)
+
+
+# --------------------------------------------------------------------------- all-against-all
+
+
+@dataclass
+class PartScores:
+    """Every same-person score (exact) and every different-person score (tail + histogram)."""
+
+    name: str
+    genuine: ExactScores
+    impostor: TailHistogram
+    images: int
+    identities: int
+    #: identities with at least two usable images (the ones behind the genuine scores)
+    genuine_identities: int
+    #: share of genuine comparisons from the identity with the most
+    largest_identity_share: float
+    largest_identity: str = ""
+    n_genuine_expected: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class AllAgainstAll:
+    parts: dict[str, PartScores]  # "all", "A", "B"
+    #: image index (into Lfw.images) of each row of the scored order
+    order: np.ndarray
+    images_used: int
+    images_failed: int
+    comparisons_lost: int
+    seconds: float
+
+
+def _sorted_usable(lfw: Lfw, ok: np.ndarray) -> np.ndarray:
+    idx = [i for i, im in enumerate(lfw.images) if ok[i]]
+    idx.sort(key=lambda i: (lfw.part[lfw.images[i].name], lfw.images[i].name, lfw.images[i].number))
+    return np.array(idx, dtype=np.int64)
+
+
+def all_against_all(
+    lfw: Lfw, faces: Embedded, *, block: int = 1024, tail_fraction: float = 1.5e-3,
+    show_progress: bool = True,
+) -> AllAgainstAll:
+    """Score every pair of usable images once, in row blocks, with FAISS.
+
+    Images are ordered by (part, identity), so in a row block the same-person columns of
+    each row are one contiguous run and the parts are contiguous column ranges; scores
+    are routed to the "A", "B" and "all" distributions by slicing, never by copying the
+    87-million-score matrix.
+    """
+    import time
+
+    import faiss
+
+    t0 = time.perf_counter()
+    ok = faces.ok
+    order = _sorted_usable(lfw, ok)
+    x = np.ascontiguousarray(faces.emb[order], dtype=np.float32)
+    n = len(order)
+    names = [lfw.images[i].name for i in order]
+    parts = np.array([lfw.part[nm] for nm in names])
+    n_a = int((parts == "A").sum())
+    # end (exclusive) of each row's identity run
+    id_end = np.empty(n, dtype=np.int64)
+    run_end = n
+    for i in range(n - 1, -1, -1):
+        if i < n - 1 and names[i] != names[i + 1]:
+            run_end = i + 1
+        id_end[i] = run_end
+
+    def sizes(sel: np.ndarray) -> tuple[int, int, dict[str, int]]:
+        counts: dict[str, int] = {}
+        for i in np.flatnonzero(sel):
+            counts[names[i]] = counts.get(names[i], 0) + 1
+        m = int(sel.sum())
+        gen = sum(c * (c - 1) // 2 for c in counts.values())
+        return m, gen, counts
+
+    meta = {}
+    for key, sel in (("all", np.ones(n, bool)), ("A", parts == "A"), ("B", parts == "B")):
+        m, gen, counts = sizes(sel)
+        meta[key] = (m, gen, counts)
+
+    acc = {key: TailHistogram(int(math.ceil(tail_fraction * (m * (m - 1) // 2 - gen))) + 64)
+           for key, (m, gen, _) in meta.items()}
+    genuine: dict[str, list[np.ndarray]] = {"all": [], "A": [], "B": []}
+
+    def pairs_of(rows0: int, cols0: int, ncols: int, positions: np.ndarray):
+        def f(sel: np.ndarray) -> np.ndarray:
+            r, c = np.divmod(positions[sel], ncols)
+            return np.stack((order[rows0 + r], order[cols0 + c]), axis=1).astype(np.int32)
+        return f
+
+    def route(scores2d: np.ndarray, r0: int, c0: int, mask: np.ndarray | None, keys: tuple[str, ...]) -> None:
+        if mask is None:
+            vals = scores2d.reshape(-1)
+            positions = np.arange(vals.size)
+        else:
+            vals = scores2d[mask]
+            positions = None
+        if vals.size == 0:
+            return
+        ncols = scores2d.shape[1]
+
+        def pair_fn(sel: np.ndarray) -> np.ndarray:
+            pos = positions if positions is not None else np.flatnonzero(mask)
+            return pairs_of(r0, c0, ncols, pos)(sel)
+
+        for key in keys:
+            acc[key].add(vals, pair_fn)
+
+    # Row blocks never straddle the A/B boundary.
+    bounds = list(range(0, n_a, block)) + list(range(n_a, n, block)) + [n]
+    bounds = sorted(set(bounds))
+    work = sum((bounds[k + 1] - bounds[k]) * (n - bounds[k]) for k in range(len(bounds) - 1))
+    with progress(total=work, desc="all-against-all", enabled=show_progress) as bar:
+        for r0, r1 in zip(bounds[:-1], bounds[1:]):
+            in_a = r0 < n_a
+            rows = np.arange(r0, r1)[:, None]
+            part_end = n_a if in_a else n
+            part_key = "A" if in_a else "B"
+            # same part: columns r0 .. part_end (the upper triangle and the genuine runs)
+            s = faiss.pairwise_distances(x[r0:r1], x[r0:part_end], metric=faiss.METRIC_INNER_PRODUCT)
+            cols = np.arange(r0, part_end)[None, :]
+            ends = id_end[r0:r1][:, None]
+            gmask = (cols > rows) & (cols < ends)
+            g = s[gmask]
+            genuine[part_key].append(g)
+            genuine["all"].append(g)
+            route(s, r0, r0, cols >= ends, (part_key, "all"))
+            del s
+            if in_a and n_a < n:  # A rows against B columns: all different people
+                s = faiss.pairwise_distances(x[r0:r1], x[n_a:], metric=faiss.METRIC_INNER_PRODUCT)
+                route(s, r0, n_a, None, ("all",))
+                del s
+            bar.update((r1 - r0) * (n - r0))
+
+    out: dict[str, PartScores] = {}
+    for key, (m, gen, counts) in meta.items():
+        gs = np.concatenate(genuine[key]) if genuine[key] else np.zeros(0, np.float32)
+        if gs.size != gen:
+            raise RuntimeError(f"part {key}: {gs.size} genuine scores, expected {gen}")
+        expected_imp = m * (m - 1) // 2 - gen
+        if acc[key].n != expected_imp:
+            raise RuntimeError(f"part {key}: {acc[key].n} impostor scores, expected {expected_imp}")
+        biggest = max(counts.items(), key=lambda kv: kv[1] * (kv[1] - 1), default=("", 0))
+        out[key] = PartScores(
+            key, ExactScores(gs), acc[key], m, len(counts),
+            sum(1 for c in counts.values() if c >= 2),
+            (biggest[1] * (biggest[1] - 1) / 2) / gen if gen else 0.0, biggest[0], gen,
+        )
+    total = len(lfw.images)
+    lost = total * (total - 1) // 2 - n * (n - 1) // 2
+    return AllAgainstAll(out, order, n, total - n, lost, time.perf_counter() - t0)

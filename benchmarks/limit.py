@@ -1,0 +1,306 @@
+"""``netid bench limit``: the model-bound ceiling of verifications per second, no server.
+
+Each verification does exactly the extraction work the engine does for ``verify``, through
+the same extractor seam (:func:`engine.extract.onnx_extractors`): decode, detect, align and
+embed the face (YuNet + SFace); decode, resample, trim, mel front end and embed the voice
+(GE2E); and, unless ``--no-challenge``, the spoken-challenge recogniser. No protocol, no
+crypto, no store, no event loop: what is left is the work only the models can do, so
+the engine's throughput divided by this figure is the share lost to everything else.
+
+Layouts searched (all in one process, like the engine):
+
+* ``threads``: pipelines running side by side, each taking ``batch`` verifications at a
+  time through face, voice and challenge (each thread has its own extractors);
+* ``intra``: onnxruntime intra-op threads per model session;
+* ``batch``: verifications per model call.
+
+``--processes N`` also measures N single-threaded processes side by side: not a layout the
+engine can use, but it shows what the interpreter lock costs (the challenge recogniser
+holds it while it decodes).
+
+``--stages`` measures each stage alone at several batch sizes (CPU ms per item): the
+figures behind ``benchmarks/TUNING.md``.
+
+Output: one JSON line per configuration measured, a summary JSON line with ``limit_rps``
+(the best found) and its configuration, and a short human summary on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import multiprocessing as mp
+import os
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ._common import Verification, data_root, emit, make_verifications, stderr
+
+__all__ = ["Layout", "LimitResult", "measure_layout", "search", "main"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    batch: int = 4
+    threads: int = 2
+    intra: int = 1
+
+    def label(self) -> str:
+        return f"batch={self.batch} threads={self.threads} intra={self.intra}"
+
+
+@dataclass(frozen=True)
+class LimitResult:
+    layout: Layout
+    rps: float
+    verifications: int
+    seconds: float
+    cpu_ms_per_verification: float
+    stage_cpu_ms: dict[str, float]  # per verification, by stage (thread CPU time)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            **asdict(self.layout),
+            "rps": round(self.rps, 3),
+            "verifications": self.verifications,
+            "seconds": round(self.seconds, 2),
+            "cpu_ms_per_verification": round(self.cpu_ms_per_verification, 1),
+            "stage_cpu_ms": {k: round(v, 1) for k, v in self.stage_cpu_ms.items()},
+        }
+
+
+STAGES = ("face", "decode", "voice", "challenge")
+
+
+def _extractors(intra: int, challenge: bool, models_dir: Path | None):
+    from engine.extract import onnx_extractors
+    from engine.models import DEFAULT_MODELS_DIR
+
+    x = onnx_extractors(models_dir or DEFAULT_MODELS_DIR, intra_op_threads=intra, check_challenge=challenge)
+    x.warmup()
+    return x
+
+
+def _one_batch(x, items: list[Verification], challenge: bool, cpu: dict[str, float]) -> None:
+    """The engine's verify extraction for a batch of verifications, stage by stage."""
+    t = time.thread_time()
+    faces = x.face_batch([v.face for v in items])
+    t1 = time.thread_time()
+    pcms = [x.decode_audio(v.voice, "auto") for v in items]
+    t2 = time.thread_time()
+    voices = x.voice_batch(pcms)
+    t3 = time.thread_time()
+    if challenge:
+        scores = x.challenge_batch([(p, v.challenge) for p, v in zip(pcms, items, strict=True)])
+    else:
+        scores = [1.0] * len(items)
+    t4 = time.thread_time()
+    for out in (faces, voices, scores):
+        bad = [o for o in out if isinstance(o, Exception)]
+        if bad:
+            raise SystemExit(f"a benchmark sample failed extraction: {bad[0]!r}")
+    cpu["face"] += t1 - t
+    cpu["decode"] += t2 - t1
+    cpu["voice"] += t3 - t2
+    cpu["challenge"] += t4 - t3
+
+
+def measure_layout(
+    verifs: list[Verification], layout: Layout, *, seconds: float, challenge: bool = True, models_dir: Path | None = None
+) -> LimitResult:
+    """Run ``layout`` for about ``seconds`` (after one warm-up batch per thread)."""
+    xs = [_extractors(layout.intra, challenge, models_dir) for _ in range(layout.threads)]
+    counts = [0] * layout.threads
+    cpus = [dict.fromkeys(STAGES, 0.0) for _ in range(layout.threads)]
+    deadline = [0.0, 0.0]  # start, end: set by the barrier as every thread is ready
+
+    def go() -> None:
+        deadline[0] = time.perf_counter()
+        deadline[1] = deadline[0] + seconds
+
+    ready = threading.Barrier(layout.threads + 1, action=go)
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            x = xs[k]
+            shift = k * 7 % len(verifs)
+            cycle = itertools.cycle(list(range(shift, len(verifs))) + list(range(shift)))
+            nxt = lambda: [verifs[next(cycle)] for _ in range(layout.batch)]  # noqa: E731
+            _one_batch(x, nxt(), challenge, dict.fromkeys(STAGES, 0.0))  # warm-up, not counted
+            ready.wait()
+            while time.perf_counter() < deadline[1]:
+                _one_batch(x, nxt(), challenge, cpus[k])
+                counts[k] += layout.batch
+        except BaseException as exc:  # reported by the caller
+            errors.append(exc)
+            ready.abort()
+
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(layout.threads)]
+    for th in threads:
+        th.start()
+    try:
+        ready.wait()
+    except threading.BrokenBarrierError:
+        pass
+    start = deadline[0]
+    for th in threads:
+        th.join()
+    if errors:
+        raise errors[0]
+    elapsed = time.perf_counter() - start
+    n = sum(counts)
+    stage = {s: 1000.0 * sum(c[s] for c in cpus) / max(n, 1) for s in STAGES}
+    return LimitResult(layout, n / elapsed, n, elapsed, sum(stage.values()), stage)
+
+
+# ---- separate processes (what the interpreter lock costs) ---------------------------------------
+def _proc_worker(root: str, n: int, batch: int, seconds: float, challenge: bool, barrier, out) -> None:
+    verifs = make_verifications(Path(root), n)
+    x = _extractors(1, challenge, None)
+    _one_batch(x, verifs[:batch], challenge, dict.fromkeys(STAGES, 0.0))
+    barrier.wait()
+    end = time.perf_counter() + seconds
+    count, i = 0, 0
+    while time.perf_counter() < end:
+        items = [verifs[(i + j) % n] for j in range(batch)]
+        i += batch
+        _one_batch(x, items, challenge, dict.fromkeys(STAGES, 0.0))
+        count += batch
+    out.put(count)
+
+
+def measure_processes(root: Path, n: int, processes: int, *, batch: int, seconds: float, challenge: bool) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(processes + 1)
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_proc_worker, args=(str(root), n, batch, seconds, challenge, barrier, out)) for _ in range(processes)]
+    for p in procs:
+        p.start()
+    barrier.wait(timeout=300)
+    start = time.perf_counter()
+    counts = [out.get(timeout=seconds + 120) for _ in procs]
+    elapsed = time.perf_counter() - start
+    for p in procs:
+        p.join()
+    return {"processes": processes, "batch": batch, "intra": 1, "rps": round(sum(counts) / elapsed, 3), "verifications": sum(counts), "seconds": round(elapsed, 2)}
+
+
+# ---- per-stage figures (tuning) -----------------------------------------------------------------
+def measure_stages(verifs: list[Verification], *, batches: list[int], intras: list[int], seconds: float, challenge: bool) -> list[dict[str, Any]]:
+    """CPU and wall ms per item of each stage alone, by batch size and intra-op threads (one thread)."""
+    rows = []
+    for intra in intras:
+        x = _extractors(intra, challenge, None)
+        pcms = [x.decode_audio(v.voice, "auto") for v in verifs]
+        stages: dict[str, Any] = {
+            "face": lambda items: x.face_batch([v.face for v, _ in items]),
+            "voice": lambda items: x.voice_batch([p for _, p in items]),
+        }
+        if challenge:
+            stages["challenge"] = lambda items: x.challenge_batch([(p, v.challenge) for v, p in items])
+        pairs = list(zip(verifs, pcms, strict=True))
+        for name, fn in stages.items():
+            for b in batches:
+                fn(pairs[:b])
+                n, i = 0, 0
+                w0, c0 = time.perf_counter(), time.process_time()
+                while time.perf_counter() - w0 < seconds or n == 0:
+                    fn([pairs[(i + j) % len(pairs)] for j in range(b)])
+                    i += b
+                    n += b
+                wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+                row = {"stage": name, "intra": intra, "batch": b, "items": n, "wall_ms_per_item": round(1000 * wall / n, 2), "cpu_ms_per_item": round(1000 * cpu / n, 2)}
+                emit({"limit_stage": row})
+                rows.append(row)
+    return rows
+
+
+# ---- search ------------------------------------------------------------------------------------
+def search(verifs: list[Verification], layouts: list[Layout], *, seconds: float, challenge: bool, models_dir: Path | None = None) -> list[LimitResult]:
+    results = []
+    for layout in layouts:
+        r = measure_layout(verifs, layout, seconds=seconds, challenge=challenge, models_dir=models_dir)
+        emit({"limit_config": r.as_json()})
+        stderr(f"  limit {layout.label():<28} {r.rps:6.2f} verifications/s  ({r.cpu_ms_per_verification:.0f} CPU ms each)")
+        results.append(r)
+    return results
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="netid bench limit", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=None, help="data root (default ../shared/data, else samples/)")
+    p.add_argument("--quick", action="store_true", help="measure a few layouts briefly (about 30 s)")
+    p.add_argument("--seconds", type=float, default=None, help="seconds per layout (default 10, quick 6)")
+    p.add_argument("--batches", default="1,2,4,8", help="batch sizes searched")
+    p.add_argument("--threads", default="1,2,3", help="pipelines side by side searched")
+    p.add_argument("--intra", default="1,2", help="onnxruntime intra-op threads searched")
+    p.add_argument("--layout", action="append", default=[], metavar="B,T,I", help="measure exactly these layouts (batch,threads,intra)")
+    p.add_argument("--processes", type=int, default=0, help="also measure N single-threaded processes (information)")
+    p.add_argument("--stages", action="store_true", help="per-stage CPU cost by batch size instead of the layout search")
+    p.add_argument("--no-challenge", action="store_true", help="leave the spoken-challenge recogniser out (engines run with --no-challenge-check)")
+    p.add_argument("--samples", type=int, default=48, help="distinct verification payloads")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    challenge = not args.no_challenge
+    if challenge:
+        try:
+            import engine.challenge  # noqa: F401
+        except ImportError:
+            stderr("engine.challenge is not available: measuring without the challenge recogniser")
+            challenge = False
+    root = data_root(args.data)
+    verifs = make_verifications(root, args.samples)
+    seconds = args.seconds or (6.0 if args.quick else 10.0)
+    t0 = time.perf_counter()
+    if args.stages:
+        rows = measure_stages(verifs, batches=_ints(args.batches) if args.batches != "1,2,4,8" else [1, 2, 4, 8, 16],
+                              intras=_ints(args.intra), seconds=seconds / 2, challenge=challenge)
+        emit({"limit_stages": rows, "challenge": challenge})
+        return 0
+    stderr(f"netid bench limit: {len(verifs)} verification payloads from {root}; challenge recogniser {'on' if challenge else 'off'}")
+    if args.layout:
+        layouts = [Layout(*_ints(s)) for s in args.layout]
+        results = search(verifs, layouts, seconds=seconds, challenge=challenge)
+    elif args.quick:
+        results = search(verifs, [Layout(4, 2, 1), Layout(1, 2, 1), Layout(4, 1, 2)], seconds=seconds, challenge=challenge)
+    else:
+        # Stage 1: how many pipelines and intra-op threads, at a middle batch size;
+        # stage 2: the batch size, at the best of stage 1.
+        first = [Layout(4, t, i) for t in _ints(args.threads) for i in _ints(args.intra) if t * i <= 4]
+        results = search(verifs, first, seconds=seconds, challenge=challenge)
+        best = max(results, key=lambda r: r.rps).layout
+        second = [Layout(b, best.threads, best.intra) for b in _ints(args.batches) if b != best.batch]
+        results += search(verifs, second, seconds=seconds, challenge=challenge)
+    best = max(results, key=lambda r: r.rps)
+    summary: dict[str, Any] = {
+        "limit_rps": round(best.rps, 3),
+        "best": best.as_json(),
+        "challenge": challenge,
+        "search": [r.as_json() for r in results],
+        "search_seconds": round(time.perf_counter() - t0, 1),
+        "cores": os.cpu_count(),
+    }
+    if args.processes:
+        summary["processes"] = measure_processes(root, args.samples, args.processes, batch=best.layout.batch, seconds=seconds, challenge=challenge)
+        stderr(f"  {args.processes} separate processes: {summary['processes']['rps']:.2f} verifications/s (information)")
+    emit(summary)
+    stage = ", ".join(f"{k} {v:.0f}" for k, v in best.stage_cpu_ms.items())
+    stderr(f"LIMIT {best.rps:.2f} verifications/s at {best.layout.label()} ({best.cpu_ms_per_verification:.0f} CPU ms per verification: {stage})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

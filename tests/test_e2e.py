@@ -1,0 +1,200 @@
+"""End to end over real TCP with the real models on real data (LFW faces, FSDD digit voices).
+
+The identities are chimeric: an LFW person paired with a Free Spoken Digit Dataset
+speaker, who can say any digit string, so the session's spoken challenge is really said.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+import time
+
+import msgspec
+import nacl.signing
+import pytest
+import trio
+
+from engine import errors as E
+from engine.app import build_engine, run_engine
+from engine.client import open_connection, open_holder, open_relying_party
+from engine.config import EngineConfig, LimitsConfig
+from engine.demo import DigitVoices
+from engine.registry import import_registry
+
+from .conftest import DATA, make_rp
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (DATA / "lfw").is_dir() or not (DATA / "digits").is_dir(), reason="needs ../shared/data (lfw, digits)"),
+]
+
+LFW = DATA / "lfw" / "images"
+PEOPLE = {"alice": ("Colin_Powell", "george"), "bob": ("Gerhard_Schroeder", "jackson"), "carol": ("Ariel_Sharon", "theo")}
+
+
+def img(person: str, i: int) -> bytes:
+    return (LFW / person / f"{person}_{i:04d}.jpg").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def extractors():
+    from engine.extract import onnx_extractors
+    from engine.models import DEFAULT_MODELS_DIR
+
+    x = onnx_extractors(DEFAULT_MODELS_DIR)
+    x.warmup()
+    return x
+
+
+@pytest.fixture(scope="module")
+def scores():
+    from engine.app import default_scores
+    from engine.models import DEFAULT_MODELS_DIR
+
+    return default_scores(EngineConfig(data_dir=DATA, models_dir=DEFAULT_MODELS_DIR))
+
+
+class Clock:
+    offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+@pytest.fixture
+async def env(tmp_path, nursery, extractors, scores):
+    cfg = EngineConfig(data_dir=tmp_path / "data", port=0, limits=LimitsConfig(session_ttl=60.0))
+    engine = build_engine(cfg, extractors=extractors, scores=scores)
+    engine.clock = Clock()
+    reg = tmp_path / "cards.jsonl"
+    reg.write_text(
+        "".join(
+            json.dumps({"card_number": f"C-{who}", "name": who, "photo": str(LFW / face / f"{face}_0001.jpg"), "status": "valid"}) + "\n"
+            for who, (face, _spk) in [*PEOPLE.items(), ("alias", ("Colin_Powell", ""))]
+        )
+    )
+    report = import_registry(reg, store=engine.store, cipher=engine.cipher, embed_faces=extractors.face_batch, now=time.time())
+    assert report.imported == 4, report.refused
+    rp = make_rp(engine.store, "hotel")
+    running = await nursery.start(run_engine, engine)
+    yield running, rp
+    running.drain()
+
+
+VOICES = DigitVoices(DATA / "digits", range(0, 3))
+PROBE_VOICES = DigitVoices(DATA / "digits", range(10, 40))
+
+
+async def enroll(port: int, who: str, rng: random.Random):
+    face, spk = PEOPLE[who]
+    key = nacl.signing.SigningKey.generate()
+    voices = [VOICES.say(spk, "".join(rng.choice("0123456789") for _ in range(8)), rng) for _ in range(2)]
+    async with open_holder("127.0.0.1", port, device_key=key) as phone:
+        got = await phone.enroll(f"C-{who}", [img(face, 2), img(face, 3)], voices)
+    return got.credential_id, key
+
+
+async def attempt(running, rp_keys, cred, key, *, face: bytes, speaker: str, say=None, rng):
+    async with open_relying_party("127.0.0.1", running.port, rp_id="hotel", signing_key=rp_keys.signing, box_key=rp_keys.box) as rp:
+        opened = await rp.open_session()
+        async with open_holder("127.0.0.1", running.port, device_key=key) as phone:
+            qr = phone.scan(opened.qr_text)
+            said = qr.challenge if say is None else say(qr.challenge)
+            mine = await phone.verify(cred, qr, face=face, voice=PROBE_VOICES.say(speaker, said, rng))
+        pushed = await rp.results().__anext__()
+    assert mine == pushed
+    return pushed
+
+
+async def test_genuine_passes_impostors_fail(env, seed):
+    running, rp = env
+    rng = random.Random(seed)
+    with trio.fail_after(120):
+        cred, key = await enroll(running.port, "alice", rng)
+        face, spk = PEOPLE["alice"]
+        ok = await attempt(running, rp, cred, key, face=img(face, 4), speaker=spk, rng=rng)
+        assert (ok.outcome, ok.reason) == ("pass", "match")
+        other_face = await attempt(running, rp, cred, key, face=img(PEOPLE["bob"][0], 1), speaker=spk, rng=rng)
+        assert (other_face.outcome, other_face.reason) == ("fail", "biometric_mismatch")
+        other_voice = await attempt(running, rp, cred, key, face=img(face, 5), speaker=PEOPLE["carol"][1], rng=rng)
+        assert (other_voice.outcome, other_voice.reason) == ("fail", "biometric_mismatch")
+        wrong_words = await attempt(running, rp, cred, key, face=img(face, 6), speaker=spk, say=lambda c: c[::-1] if c != c[::-1] else "0" * 6, rng=rng)
+        assert (wrong_words.outcome, wrong_words.reason) == ("fail", "challenge_mismatch")
+
+
+async def test_session_rules_and_keys(env, seed):
+    running, rp_keys = env
+    rng = random.Random(seed)
+    face, spk = PEOPLE["alice"]
+    with trio.fail_after(120):
+        cred, key = await enroll(running.port, "alice", rng)
+        async with open_relying_party("127.0.0.1", running.port, rp_id="hotel", signing_key=rp_keys.signing, box_key=rp_keys.box) as rp:
+            # a recording from an earlier session does not answer this one
+            earlier = (await rp.open_session())
+            later = (await rp.open_session())
+            async with open_holder("127.0.0.1", running.port, device_key=key) as phone:
+                q1, q2 = phone.scan(earlier.qr), phone.scan(later.qr)
+                old_recording = PROBE_VOICES.say(spk, q1.challenge, rng)
+                if q1.challenge != q2.challenge:
+                    stale = await phone.verify(cred, q2, face=img(face, 4), voice=old_recording)
+                    assert (stale.outcome, stale.reason) == ("fail", "challenge_mismatch")
+                ok = await phone.verify(cred, q1, face=img(face, 4), voice=old_recording)
+                assert ok.outcome == "pass"
+                with pytest.raises(E.SessionUsed):  # replay
+                    await phone.verify(cred, q1, face=img(face, 4), voice=old_recording)
+
+            thief = nacl.signing.SigningKey.generate()
+            async with open_holder("127.0.0.1", running.port, device_key=thief) as phone:
+                q = phone.scan((await rp.open_session()).qr)
+                with pytest.raises(E.WrongDeviceKey):
+                    await phone.verify(cred, q, face=img(face, 4), voice=PROBE_VOICES.say(spk, q.challenge, rng))
+
+            async with open_holder("127.0.0.1", running.port, device_key=key) as phone:
+                q = phone.scan((await rp.open_session()).qr)
+                running.engine.clock.offset += 61.0
+                with pytest.raises(E.SessionExpired):
+                    await phone.verify(cred, q, face=img(face, 4), voice=PROBE_VOICES.say(spk, q.challenge, rng))
+                running.engine.clock.offset = 0.0
+
+            # bad samples get their own codes
+            async with open_holder("127.0.0.1", running.port, device_key=key) as phone:
+                q = phone.scan((await rp.open_session()).qr)
+                with pytest.raises(E.UndecodableSample):
+                    await phone.verify(cred, q, face=b"not an image", voice=PROBE_VOICES.say(spk, q.challenge, rng))
+
+
+async def test_bad_frames_do_not_hurt_other_connections(env):
+    running, _ = env
+    with trio.fail_after(30):
+        bad = await trio.open_tcp_stream("127.0.0.1", running.port)
+        await bad.send_all(struct.pack(">I", 64 * 1024 * 1024))
+        async with open_connection("127.0.0.1", running.port) as conn:
+            await conn.send_raw(struct.pack(">I", 1) + b"\xc1")
+            await conn.ping()
+        data = b""
+        while chunk := await bad.receive_some():
+            data += chunk
+        n = struct.unpack(">I", data[:4])[0]
+        rest = data[4 + n :]
+        err = msgspec.msgpack.decode(rest[4:])
+        assert err["code"] == "frame_too_large"
+
+
+async def test_enrollment_refusals(env, seed):
+    running, _ = env
+    rng = random.Random(seed)
+    face, spk = PEOPLE["alice"]
+    key = nacl.signing.SigningKey.generate()
+    voices = [VOICES.say(spk, "12345678", rng)]
+    with trio.fail_after(120):
+        async with open_holder("127.0.0.1", running.port, device_key=key) as phone:
+            with pytest.raises(E.CardPhotoMismatch):  # bob's face against alice's card
+                await phone.enroll("C-alice", [img(PEOPLE["bob"][0], 2)], voices)
+            await phone.enroll("C-alice", [img(face, 2)], voices)
+            with pytest.raises(E.CardPhotoMismatch):
+                await phone.enroll("C-carol", [img(face, 3)], voices)
+            # a second card carrying the same person's photo: the 1:N search finds the first enrollment
+            with pytest.raises(E.DuplicateIdentity):
+                await phone.enroll("C-alias", [img(face, 3)], voices)
