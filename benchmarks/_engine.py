@@ -6,9 +6,10 @@
 
 For tuning runs, ``overrides`` change fields of the :class:`~engine.config.EngineConfig`
 that ``netid serve`` has no flag for (``face_batch.max_batch=8``,
-``limits.max_biometric=12``, ...): the child is then ``python -m benchmarks._engine``,
-which builds the configuration exactly as ``netid serve`` does, applies the overrides
-and runs the same serve command.
+``limits.max_biometric=12``, ...; and ``switch_interval=0.001``, the interpreter's GIL
+switch interval): the child is then ``python -m benchmarks._engine``, which builds the
+configuration exactly as ``netid serve`` does, applies the overrides and runs the same
+serve command.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ class EngineProcess:
     def start(self) -> EngineProcess:
         args = ["--data", str(self.data_dir), "--port", "0", "--metrics-port", "0", *self.serve_args]
         if self.overrides:
-            cmd = [sys.executable, "-m", "benchmarks._engine", *(f"--set={o}" for o in self.overrides), "--", *args]
+            sets = [f"--switch-interval={o.split('=', 1)[1]}" if o.startswith("switch_interval=") else f"--set={o}" for o in self.overrides]
+            cmd = [sys.executable, "-m", "benchmarks._engine", *sets, "--", *args]
         else:
             cmd = [sys.executable, "-m", "engine.cli", "--log-json", "serve", *args]
         self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
@@ -183,7 +185,10 @@ def _child(argv: list[str]) -> int:
     from engine import cli
 
     sets = [a.split("=", 1)[1] for a in argv if a.startswith("--set=")]
-    rest = [a for a in argv if not a.startswith("--set=") and a != "--"]
+    for a in argv:
+        if a.startswith("--switch-interval="):  # the interpreter's GIL switch interval, seconds
+            sys.setswitchinterval(float(a.split("=", 1)[1]))
+    rest = [a for a in argv if not a.startswith(("--set=", "--switch-interval=")) and a != "--"]
     args = cli.build_parser().parse_args(["--log-json", "serve", *rest])
     cli.setup_logging(args.log_level, args.log_json)
     config = apply_overrides(cli.build_config(args), sets)

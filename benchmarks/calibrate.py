@@ -37,7 +37,7 @@ from engine.models import DEFAULT_MODELS_DIR
 
 __all__ = ["TARGETS", "COHORT_FILE", "calibrate", "cohort_file_bytes", "common_arguments", "measure_config", "main"]
 
-TARGETS = (1e-3, 1e-4, 1e-5, 1e-6)
+TARGETS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 COHORT_FILE = "voice_cohort.npy"
 SPLIT_METHOD = ("identities (LFW names, speechocean762 speakers) ordered by sha256(salt:kind:id), "
                 "dealt alternately into A (calibration) and B (report)")
@@ -67,11 +67,12 @@ def cohort_file_bytes(cohort: np.ndarray) -> bytes:
 
 
 def calibrate(
-    meas: Measurements, *, target_fmr: float = 1e-6, floor_fmr: float = 1e-3,
+    meas: Measurements, *, target_fmr: float = 1e-6, face_floor_fmr: float = 1e-3,
+    voice_floor_fmr: float = 1e-2,
     targets: tuple[float, ...] = TARGETS, command: str = "",
 ) -> tuple[OperatingPoints, bytes]:
     """Operating points from part A, and the bytes of the voice cohort file."""
-    targets = tuple(sorted(set(targets) | {target_fmr, floor_fmr}, reverse=True))
+    targets = tuple(sorted(set(targets) | {target_fmr, face_floor_fmr, voice_floor_fmr}, reverse=True))
     face = meas.aaa.parts["A"]
     face_imp_mean, face_imp_std = face.impostor.mean_std()
     face_gen_mean, face_gen_std = face.genuine.mean_std()
@@ -92,9 +93,12 @@ def calibrate(
         score="as-norm", impostor_mean=vim, impostor_std=vis, genuine_mean=vgm, genuine_std=vgs,
         points=_points(v_gen, v_imp, targets), n_identities=len(vs.speakers),
         n_samples=len(vs.probe_keys) + sum(len(t) for t in vs.templates.values()),
-        comparisons=(f"speechocean762 part A: {meas.config.voice_enroll}-utterance enrollments x "
-                     f"probes of every speaker of the part (first {meas.config.max_seconds:g} s); "
-                     "AS-norm leaving both speakers out of the cohort"),
+        comparisons=(f"speechocean762 part A: {meas.config.voice_enroll}-utterance enrollments "
+                     f"(score: {'best over the templates' if meas.config.voice_template == 'max' else 'centroid'})"
+                     f" x probes of every speaker of the part (first {meas.config.max_seconds:g} s); "
+                     f"AS-norm top {meas.cohort_top_k} (EER on part A by top-k: "
+                     f"{', '.join(f'{k}: {v:.4f}' for k, v in meas.cohort_sweep.items())}), "
+                     "leaving both speakers of each comparison out of the cohort"),
     )
 
     ch = meas.chimeric["A"]
@@ -125,7 +129,7 @@ def calibrate(
     )
     subset = meas.config.pairs_per_fold is not None or meas.config.max_speakers is not None
     points = OperatingPoints(
-        target_fmr=target_fmr, floor_fmr=floor_fmr, face=face_cal, voice=voice_cal, fused=fused_cal,
+        target_fmr=target_fmr, face_floor_fmr=face_floor_fmr, voice_floor_fmr=voice_floor_fmr, face=face_cal, voice=voice_cal, fused=fused_cal,
         fusion=FusionSpec(weight_face=wf, weight_voice=1.0 - wf), cohort=cohort, split=split,
         models=dict(sorted(meas.models.items())),
         datasets={"face": "LFW (deep-funneled), all images" if not subset else "LFW subset",
@@ -152,7 +156,10 @@ def common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--voice-probes", type=int, default=7, help="probe utterances per speaker")
     p.add_argument("--max-seconds", type=float, default=5.0, help="cut recordings to this length")
     p.add_argument("--chimeric-attempts", type=int, default=7, help="attempts per chimeric person")
-    p.add_argument("--cohort-top-k", type=int, default=100, help="AS-norm: cohort scores averaged")
+    p.add_argument("--cohort-top-k", type=int, default=None,
+                   help="AS-norm: cohort scores averaged (default: chosen by EER on part A)")
+    p.add_argument("--voice-template", choices=["max", "centroid"], default="max",
+                   help="voice enrollment scoring: best over templates (the engine's) or centroid")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -162,7 +169,7 @@ def measure_config(args: argparse.Namespace, out: Path) -> MeasureConfig:
         batch=args.batch, block=args.block, salt=args.salt, pairs_per_fold=args.pairs_per_fold,
         max_speakers=args.max_speakers, voice_enroll=args.voice_enroll, voice_probes=args.voice_probes,
         max_seconds=args.max_seconds, chimeric_attempts=args.chimeric_attempts,
-        cohort_top_k=args.cohort_top_k, show_progress=not args.quiet,
+        cohort_top_k=args.cohort_top_k, voice_template=args.voice_template, show_progress=not args.quiet,
     )
 
 
@@ -182,11 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write-to", type=Path, default=None,
                    help="where to write operating_points.json and the cohort (default: --models)")
     p.add_argument("--target-fmr", type=float, default=1e-6, help="the fused operating point")
-    p.add_argument("--floor-fmr", type=float, default=1e-3, help="the per-modality floors")
+    p.add_argument("--face-floor-fmr", type=float, default=1e-3, help="the face floor of the policy")
+    p.add_argument("--voice-floor-fmr", type=float, default=1e-2, help="the voice floor of the policy")
     args = p.parse_args(argv)
     meas = measure(measure_config(args, args.out))
     command = "netid calibrate " + shlex.join(argv if argv is not None else sys.argv[1:])
-    points, cohort = calibrate(meas, target_fmr=args.target_fmr, floor_fmr=args.floor_fmr, command=command)
+    points, cohort = calibrate(meas, target_fmr=args.target_fmr, face_floor_fmr=args.face_floor_fmr,
+                               voice_floor_fmr=args.voice_floor_fmr, command=command)
     path = write_points(points, cohort, args.write_to or args.models)
     for name in ("face", "voice", "fused"):
         for pt in points.calibration(name).points:

@@ -259,7 +259,8 @@ def _held_apart(ev: Evaluation, meas: Measurements, points: OperatingPoints, mod
     face_attack = _cross(meas, points, "B", floors=(ff, fv), voice=ch.voice[g])  # impostor face, genuine voice
     voice_attack = _cross(meas, points, "B", floors=(ff, fv), face=ExactScores(ch.face[g]), voice=vi)
     ev.add(
-        "policy", part="B", target_fmr=model.target_fmr, floor_fmr=points.floor_fmr,
+        "policy", part="B", target_fmr=model.target_fmr, face_floor_fmr=points.face_floor_fmr,
+        voice_floor_fmr=points.voice_floor_fmr,
         face_floor=ff, voice_floor=fv, fused_threshold=ft, persons=len(ch.persons),
         fnmr=rate(rate_interval(rejected, n_gen)), reasons=reasons,
         frr_with_fta=rate(rate_interval(rejected + ch.genuine_attempts_failed, n_gen + ch.genuine_attempts_failed)),

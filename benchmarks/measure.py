@@ -18,11 +18,15 @@ from benchmarks.datasets import DEFAULT_SALT, Chimera, Lfw, Speech, chimeric_per
 from benchmarks.embeddings import Embedded, EmbeddingCache, embed_files, face_cache_key, voice_cache_key
 from benchmarks.faces import AllAgainstAll, TenFold, all_against_all, ten_fold
 from benchmarks.fusion import ChimericScores, chimeric_scores
+from benchmarks.stats import ExactScores, eer
 from benchmarks.voices import VoiceScores, cohort_of, voice_scores
 from engine.calibration import VoiceCohort
 from engine.errors import ConfigError
 
-__all__ = ["MeasureConfig", "Measurements", "measure"]
+__all__ = ["COHORT_K_CANDIDATES", "MeasureConfig", "Measurements", "measure"]
+
+#: AS-norm top-k values tried on part A when none is given.
+COHORT_K_CANDIDATES = (25, 50, 100, 200)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,7 +46,10 @@ class MeasureConfig:
     voice_probes: int = 7
     max_seconds: float = 5.0
     chimeric_attempts: int = 7
-    cohort_top_k: int = 100
+    #: AS-norm top-k; None: the one of COHORT_K_CANDIDATES with the lowest EER on part A
+    cohort_top_k: int | None = None
+    #: "max" (the engine's rule: best cosine over the enrollment templates) or "centroid"
+    voice_template: str = "max"
     show_progress: bool = True
 
     def __post_init__(self) -> None:
@@ -50,8 +57,10 @@ class MeasureConfig:
             raise ConfigError("enroll, probes and attempts must be at least 1")
         if not 1.0 <= self.max_seconds <= 30.0:
             raise ConfigError("max_seconds must be in [1, 30]")
-        if self.cohort_top_k < 2:
+        if self.cohort_top_k is not None and self.cohort_top_k < 2:
             raise ConfigError("cohort_top_k must be at least 2")
+        if self.voice_template not in ("max", "centroid"):
+            raise ConfigError("voice_template must be max or centroid")
 
 
 @dataclass
@@ -71,6 +80,8 @@ class Measurements:
     persons: list[Chimera]
     chimeric: dict[str, ChimericScores]
     timings: dict[str, float] = field(default_factory=dict)
+    #: AS-norm top-k -> equal error rate on part A (the choice of top-k)
+    cohort_sweep: dict[int, float] = field(default_factory=dict)
 
 
 def _embed_faces(cfg: MeasureConfig, lfw: Lfw, timings: dict) -> tuple[Embedded, dict[str, str]]:
@@ -138,16 +149,24 @@ def measure(cfg: MeasureConfig) -> Measurements:
     cohort, labels, _ = cohort_of(speech, voices, "A")
     cohort = cohort.astype(np.float16).astype(np.float32)  # exactly what the engine loads
     per_speaker = max((labels.count(s) for s in set(labels)), default=0)
-    top_k = min(cfg.cohort_top_k, len(labels) - 2 * per_speaker)
-    if top_k < 2:
+    largest = len(labels) - 2 * per_speaker  # cohort left after leaving two speakers out
+    if largest < 2:
         raise ConfigError("too few calibration speakers for a voice cohort")
-    cal_cohort = VoiceCohort(cohort, top_k=top_k, labels=labels)
-    ship_cohort = VoiceCohort(cohort, top_k=top_k)
+    kw = dict(enroll=cfg.voice_enroll, probes=cfg.voice_probes, template=cfg.voice_template)
+    candidates = [cfg.cohort_top_k] if cfg.cohort_top_k is not None else \
+        sorted({min(k, largest) for k in COHORT_K_CANDIDATES})
+    sweep: dict[int, float] = {}
+    scored: dict[int, VoiceScores] = {}
+    for k in candidates:
+        k = min(k, largest)
+        scored[k] = voice_scores(speech, voices, "A", cohort=VoiceCohort(cohort, top_k=k, labels=labels),
+                                 leave_out=True, **kw)
+        g, i = scored[k].scores(True)
+        sweep[k] = eer(g, ExactScores(i))[0] if g.size and i.size else float("nan")
+    top_k = min(sweep, key=lambda k: (sweep[k], k))
     voice = {
-        "A": voice_scores(speech, voices, "A", enroll=cfg.voice_enroll, probes=cfg.voice_probes,
-                          cohort=cal_cohort, leave_out=True),
-        "B": voice_scores(speech, voices, "B", enroll=cfg.voice_enroll, probes=cfg.voice_probes,
-                          cohort=ship_cohort, leave_out=False),
+        "A": scored[top_k],
+        "B": voice_scores(speech, voices, "B", cohort=VoiceCohort(cohort, top_k=top_k), leave_out=False, **kw),
     }
     timings["voice_scoring_s"] = time.perf_counter() - t2
 
@@ -156,4 +175,4 @@ def measure(cfg: MeasureConfig) -> Measurements:
             for p in ("A", "B")}
     timings["measure_s"] = time.perf_counter() - t0
     return Measurements(cfg, lfw, speech, faces, voices, {**face_models, **voice_models}, tf, aaa,
-                        cohort, labels, top_k, voice, persons, chim, timings)
+                        cohort, labels, top_k, voice, persons, chim, timings, sweep)

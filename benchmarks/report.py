@@ -112,7 +112,8 @@ def write_report(path: Path, meas: Measurements, ev: Evaluation, points: Operati
     if pol:
         p = pol[0]
         add(f"- Default operating point (from calibration on part A): fused FMR target "
-            f"**{p['target_fmr']:.0e}**, floors at FMR {p['floor_fmr']:.0e} per modality. On the held-apart "
+            f"**{p['target_fmr']:.0e}**, floors at face FMR {p['face_floor_fmr']:.0e} and voice FMR "
+            f"{p['voice_floor_fmr']:.0e}. On the held-apart "
             f"part B ({p['persons']} chimeric persons): FNMR **{_rate_cell(p['fnmr'])}**; with failures to "
             f"acquire counted as rejections {_rate_cell(p['frr_with_fta'])}. Impostor acceptance "
             f"{_sci(p['fmr_cross']['rate'])} ({p['fmr_cross']['accepted']:,} of {p['fmr_cross']['n']:.3g} "
@@ -135,13 +136,16 @@ def write_report(path: Path, meas: Measurements, ev: Evaluation, points: Operati
             f"gives {_pct(ps.largest_identity_share, 1)} of them); {ps.impostor.n:,} different-person pairs.")
     for part in ("A", "B"):
         vs = meas.voice[part]
+        rule = ("kept as separate templates; the score is the best cosine over them, as in the engine"
+                if cfg.voice_template == "max" else "enrolled as their normalised mean (centroid)")
         add(f"  - speechocean762 {part}: {len(vs.speakers)} speakers, {cfg.voice_enroll} enrollment "
-            f"utterances each (kept as separate templates; the score is the best cosine over them, as in "
-            f"the engine), {len(vs.probe_keys)} probes; every recording cut to its first "
+            f"utterances each ({rule}), {len(vs.probe_keys)} probes; every recording cut to its first "
             f"{cfg.max_seconds:g} s.")
     add(f"- **AS-norm cohort**: the {meas.cohort.shape[0]} usable utterances of the "
         f"{len(set(meas.cohort_labels))} part-A speakers (shipped as `models/voice_cohort.npy`), top "
-        f"{meas.cohort_top_k} scores; on part A each comparison leaves both of its speakers out of the cohort.")
+        f"{meas.cohort_top_k} scores (chosen by the equal error rate on part A: "
+        f"{', '.join(f'top {k}: {_pct(v)}' for k, v in meas.cohort_sweep.items())}); on part A each "
+        f"comparison leaves both of its speakers out of the cohort.")
     add(f"- **Chimeric persons** (for fusion; no public set has the same people's faces and voices): "
         f"within each part, the speakers sorted by id are paired one to one with the LFW identities of "
         f"that part having at least {cfg.chimeric_attempts + 1} images, sorted by name. A person enrolls "
@@ -231,7 +235,7 @@ def write_report(path: Path, meas: Measurements, ev: Evaluation, points: Operati
     if pol:
         p = pol[0]
         add(f"**Decision policy** (engine/calibration.py): face ≥ {p['face_floor']:.4f} (face FMR "
-            f"{p['floor_fmr']:.0e}) and voice ≥ {p['voice_floor']:.4f} (voice FMR {p['floor_fmr']:.0e}) "
+            f"{p['face_floor_fmr']:.0e}) and voice ≥ {p['voice_floor']:.4f} (voice FMR {p['voice_floor_fmr']:.0e}) "
             f"and fused ≥ {p['fused_threshold']:.4f} (fused FMR {p['target_fmr']:.0e}).")
         add("")
         add(f"- Genuine attempts of part B: FNMR {_rate_cell(p['fnmr'])}; reasons {p['reasons']}; counting "

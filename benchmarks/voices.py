@@ -74,8 +74,15 @@ def cohort_of(speech: Speech, voices: Embedded, part: str) -> tuple[np.ndarray, 
 
 def voice_scores(
     speech: Speech, voices: Embedded, part: str, *, enroll: int = 3, probes: int = 7,
-    cohort: VoiceCohort | None = None, leave_out: bool = False,
+    cohort: VoiceCohort | None = None, leave_out: bool = False, template: str = "max",
 ) -> VoiceScores:
+    """Scores of every probe of a part against every enrolled speaker of that part.
+
+    ``template="max"`` keeps each enrollment utterance as a template and scores the best
+    cosine over them (the engine's rule); ``"centroid"`` enrolls the normalised mean.
+    """
+    if template not in ("max", "centroid"):
+        raise ValueError(f"unknown voice template rule {template!r}")
     idx = {k: i for i, k in enumerate(voices.keys)}
     speakers, templates, failed = [], {}, []
     enroll_failed = 0
@@ -92,6 +99,9 @@ def voice_scores(
             continue
         speakers.append(spk)
         templates[spk] = voices.emb[good]
+        if template == "centroid":
+            c = templates[spk].mean(axis=0, dtype=np.float64)
+            templates[spk] = (c / np.linalg.norm(c)).astype(np.float32)[None, :]
         planned[spk] = [u.rel for u in utts[enroll : enroll + probes]]
         for u in utts[enroll : enroll + probes]:
             if voices.status[idx[u.rel]] == "ok":

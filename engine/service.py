@@ -320,6 +320,7 @@ class Engine:
         tbs = P.verify_message(req.session_id, req.nonce, req.credential_id, sha256(req.face), sha256(req.voice))
         verify_signature(req.device_key, tbs, req.sig)
         device_box = device_box_key(req.device_key)
+        await self._relying_party(self.sessions.check(req.session_id, req.nonce, now).rp_id)  # disabled since opening?
         session = self.sessions.claim(req.session_id, req.nonce, self.clock())  # single use from here on
 
         cred: Credential | None = None
@@ -333,7 +334,11 @@ class Engine:
                 (face, (voice, challenge_score)) = await self._gather(
                     lambda: self._face(req.face), lambda: self._voice_and_challenge(req.voice, req.audio_format, challenge)
                 )
-                f, v, decision = self._match(cred, face, voice)
+                try:
+                    f, v, decision = self._match(cred, face, voice)
+                except UnknownCredential:  # templates gone while the models ran: say why
+                    _raise_unless_active(await self._db(self.store.get_credential, cred.credential_id))
+                    raise
                 # The card may have been reported lost while the models ran: check again.
                 latest = await self._db(self.store.get_credential, cred.credential_id)
                 _raise_unless_active(latest)
@@ -461,6 +466,9 @@ class Engine:
         except VerificationFailed:
             await self._audit(actor="holder", action="rebind", subject=cred.credential_id, outcome="refused", detail={"reason": "verification_failed"})
             raise
+        except UnknownCredential:  # its templates went while the models ran (card lost, re-applied): say why
+            _raise_unless_active(await self._db(self.store.get_credential, cred.credential_id))
+            raise
         new = await self._db(
             self.store.rebind_device, cred.credential_id, expected_device_key=expected, new_device_key=req.new_device_key, actor="holder", now=self.clock()
         )
@@ -470,7 +478,14 @@ class Engine:
         tbs = P.report_lost_message(req.credential_id, sha256(req.face), sha256(req.voice))
         verify_signature(req.device_key, tbs, req.sig)
         cred = await self._active_credential(req.credential_id, req.device_key)
-        await self._fresh_check(cred, req.face, req.voice, req.audio_format)
+        try:
+            await self._fresh_check(cred, req.face, req.voice, req.audio_format)
+        except VerificationFailed:
+            await self._audit(actor="holder", action="report_lost", subject=cred.credential_id, outcome="refused", detail={"reason": "verification_failed"})
+            raise
+        except UnknownCredential:  # its templates went while the models ran (card lost, re-applied): say why
+            _raise_unless_active(await self._db(self.store.get_credential, cred.credential_id))
+            raise
         suspended = await self.report_lost(cred.card_number, actor="holder")
         return P.ReportedLost(id=req.id, suspended=len(suspended))
 
@@ -503,6 +518,8 @@ class Engine:
         if ap is None or ap.status != "active":
             raise UnknownAcceptancePoint()
         verify_signature(ap.sign_key, req.attestation.payload, req.attestation.sig)
+        if att.level != "high":
+            raise InvalidMessage("an attestation can only upgrade a credential to 'high'")
         now = self.clock()
         if not (now - 86400.0 <= att.checked_at <= now + 300.0):
             raise InvalidMessage("attestation is not recent")

@@ -277,7 +277,7 @@ def _modality(score: str, thresholds: dict[float, float], mean=0.0, std=1.0) -> 
 def _points(**kw) -> OperatingPoints:
     base = dict(
         face=_modality("cosine", {1e-3: 0.30, 1e-4: 0.36, 1e-6: 0.45}, mean=0.0, std=0.1),
-        voice=_modality("cosine", {1e-3: 0.60, 1e-6: 0.80}, mean=0.3, std=0.1),
+        voice=_modality("cosine", {1e-2: 0.60, 1e-3: 0.70, 1e-6: 0.80}, mean=0.3, std=0.1),
         fused=_modality("fused", {1e-3: 3.0, 1e-6: 4.5}),
         fusion=FusionSpec(weight_face=0.5, weight_voice=0.5),
     )
@@ -310,7 +310,10 @@ def test_fused_score_and_thresholds():
     assert model.threshold("fused") == 4.5  # the model's target, 1e-6
     assert model.threshold("face") == 0.45
     assert model.threshold("face", 1e-4) == 0.36
-    assert model.floors() == (0.30, 0.60, 4.5)
+    assert model.floors() == (0.30, 0.60, 4.5)  # face at 1e-3, voice at 1e-2, fused at 1e-6
+    points = _points(voice_floor_fmr=1e-3)
+    assert points.floor_fmr("voice") == 1e-3
+    assert ScoreModel(points).floors() == (0.30, 0.70, 4.5)
     with pytest.raises(ConfigError):
         model.threshold("face", 1e-5)  # not calibrated: never interpolated
     with pytest.raises(ConfigError):
@@ -325,7 +328,7 @@ def test_operating_points_need_their_policy_points():
     with pytest.raises(ValueError):
         _points(fused=_modality("fused", {1e-3: 3.0}))  # no point at the target 1e-6
     with pytest.raises(ValueError):
-        _points(voice=_modality("as-norm", {1e-3: 2.0, 1e-6: 4.0}))  # AS-norm without a cohort
+        _points(voice=_modality("as-norm", {1e-2: 1.5, 1e-3: 2.0, 1e-6: 4.0}))  # AS-norm without a cohort
 
 
 def test_operating_points_round_trip(tmp_path):
@@ -377,7 +380,7 @@ def test_normalise_voice_is_as_norm(tmp_path):
 
     spec = CohortSpec(file="voice_cohort.npy", sha256=hashlib.sha256(raw_bytes_path.read_bytes()).hexdigest(),
                       top_k=5, n_embeddings=40, speakers=("x",))
-    points = _points(voice=_modality("as-norm", {1e-3: 2.0, 1e-6: 4.0}), cohort=spec)
+    points = _points(voice=_modality("as-norm", {1e-2: 1.5, 1e-3: 2.0, 1e-6: 4.0}), cohort=spec)
     save_operating_points(points, tmp_path)
     model = ScoreModel.load(tmp_path)
     c = cohort.astype(np.float32)
@@ -393,6 +396,53 @@ def test_normalise_voice_is_as_norm(tmp_path):
     np.save(raw_bytes_path, cohort[::-1])
     with pytest.raises(ModelIntegrityError):
         ScoreModel.load(tmp_path)
+
+
+def _synthetic_speech(n_speakers: int = 6, per: int = 5, seed: int = SEED):
+    from benchmarks.datasets import Speech, Utterance
+
+    rng = np.random.default_rng(seed)
+    speakers, keys, embs = {}, [], []
+    for k in range(n_speakers):
+        spk = f"{k:04d}"
+        centre = rng.standard_normal(8)
+        utts = []
+        for u in range(per):
+            rel = f"speech/SPEAKER{spk}/{spk}{u:03d}.flac"
+            utts.append(Utterance(f"{spk}{u:03d}", spk, rel))
+            e = centre + 0.8 * rng.standard_normal(8)
+            keys.append(rel)
+            embs.append(e / np.linalg.norm(e))
+        speakers[spk] = utts
+    part = split_of(list(speakers), kind="speech")
+    return Speech(Path("."), speakers, part), Embedded(keys, np.asarray(embs, np.float32), ["ok"] * len(keys))
+
+
+def test_voice_scores_follow_the_engine_rule_and_leave_speakers_out():
+    from benchmarks.voices import cohort_of, voice_scores
+
+    speech, voices = _synthetic_speech()
+    cohort, labels, _ = cohort_of(speech, voices, "A")
+    vc = VoiceCohort(cohort, top_k=4, labels=labels)
+    vs = voice_scores(speech, voices, "A", enroll=2, probes=3, cohort=vc, leave_out=True)
+    emb = dict(zip(voices.keys, voices.emb))
+    for i, spk in enumerate(vs.speakers):
+        templates = np.stack([emb[u.rel] for u in speech.speakers[spk][:2]])
+        for j, key in enumerate(vs.probe_keys):
+            raw = float((templates @ emb[key]).max())
+            assert vs.raw[i, j] == pytest.approx(raw, abs=1e-6)
+            other = str(vs.probe_speaker[j])
+            ex = (spk, other) if spk != other else (spk,)
+            me, se = vc.stats(templates, exclude=ex)
+            mp, sp = vc.stats(emb[key][None, :], exclude=ex)
+            assert vs.norm[i, j] == pytest.approx(0.5 * ((raw - me) / se + (raw - mp) / sp), abs=1e-4)
+    g, imp = vs.scores(True)
+    assert g.size == 3 * len(vs.speakers) and imp.size == 3 * len(vs.speakers) * (len(vs.speakers) - 1)
+    centroid = voice_scores(speech, voices, "A", enroll=2, probes=3, template="centroid")
+    spk = centroid.speakers[0]
+    c = np.stack([emb[u.rel] for u in speech.speakers[spk][:2]]).mean(axis=0)
+    c /= np.linalg.norm(c)
+    assert centroid.raw[0, 0] == pytest.approx(float(emb[centroid.probe_keys[0]] @ c), abs=1e-6)
 
 
 # --------------------------------------------------------------------------- shipped points

@@ -21,7 +21,8 @@ from engine.app import build_engine, run_engine
 from engine.client import open_connection, open_holder, open_relying_party
 from engine.config import EngineConfig, LimitsConfig
 from engine.demo import DigitVoices
-from engine.registry import import_registry
+from engine.registry import import_registry, seal_card_template
+from engine.store import CardRecord
 
 from .conftest import DATA, make_rp
 
@@ -198,3 +199,37 @@ async def test_enrollment_refusals(env, seed):
             # a second card carrying the same person's photo: the 1:N search finds the first enrollment
             with pytest.raises(E.DuplicateIdentity):
                 await phone.enroll("C-alias", [img(face, 3)], voices)
+
+
+async def test_compare_cli_gives_the_engines_scores(env, extractors, tmp_path, capsys, seed):
+    """`netid compare face` on LFW pairs scores exactly as verification does (stored, encrypted templates)."""
+    from engine.cli import main
+
+    running, _ = env
+    engine = running.engine
+    lines = (DATA / "lfw" / "pairs.txt").read_text().splitlines()[1:]
+    same = [line.split() for line in lines[:300] if len(line.split()) == 3][:4]
+    pairs = []
+    for name, i, j in same:
+        a = LFW / name / f"{name}_{int(i):04d}.jpg"
+        b = LFW / name / f"{name}_{int(j):04d}.jpg"
+        pairs.append((a, b))
+    pairs_file = tmp_path / "pairs.tsv"
+    pairs_file.write_text("".join(f"{a}\t{b}\n" for a, b in pairs))
+    capsys.readouterr()
+    assert main(["compare", "face", "--pairs", str(pairs_file)]) == 0
+    cli = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(cli) == len(pairs)
+    rng = random.Random(seed)
+    for (a, b), row in zip(pairs, cli):
+        # enroll A as the only face template of a fresh credential, then score B as a verification would
+        key = nacl.signing.SigningKey.generate()
+        card_template = seal_card_template(engine.cipher, extractors.face_batch([a.read_bytes()])[0], "C-cmp")
+        engine.store.import_cards(
+            [CardRecord(card_number="C-cmp", name="x", photo_path=str(a), status="valid", photo_template=card_template)], actor="test"
+        )
+        async with open_holder("127.0.0.1", running.port, device_key=key) as phone:
+            got = await phone.enroll("C-cmp", [a.read_bytes()], [VOICES.say("lucas", "12345678", rng)])
+        probe = extractors.face_batch([b.read_bytes()])[0]
+        engine_score = float(engine.face_index.compare(got.credential_id, probe[None, :])[0])
+        assert abs(engine_score - row["score"]) < 1e-5, (a, b, engine_score, row)

@@ -238,3 +238,35 @@ def test_fake_extractor_is_deterministic():
     x = fake_extractors()
     a, b = x.face_batch([face("alice", 1), face("alice", 1)])
     assert np.array_equal(a, b)
+
+
+async def test_tls_when_configured(tmp_path, nursery):
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "chain.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    cfg = EngineConfig(data_dir=tmp_path / "data", host="127.0.0.1", port=0, tls_cert=tmp_path / "chain.pem", tls_key=tmp_path / "key.pem")
+    engine = build_engine(cfg, extractors=fake_extractors(), scores=FixedScores())
+    rp_keys = make_rp(engine.store, "hotel")
+    running = await nursery.start(run_engine, engine)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    with trio.fail_after(10):
+        # open_ssl_over_tcp_stream checks the certificate against the host name given
+        async with open_relying_party("localhost", running.port, rp_id="hotel", signing_key=rp_keys.signing, box_key=rp_keys.box, ssl_context=client_ctx) as rp:
+            opened = await rp.open_session()
+            assert opened.payload.rp_name == "Hotel Example"
+    # a plain-TCP client gets no hello from the TLS port (the engine waits for a TLS handshake)
+    got_hello = False
+    with trio.move_on_after(1):
+        try:
+            async with open_connection("127.0.0.1", running.port):
+                got_hello = True
+        except (trio.BrokenResourceError, E.EngineError, msgspec.DecodeError):
+            pass
+    assert not got_hello
+    running.drain()

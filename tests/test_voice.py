@@ -423,3 +423,13 @@ def test_decoded_audio_is_checked(extractor: VoiceExtractor) -> None:
     ]
     out = extractor.embed_pcm_batch(bad)
     assert [type(e) for e in out] == [UndecodableSample, UndecodableSample, UndecodableSample, SampleTooLarge]
+
+
+def test_rates_and_channel_counts_are_bounded() -> None:
+    with pytest.raises(UndecodableSample):
+        decode_audio(wav_bytes(np.zeros((1600, 3), np.float32), 16000))
+    with pytest.raises(UndecodableSample):
+        decode_audio(wav_bytes(np.zeros(1600, np.float32), 192000))
+    with pytest.raises(UndecodableSample):
+        decode_audio(bytes(200), fmt="pcm_s16le", sample_rate=1000)
+    assert len(decode_audio(wav_bytes(np.zeros(4800, np.float32), 48000))) == 1600

@@ -1,0 +1,286 @@
+"""Operations: /metrics moves during a run, ``netid top`` renders it, overload is answered,
+and a drain (in process, and SIGTERM to a real ``netid serve``) loses no request."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import nacl.public
+import nacl.signing
+import pytest
+import trio
+
+from benchmarks._common import DigitVoices
+from benchmarks._engine import EngineProcess, netid
+from engine import errors as E
+from engine import top
+from engine.app import build_engine, run_engine
+from engine.batcher import BatcherConfig
+from engine.client import open_holder, open_relying_party
+from engine.config import ChallengeSettings, EngineConfig, LimitsConfig
+from engine.extract import _identity_vector, fake_extractors
+from engine.registry import seal_card_template
+from engine.store import CardRecord
+
+from .conftest import FixedScores, make_rp
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+PEOPLE = ("alice", "bob", "carol", "dave")
+
+
+def face(who: str, n: int = 0) -> bytes:
+    return f"FACE:{who}:{n}".encode()
+
+
+def voice(who: str, said: str = "", n: int = 0) -> bytes:
+    return f"VOICE:{who}:{said}:{n}".encode()
+
+
+def slow(fn, seconds: float):
+    """The fake batch function, taking ``seconds`` per call (it runs in a worker thread)."""
+
+    def run(items):
+        time.sleep(seconds)
+        return fn(items)
+
+    return run
+
+
+def slow_fakes(seconds: float):
+    x = fake_extractors()
+    return dataclasses.replace(x, face_batch=slow(x.face_batch, seconds))
+
+
+async def start_engine(nursery, tmp_path, *, extractors, limits: LimitsConfig | None = None):
+    cfg = EngineConfig(
+        data_dir=tmp_path / "data",
+        port=0,
+        metrics_port=0,
+        limits=limits or LimitsConfig(),
+        challenge=ChallengeSettings(kind="digits", length=6),
+        face_batch=BatcherConfig(max_batch=4, max_wait=0.002, queue_size=64),
+    )
+    engine = build_engine(cfg, extractors=extractors, scores=FixedScores())
+    engine.store.import_cards(
+        [
+            CardRecord(card_number=f"C{i}", name=who.title(), photo_path=f"{who}.jpg", status="valid",
+                       photo_template=seal_card_template(engine.cipher, _identity_vector("FACE", who, 128), f"C{i}"))
+            for i, who in enumerate(PEOPLE)
+        ],
+        actor="test",
+    )
+    rp = make_rp(engine.store, "hotel")
+    running = await nursery.start(run_engine, engine)
+    return running, rp
+
+
+async def enroll_all(port: int) -> dict[str, tuple[str, nacl.signing.SigningKey]]:
+    out = {}
+    for i, who in enumerate(PEOPLE):
+        key = nacl.signing.SigningKey.generate()
+        async with open_holder("127.0.0.1", port, device_key=key) as phone:
+            got = await phone.enroll(f"C{i}", [face(who, 1)], [voice(who, "enroll", 1)])
+        out[who] = (got.credential_id, key)
+    return out
+
+
+async def verify_many(port: int, rp_keys, creds, n: int, answers: list) -> None:
+    """``n`` verifications at once from the residents' phones; every answer (or error code) recorded."""
+    async with open_relying_party("127.0.0.1", port, rp_id="hotel", signing_key=rp_keys.signing, box_key=rp_keys.box) as rp:
+        sessions = [await rp.open_session() for _ in range(n)]  # first, so only verifications are in flight below
+
+        async def one(k: int) -> None:
+            who = PEOPLE[k % len(PEOPLE)]
+            cred, key = creds[who]
+            async with open_holder("127.0.0.1", port, device_key=key) as phone:
+                qr = phone.scan(sessions[k].qr)
+                try:
+                    res = await phone.verify(cred, qr, face=face(who, 100 + k), voice=voice(who, qr.challenge, k))
+                    answers.append(res.outcome)
+                except E.EngineError as exc:
+                    answers.append(exc.code)
+                except trio.BrokenResourceError:
+                    answers.append("connection_lost")
+
+        async with trio.open_nursery() as requests:
+            for k in range(n):
+                requests.start_soon(one, k)
+
+
+async def scrape(url: str) -> top.Snapshot:
+    return await trio.to_thread.run_sync(top.scrape, url)
+
+
+def verifies_answered(snap: top.Snapshot) -> float:
+    return sum(v for labels, v in snap.series("netid_requests_total").items() if dict(labels)["type"] == "verify")
+
+
+async def test_metrics_move_during_a_run_and_top_renders(tmp_path, nursery, capsys):
+    running, rp_keys = await start_engine(nursery, tmp_path, extractors=slow_fakes(0.03))
+    url = f"http://127.0.0.1:{running.metrics_port}/metrics"
+    with trio.fail_after(30):
+        creds = await enroll_all(running.port)
+        before = await scrape(url)
+        assert before.ready is True
+        assert before.get("netid_credentials", status="active") == len(PEOPLE)
+        answers: list[str] = []
+        seen_in_flight = 0.0
+        async with trio.open_nursery() as n:
+            n.start_soon(verify_many, running.port, rp_keys, creds, 16, answers)
+            while len(answers) < 16:  # scrape while the run goes on
+                mid = await scrape(url)
+                seen_in_flight = max(seen_in_flight, mid.get("netid_in_flight"))
+                await trio.sleep(0.01)
+        after = await scrape(url)
+
+    assert answers == ["pass"] * 16
+    assert seen_in_flight >= 1  # requests were seen in flight while the run went on
+    verify_ok = lambda s: s.get("netid_requests_total", type="verify", outcome="ok")  # noqa: E731
+    assert verify_ok(after) - verify_ok(before) == 16
+    assert after.get("netid_requests_total", type="open_session", outcome="ok") - before.get("netid_requests_total", type="open_session", outcome="ok") == 16
+    assert after.get("netid_request_latency_seconds_count", type="verify") - before.get("netid_request_latency_seconds_count", type="verify") == 16
+    for model in ("face", "voice", "challenge"):
+        items = after.get("netid_batch_size_sum", model=model) - before.get("netid_batch_size_sum", model=model)
+        assert items == 16, model  # one item per verification through each model
+        calls = after.get("netid_batch_size_count", model=model) - before.get("netid_batch_size_count", model=model)
+        assert 1 <= calls <= 16
+    # the slow face model made jobs wait, so batches of more than one formed
+    assert after.get("netid_batch_size_count", model="face") - before.get("netid_batch_size_count", model="face") < 16
+    assert after.get("netid_in_flight") == 0
+
+    assert await trio.to_thread.run_sync(top.main, ["--url", url, "--once", "--interval", "0.05"]) == 0
+    frame = capsys.readouterr().out
+    assert "ready" in frame and "REQUESTS" in frame
+    verify_row = next(line for line in frame.splitlines() if line.startswith("verify "))
+    assert int(verify_row.split()[4]) == 16  # the total column
+    assert any(line.startswith("face ") for line in frame.splitlines())
+    assert "credentials: active 4" in frame
+
+
+def test_top_percentiles_from_histogram_buckets():
+    buckets = [(0.1, 10.0), (0.2, 30.0), (0.5, 40.0), (float("inf"), 40.0)]
+    assert top.histogram_quantile(buckets, 0.5) == pytest.approx(0.15)  # rank 20: halfway through (0.1, 0.2]
+    assert top.histogram_quantile(buckets, 0.375) == pytest.approx(0.125)
+    assert top.histogram_quantile(buckets, 0.25) == pytest.approx(0.1)  # rank 10: the top of the first bucket
+    assert top.histogram_quantile(buckets, 1.0) == pytest.approx(0.5)
+    assert top.histogram_quantile([(0.1, 5.0), (float("inf"), 10.0)], 0.99) == pytest.approx(0.1)  # in +Inf: the last finite bound
+    assert math.isnan(top.histogram_quantile([(0.1, 0.0), (float("inf"), 0.0)], 0.5))
+    prev = top.parse_metrics('netid_requests_total{type="verify",outcome="ok"} 5\nnetid_in_flight 2\n', at=0.0)
+    cur = top.parse_metrics('netid_requests_total{type="verify",outcome="ok"} 25\nnetid_in_flight 3\n', at=2.0)
+    frame = top.render(prev, cur)
+    row = next(line for line in frame.splitlines() if line.startswith("verify "))
+    assert row.split()[1:5] == ["10.0", "10.0", "0.0", "25"]  # req/s, ok/s, err/s, total
+    assert "in flight 3" in frame
+
+
+async def test_overload_is_answered_at_once_and_counted(tmp_path, nursery):
+    running, rp_keys = await start_engine(nursery, tmp_path, extractors=slow_fakes(0.05), limits=LimitsConfig(max_biometric=3))
+    url = f"http://127.0.0.1:{running.metrics_port}/metrics"
+    with trio.fail_after(30):
+        creds = await enroll_all(running.port)
+        before = await scrape(url)
+        answers: list[str] = []
+        await verify_many(running.port, rp_keys, creds, 20, answers)
+        after = await scrape(url)
+    assert len(answers) == 20 and "connection_lost" not in answers
+    refused = answers.count("overloaded")
+    assert refused >= 1 and answers.count("pass") >= 3
+    assert answers.count("pass") + refused == 20
+    moved = sum(after.series("netid_overloaded_total").values()) - sum(before.series("netid_overloaded_total").values())
+    assert moved == refused
+    assert after.get("netid_requests_total", type="verify", outcome="overloaded") - before.get("netid_requests_total", type="verify", outcome="overloaded") == refused
+
+
+async def test_drain_answers_every_request_in_flight(tmp_path):
+    answers: list[str] = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            running, rp_keys = await start_engine(nursery, tmp_path, extractors=slow_fakes(0.05))
+            url = f"http://127.0.0.1:{running.metrics_port}/metrics"
+            creds = await enroll_all(running.port)
+            async with trio.open_nursery() as n:
+                n.start_soon(verify_many, running.port, rp_keys, creds, 12, answers)
+                # drain once every verification has reached the engine and some are still running
+                while True:
+                    snap = await scrape(url)
+                    if snap.get("netid_in_flight") + verifies_answered(snap) >= 12:
+                        break
+                    await trio.sleep(0.005)
+                in_flight_at_drain = snap.get("netid_in_flight")
+                running.drain()
+    assert in_flight_at_drain >= 1
+    assert len(answers) == 12
+    assert "connection_lost" not in answers  # every request that was read was answered
+
+
+# ---- a real engine process ------------------------------------------------------------------------
+@pytest.mark.slow
+async def test_sigterm_drains_a_real_engine(tmp_path):
+    """``netid serve`` on the real models: SIGTERM while verifications run; all answered, exit 0."""
+    ids = json.loads((SAMPLES / "identities.json").read_text())[:3]
+    data = tmp_path / "data"
+    registry = tmp_path / "cards.jsonl"
+    registry.write_text("".join(
+        json.dumps({"card_number": p["card_number"], "name": p["name"], "photo": str(SAMPLES / "lfw" / p["face"] / f"{p['face']}_0001.jpg"), "status": "valid"}) + "\n"
+        for p in ids
+    ))
+    await trio.to_thread.run_sync(lambda: netid("registry", "import", str(registry), "--data", str(data)))
+    await trio.to_thread.run_sync(lambda: netid("rp", "add", "--id", "hotel", "--name", "Hotel", "--quota", "100000", "--keys-out", str(tmp_path / "keys"), "--data", str(data)))
+    rp_sign = nacl.signing.SigningKey((tmp_path / "keys" / "hotel.sign.key").read_bytes())
+    rp_box = nacl.public.PrivateKey((tmp_path / "keys" / "hotel.box.key").read_bytes())
+    voices = DigitVoices(SAMPLES, [p["digits_speaker"] for p in ids], range(0, 5))
+    rng = random.Random(7)
+    engine = EngineProcess(data, serve_args=["--no-challenge-check"], log_path=tmp_path / "engine.log")
+    await trio.to_thread.run_sync(engine.start)
+    n = 24
+    answers: list[str] = []
+    try:
+        with trio.fail_after(240):
+            creds = []
+            for p in ids:
+                key = nacl.signing.SigningKey.generate()
+                faces = [(SAMPLES / "lfw" / p["face"] / f"{p['face']}_000{i}.jpg").read_bytes() for i in (2, 3)]
+                said = [voices.say(p["digits_speaker"], "".join(rng.choice("0123456789") for _ in range(8)), rng) for _ in range(2)]
+                async with open_holder("127.0.0.1", engine.port, device_key=key) as phone:
+                    creds.append((p, (await phone.enroll(p["card_number"], faces, said)).credential_id, key))
+            url = engine.metrics_url
+            async with open_relying_party("127.0.0.1", engine.port, rp_id="hotel", signing_key=rp_sign, box_key=rp_box) as rp:
+                sessions = [await rp.open_session() for _ in range(n)]
+
+                async def one(k: int) -> None:
+                    p, cred, key = creds[k % len(creds)]
+                    async with open_holder("127.0.0.1", engine.port, device_key=key) as phone:
+                        qr = phone.scan(sessions[k].qr)
+                        live = (SAMPLES / "lfw" / p["face"] / f"{p['face']}_000{4 + k % 3}.jpg").read_bytes()
+                        try:
+                            res = await phone.verify(cred, qr, face=live, voice=voices.say(p["digits_speaker"], qr.challenge, random.Random(k)))
+                            answers.append(res.outcome)
+                        except E.EngineError as exc:
+                            answers.append(exc.code)
+                        except trio.BrokenResourceError:
+                            answers.append("connection_lost")
+
+                async with trio.open_nursery() as nursery:
+                    for k in range(n):
+                        nursery.start_soon(one, k)
+                    # SIGTERM once every request has reached the engine and some are still running
+                    while True:
+                        snap = await scrape(url)
+                        if snap.get("netid_in_flight") + verifies_answered(snap) >= n:
+                            break
+                        await trio.sleep(0.01)
+                    in_flight_at_signal = snap.get("netid_in_flight")
+                    engine.terminate()
+            code = await trio.to_thread.run_sync(engine.wait, 120)
+    finally:
+        engine.kill()
+    assert in_flight_at_signal >= 1, "every request finished before SIGTERM: nothing was drained"
+    assert len(answers) == n
+    assert "connection_lost" not in answers
+    assert all(a in ("pass", "fail") for a in answers), answers
+    assert code == 0
