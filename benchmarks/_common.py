@@ -229,15 +229,37 @@ def emit(obj: dict[str, Any]) -> None:
     print(json.dumps(obj, separators=(",", ":")), flush=True)
 
 
-def proc_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a process and its reaped children, from /proc (None if gone)."""
+def _stat(pid: int) -> list[str] | None:
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        # after the ")" closing the command name: field 3 (state) is [0], ppid [1], utime [11], stime [12]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
+
+
+def proc_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process and of its live descendants (worker processes
+    included), from /proc; None if the process is gone."""
+    own = _stat(pid)
+    if own is None:
+        return None
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            st = _stat(int(entry.name))
+            if st is not None:
+                stats[int(entry.name)] = st
+                children.setdefault(int(st[1]), []).append(int(entry.name))
     ticks = os.sysconf("SC_CLK_TCK")
-    # fields[0] is the state (field 3); utime, stime are fields 14, 15
-    return (int(fields[11]) + int(fields[12])) / ticks
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        st = stats.get(p, own if p == pid else None)
+        if st is not None:
+            total += int(st[11]) + int(st[12])
+        todo += children.get(p, [])
+    return total / ticks
 
 
 def machine_busy_seconds() -> tuple[float, float]:

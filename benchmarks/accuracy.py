@@ -76,11 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     timings["plots_s"] = time.perf_counter() - t2
     timings["total_s"] = time.perf_counter() - t0
     command = "netid bench accuracy " + shlex.join(argv if argv is not None else sys.argv[1:])
-    extra = [{"figure": "timing", **timings}, {"figure": "run", "command": command, "points": source,
-                                               "models": meas.models}]
+    extra: list[dict] = [{"figure": "timing", **timings},
+                         {"figure": "run", "command": command, "points": source, "models": meas.models}]
     jl = write_jsonl(out / "results.jsonl", ev, extra)
     md = write_report(out / "report.md", meas, ev, points, timings,
-                      ["netid calibrate", command])
+                      ["netid calibrate        # part A -> models/operating_points.json, models/voice_cohort.npy",
+                       command + "   # part B -> " + str(out)])
     _summary(ev, jl, md)
     return 0
 

@@ -46,7 +46,9 @@ DEFAULT_DATA = _REPO.parent / "shared" / "data"
 DEFAULT_OUT = _REPO / "benchmarks" / "out"
 
 
-def _points(genuine: ExactScores, impostor: ImpostorDistribution, targets: tuple[float, ...]) -> tuple[OperatingPoint, ...]:
+def _points(
+    genuine: ExactScores, impostor: ImpostorDistribution, targets: tuple[float, ...]
+) -> tuple[OperatingPoint, ...]:
     out = []
     for t in targets:
         thr, resolved, _exact = threshold_at_fmr(impostor, t)
@@ -129,7 +131,8 @@ def calibrate(
     )
     subset = meas.config.pairs_per_fold is not None or meas.config.max_speakers is not None
     points = OperatingPoints(
-        target_fmr=target_fmr, face_floor_fmr=face_floor_fmr, voice_floor_fmr=voice_floor_fmr, face=face_cal, voice=voice_cal, fused=fused_cal,
+        target_fmr=target_fmr, face_floor_fmr=face_floor_fmr, voice_floor_fmr=voice_floor_fmr,
+        face=face_cal, voice=voice_cal, fused=fused_cal,
         fusion=FusionSpec(weight_face=wf, weight_voice=1.0 - wf), cohort=cohort, split=split,
         models=dict(sorted(meas.models.items())),
         datasets={"face": "LFW (deep-funneled), all images" if not subset else "LFW subset",

@@ -119,12 +119,26 @@ def _faces(ev: Evaluation, meas: Measurements) -> None:
     ev.add("all_against_all_scoring", modality="face", images_scored=aaa.images_used,
            images_failed=aaa.images_failed, comparisons_lost_to_fta=aaa.comparisons_lost, seconds=aaa.seconds,
            comparisons=aaa.parts["all"].genuine.n + aaa.parts["all"].impostor.n)
+    from benchmarks.faces import face_as_norm
+
+    normed, k = face_as_norm(meas.lfw, f, block=meas.config.block)
+    raw_b = aaa.parts["B"]
+    for t in TARGETS:
+        for score, ps in (("cosine", raw_b), ("as-norm", normed)):
+            ev.add("face_score_normalisation", modality="face", part="B", score=score,
+                   cohort=f"part A images, top {k}" if score == "as-norm" else None,
+                   **_op(operating_point(ps.genuine, ps.impostor, t)))
+    for score, ps in (("cosine", raw_b), ("as-norm", normed)):
+        ev.add("eer", modality="face", dataset="LFW all-against-all", part="B", score=score,
+               normalisation_check=True, eer=eer(ps.genuine, ps.impostor)[0],
+               n_genuine=ps.genuine.n, n_impostor=ps.impostor.n)
     full = aaa.parts["all"]
     tail, pairs = full.impostor.tail()
     for s, (i, j) in zip(tail[:10].tolist(), pairs[:10].tolist()):
         a, b = meas.lfw.images[i], meas.lfw.images[j]
         ev.top_impostors.append({"score": s, "a": f"{a.name}_{a.number:04d}", "b": f"{b.name}_{b.number:04d}"})
-    ev.hists["face"] = {"genuine": full.genuine.sorted, "edges": np.append(full.impostor.edges(), 1.0 + 1.0 / full.impostor.scale),
+    edges = np.append(full.impostor.edges(), full.impostor.hi + 1.0 / full.impostor.scale)
+    ev.hists["face"] = {"genuine": full.genuine.sorted, "edges": edges,
                         "counts": full.impostor.counts, "title": "Face (SFace cosine), LFW all-against-all"}
 
 
@@ -158,11 +172,13 @@ def _voices(ev: Evaluation, meas: Measurements) -> None:
             e, e_thr = eer(gen, imp)
             ev.add("eer", **base, eer=e, threshold=e_thr, n_genuine=gen.n, n_impostor=imp.n)
             for t in TARGETS:
-                ev.add("fnmr_at_fmr", **base, threshold_from="same data (DET point)", **_op(operating_point(gen, imp, t)))
+                ev.add("fnmr_at_fmr", **base, threshold_from="same data (DET point)",
+                       **_op(operating_point(gen, imp, t)))
             _curve(ev, "voice", f"part {part}, {score} ({len(vs.speakers)} speakers)", gen, imp,
                    "-" if normalised else "--")
     g, i = meas.voice["B"].scores(True)
-    edges = np.linspace(min(g.min(initial=0), i.min(initial=0)) - 0.5, max(g.max(initial=1), i.max(initial=1)) + 0.5, 401)
+    edges = np.linspace(min(g.min(initial=0), i.min(initial=0)) - 0.5,
+                        max(g.max(initial=1), i.max(initial=1)) + 0.5, 401)
     counts, _ = np.histogram(i, bins=edges)
     ev.hists["voice"] = {"genuine": g, "edges": edges, "counts": counts,
                          "title": "Voice (GE2E, AS-norm), speechocean762 part B", "xlabel": "AS-norm score"}
@@ -219,7 +235,8 @@ def _fusion(ev: Evaluation, meas: Measurements, points: OperatingPoints, model: 
             counts, _ = np.histogram(fused[~g], bins=edges)
             ev.hists["fused"] = {"genuine": fused[g], "edges": edges, "counts": counts,
                                  "title": "Fused face + voice, chimeric persons, part B (direct attempts)",
-                                 "xlabel": "fused score", "thresholds": {"1e-6": model.threshold("fused", points.target_fmr)}}
+                                 "xlabel": "fused score",
+                                 "thresholds": {f"{model.target_fmr:.0e}": model.threshold("fused")}}
 
 
 # --------------------------------------------------------------------------- held apart

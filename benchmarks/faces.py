@@ -196,7 +196,7 @@ def all_against_all(
         ncols = scores2d.shape[1]
 
         def pair_fn(sel: np.ndarray) -> np.ndarray:
-            pos = positions if positions is not None else np.flatnonzero(mask)
+            pos = positions if positions is not None else np.flatnonzero(np.asarray(mask))
             return pairs_of(r0, c0, ncols, pos)(sel)
 
         for key in keys:
@@ -245,3 +245,51 @@ def all_against_all(
     total = len(lfw.images)
     lost = total * (total - 1) // 2 - n * (n - 1) // 2
     return AllAgainstAll(out, order, n, total - n, lost, time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------- AS-norm for faces?
+
+
+def face_as_norm(
+    lfw: Lfw, faces: Embedded, *, top_k: int = 200, block: int = 1024, tail_fraction: float = 1.5e-3,
+) -> tuple[PartScores, int]:
+    """Part B all-against-all with AS-norm scores, the cohort being part A's images.
+
+    Measures whether score normalisation helps faces as it does voices; the engine
+    applies it only where it does. Returns the normalised part-B scores and top-k.
+    """
+    import faiss
+
+    ok = faces.ok
+    a_idx = [i for i, im in enumerate(lfw.images) if ok[i] and lfw.part[im.name] == "A"]
+    order = _sorted_usable(lfw, ok)
+    order = order[[lfw.part[lfw.images[i].name] == "B" for i in order]]
+    x = np.ascontiguousarray(faces.emb[order], dtype=np.float32)
+    names = np.array([lfw.images[i].name for i in order])
+    top_k = min(top_k, len(a_idx))
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(np.ascontiguousarray(faces.emb[a_idx], dtype=np.float32))
+    cs, _ = index.search(x, top_k)
+    mu = cs.mean(axis=1).astype(np.float32)
+    sd = np.maximum(cs.std(axis=1), 1e-6).astype(np.float32)
+    n = len(order)
+    n_gen = sum(c * (c - 1) // 2 for c in np.unique(names, return_counts=True)[1])
+    acc = TailHistogram(int(math.ceil(tail_fraction * (n * (n - 1) // 2 - n_gen))) + 64,
+                        lo=-30.0, hi=70.0, bins_per_unit=200)
+    gen = []
+    for r0 in range(0, n, block):
+        r1 = min(n, r0 + block)
+        s = faiss.pairwise_distances(x[r0:r1], x[r0:], metric=faiss.METRIC_INNER_PRODUCT)
+        s = np.float32(0.5) * ((s - mu[r0:r1, None]) / sd[r0:r1, None] + (s - mu[None, r0:]) / sd[None, r0:])
+        rows = np.arange(r0, r1)[:, None]
+        cols = np.arange(r0, n)[None, :]
+        same = names[r0:r1, None] == names[None, r0:]
+        upper = cols > rows
+        gen.append(s[upper & same])
+        acc.add(s[upper & ~same])
+    g = np.concatenate(gen) if gen else np.zeros(0, np.float32)
+    counts: dict[str, int] = {}
+    for nm in names:
+        counts[nm] = counts.get(nm, 0) + 1
+    ps = PartScores("B", ExactScores(g), acc, n, len(counts), sum(1 for c in counts.values() if c >= 2), 0.0)
+    return ps, top_k

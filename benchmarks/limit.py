@@ -7,16 +7,17 @@ embed the face (YuNet + SFace); decode, resample, trim, mel front end and embed 
 crypto, no store, no event loop: what is left is the work only the models can do, so
 the engine's throughput divided by this figure is the share lost to everything else.
 
-Layouts searched (all in one process, like the engine):
+Layouts searched:
 
-* ``threads``: pipelines running side by side, each taking ``batch`` verifications at a
-  time through face, voice and challenge (each thread has its own extractors);
+* ``threads``: pipelines running side by side in one process (like the engine), each taking
+  ``batch`` verifications at a time through face, voice and challenge (each thread has its
+  own extractors);
 * ``intra``: onnxruntime intra-op threads per model session;
-* ``batch``: verifications per model call.
-
-``--processes N`` also measures N single-threaded processes side by side: not a layout the
-engine can use, but it shows what the interpreter lock costs (the challenge recogniser
-holds it while it decodes).
+* ``batch``: verifications per model call;
+* ``processes``: with the challenge recogniser, also N single-threaded processes side by
+  side (``--processes``, default 2): the recogniser holds the interpreter lock while it
+  decodes, so in one process it runs on one core at a time; an engine that scores
+  challenges in worker processes can approach this layout.
 
 ``--stages`` measures each stage alone at several batch sizes (CPU ms per item): the
 figures behind ``benchmarks/TUNING.md``.
@@ -46,11 +47,13 @@ __all__ = ["Layout", "LimitResult", "measure_layout", "search", "main"]
 @dataclass(frozen=True)
 class Layout:
     batch: int = 4
-    threads: int = 2
+    threads: int = 2  # pipelines side by side in each process
     intra: int = 1
+    processes: int = 1
 
     def label(self) -> str:
-        return f"batch={self.batch} threads={self.threads} intra={self.intra}"
+        procs = f" processes={self.processes}" if self.processes > 1 else ""
+        return f"batch={self.batch} threads={self.threads} intra={self.intra}{procs}"
 
 
 @dataclass(frozen=True)
@@ -79,10 +82,23 @@ STAGES = ("face", "decode", "voice", "challenge")
 
 
 def _extractors(intra: int, challenge: bool, models_dir: Path | None):
+    import dataclasses
+
+    from engine.errors import ModelMissing
     from engine.extract import onnx_extractors
     from engine.models import DEFAULT_MODELS_DIR
 
-    x = onnx_extractors(models_dir or DEFAULT_MODELS_DIR, intra_op_threads=intra, check_challenge=challenge)
+    try:
+        x = onnx_extractors(models_dir or DEFAULT_MODELS_DIR, intra_op_threads=intra, check_challenge=challenge)
+    except ModelMissing:
+        if not challenge:
+            raise
+        # No calibrated challenge threshold yet: the threshold does not change the work, so
+        # measure the same recogniser with a placeholder one.
+        from engine.challenge import ChallengeChecker
+
+        x = onnx_extractors(models_dir or DEFAULT_MODELS_DIR, intra_op_threads=intra, check_challenge=False)
+        x = dataclasses.replace(x, challenge_batch=ChallengeChecker(threshold=0.0).score_batch)
     x.warmup()
     return x
 
@@ -112,9 +128,26 @@ def _one_batch(x, items: list[Verification], challenge: bool, cpu: dict[str, flo
 
 
 def measure_layout(
-    verifs: list[Verification], layout: Layout, *, seconds: float, challenge: bool = True, models_dir: Path | None = None
+    verifs: list[Verification], layout: Layout, *, seconds: float, challenge: bool = True, models_dir: Path | None = None, root: Path | None = None
 ) -> LimitResult:
     """Run ``layout`` for about ``seconds`` (after one warm-up batch per thread)."""
+    if layout.processes > 1:
+        return _measure_processes(root or data_root(None), len(verifs), layout, seconds=seconds, challenge=challenge)
+    n, elapsed, cpu, stage_cpu = _run_threads(verifs, layout, seconds=seconds, challenge=challenge, models_dir=models_dir)
+    return _result(layout, n, elapsed, cpu, stage_cpu)
+
+
+def _result(layout: Layout, n: int, elapsed: float, cpu: float, stage_cpu: dict[str, float]) -> LimitResult:
+    # per stage: CPU time of the calling threads (onnxruntime's own pool threads, intra > 1, are
+    # only in the process total)
+    stage = {s: 1000.0 * stage_cpu[s] / max(n, 1) for s in STAGES}
+    return LimitResult(layout, n / elapsed, n, elapsed, cpu / (elapsed * (os.cpu_count() or 1)), 1000.0 * cpu / max(n, 1), stage)
+
+
+def _run_threads(
+    verifs: list[Verification], layout: Layout, *, seconds: float, challenge: bool, models_dir: Path | None = None, barrier: Any = None
+) -> tuple[int, float, float, dict[str, float]]:
+    """(verifications, seconds, CPU seconds of the process, CPU seconds by stage) of ``layout.threads`` pipelines."""
     xs = [_extractors(layout.intra, challenge, models_dir) for _ in range(layout.threads)]
     counts = [0] * layout.threads
     cpus = [dict.fromkeys(STAGES, 0.0) for _ in range(layout.threads)]
@@ -149,6 +182,8 @@ def measure_layout(
     for th in threads:
         th.start()
     try:
+        if barrier is not None:  # several processes start together
+            barrier.wait()
         ready.wait()
     except threading.BrokenBarrierError:
         pass
@@ -159,43 +194,29 @@ def measure_layout(
         raise errors[0]
     elapsed = time.perf_counter() - start
     cpu = time.process_time() - cpu0[0]
-    n = sum(counts)
-    # per stage: CPU time of the calling threads (onnxruntime's own pool threads, intra > 1, are
-    # only in the process total)
-    stage = {s: 1000.0 * sum(c[s] for c in cpus) / max(n, 1) for s in STAGES}
-    return LimitResult(layout, n / elapsed, n, elapsed, cpu / (elapsed * (os.cpu_count() or 1)), 1000.0 * cpu / max(n, 1), stage)
+    return sum(counts), elapsed, cpu, {st: sum(c[st] for c in cpus) for st in STAGES}
 
 
 # ---- separate processes (what the interpreter lock costs) ---------------------------------------
-def _proc_worker(root: str, n: int, batch: int, seconds: float, challenge: bool, barrier, out) -> None:
+def _proc_worker(root: str, n: int, layout: Layout, seconds: float, challenge: bool, barrier: Any, out: Any) -> None:
     verifs = make_verifications(Path(root), n)
-    x = _extractors(1, challenge, None)
-    _one_batch(x, verifs[:batch], challenge, dict.fromkeys(STAGES, 0.0))
-    barrier.wait()
-    end = time.perf_counter() + seconds
-    count, i = 0, 0
-    while time.perf_counter() < end:
-        items = [verifs[(i + j) % n] for j in range(batch)]
-        i += batch
-        _one_batch(x, items, challenge, dict.fromkeys(STAGES, 0.0))
-        count += batch
-    out.put(count)
+    out.put(_run_threads(verifs, layout, seconds=seconds, challenge=challenge, barrier=barrier))
 
 
-def measure_processes(root: Path, n: int, processes: int, *, batch: int, seconds: float, challenge: bool) -> dict[str, Any]:
+def _measure_processes(root: Path, n: int, layout: Layout, *, seconds: float, challenge: bool) -> LimitResult:
+    """``layout.processes`` processes, each running ``layout.threads`` pipelines, started together."""
     ctx = mp.get_context("spawn")
-    barrier = ctx.Barrier(processes + 1)
+    barrier = ctx.Barrier(layout.processes)
     out = ctx.Queue()
-    procs = [ctx.Process(target=_proc_worker, args=(str(root), n, batch, seconds, challenge, barrier, out)) for _ in range(processes)]
+    procs = [ctx.Process(target=_proc_worker, args=(str(root), n, layout, seconds, challenge, barrier, out)) for _ in range(layout.processes)]
     for p in procs:
         p.start()
-    barrier.wait(timeout=300)
-    start = time.perf_counter()
-    counts = [out.get(timeout=seconds + 120) for _ in procs]
-    elapsed = time.perf_counter() - start
+    parts = [out.get(timeout=seconds + 600) for _ in procs]
     for p in procs:
         p.join()
-    return {"processes": processes, "batch": batch, "intra": 1, "rps": round(sum(counts) / elapsed, 3), "verifications": sum(counts), "seconds": round(elapsed, 2)}
+    count = sum(p[0] for p in parts)
+    elapsed = max(p[1] for p in parts)
+    return _result(layout, count, elapsed, sum(p[2] for p in parts), {st: sum(p[3][st] for p in parts) for st in STAGES})
 
 
 # ---- per-stage figures (tuning) -----------------------------------------------------------------
@@ -229,10 +250,12 @@ def measure_stages(verifs: list[Verification], *, batches: list[int], intras: li
 
 
 # ---- search ------------------------------------------------------------------------------------
-def search(verifs: list[Verification], layouts: list[Layout], *, seconds: float, challenge: bool, models_dir: Path | None = None) -> list[LimitResult]:
+def search(
+    verifs: list[Verification], layouts: list[Layout], *, seconds: float, challenge: bool, models_dir: Path | None = None, root: Path | None = None
+) -> list[LimitResult]:
     results = []
     for layout in layouts:
-        r = measure_layout(verifs, layout, seconds=seconds, challenge=challenge, models_dir=models_dir)
+        r = measure_layout(verifs, layout, seconds=seconds, challenge=challenge, models_dir=models_dir, root=root)
         emit({"limit_config": r.as_json()})
         stderr(f"  limit {layout.label():<28} {r.rps:6.2f} verifications/s  ({r.cpu_ms_per_verification:.0f} CPU ms each, {100 * r.cpu_share:.0f} % of the machine)")
         results.append(r)
@@ -251,8 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", default="1,2,4,8", help="batch sizes searched")
     p.add_argument("--threads", default="1,2,3", help="pipelines side by side searched")
     p.add_argument("--intra", default="1,2", help="onnxruntime intra-op threads searched")
-    p.add_argument("--layout", action="append", default=[], metavar="B,T,I", help="measure exactly these layouts (batch,threads,intra)")
-    p.add_argument("--processes", type=int, default=0, help="also measure N single-threaded processes (information)")
+    p.add_argument("--layout", action="append", default=[], metavar="B,T,I[,P]", help="measure exactly these layouts (batch,threads,intra[,processes])")
+    p.add_argument("--processes", type=int, default=None,
+                   help="also search layouts of N single-threaded processes (default 2 with the challenge recogniser, else none)")
     p.add_argument("--stages", action="store_true", help="per-stage CPU cost by batch size instead of the layout search")
     p.add_argument("--no-challenge", action="store_true", help="leave the spoken-challenge recogniser out (engines run with --no-challenge-check)")
     p.add_argument("--samples", type=int, default=48, help="distinct verification payloads")
@@ -279,19 +303,23 @@ def main(argv: list[str] | None = None) -> int:
         emit({"limit_stages": rows, "challenge": challenge})
         return 0
     stderr(f"netid bench limit: {len(verifs)} verification payloads from {root}; challenge recogniser {'on' if challenge else 'off'}")
+    # The recogniser holds the interpreter lock, so with it processes may beat threads.
+    procs = args.processes if args.processes is not None else (2 if challenge else 0)
+    run = lambda layouts: search(verifs, layouts, seconds=seconds, challenge=challenge, root=root)  # noqa: E731
     if args.layout:
-        layouts = [Layout(*_ints(s)) for s in args.layout]
-        results = search(verifs, layouts, seconds=seconds, challenge=challenge)
+        results = run([Layout(*_ints(s)) for s in args.layout])
     elif args.quick:
-        results = search(verifs, [Layout(4, 2, 1), Layout(1, 2, 1), Layout(4, 1, 2)], seconds=seconds, challenge=challenge)
+        quick = [Layout(2, 2, 1)] if challenge else [Layout(4, 2, 1), Layout(1, 2, 1), Layout(4, 1, 2)]
+        results = run(quick + ([Layout(2, 1, 1, procs)] if procs > 1 else []))
     else:
-        # Stage 1: how many pipelines and intra-op threads, at a middle batch size;
+        # Stage 1: pipelines, intra-op threads (and processes), at a middle batch size;
         # stage 2: the batch size, at the best of stage 1.
         first = [Layout(4, t, i) for t in _ints(args.threads) for i in _ints(args.intra) if t * i <= 4]
-        results = search(verifs, first, seconds=seconds, challenge=challenge)
+        if procs > 1:
+            first.append(Layout(4, 1, 1, procs))
+        results = run(first)
         best = max(results, key=lambda r: r.rps).layout
-        second = [Layout(b, best.threads, best.intra) for b in _ints(args.batches) if b != best.batch]
-        results += search(verifs, second, seconds=seconds, challenge=challenge)
+        results += run([Layout(b, best.threads, best.intra, best.processes) for b in _ints(args.batches) if b != best.batch])
     best = max(results, key=lambda r: r.rps)
     summary: dict[str, Any] = {
         "limit_rps": round(best.rps, 3),
@@ -301,9 +329,6 @@ def main(argv: list[str] | None = None) -> int:
         "search_seconds": round(time.perf_counter() - t0, 1),
         "cores": os.cpu_count(),
     }
-    if args.processes:
-        summary["processes"] = measure_processes(root, args.samples, args.processes, batch=best.layout.batch, seconds=seconds, challenge=challenge)
-        stderr(f"  {args.processes} separate processes: {summary['processes']['rps']:.2f} verifications/s (information)")
     emit(summary)
     stage = ", ".join(f"{k} {v:.0f}" for k, v in best.stage_cpu_ms.items())
     stderr(f"LIMIT {best.rps:.2f} verifications/s at {best.layout.label()} ({best.cpu_ms_per_verification:.0f} CPU ms per verification: {stage})")

@@ -476,7 +476,7 @@ def _summary(rows: list[dict[str, Any]], limit: dict[str, Any] | None, gen: Gene
     }
     if limit and "best" in limit:
         # CPU per verification does not depend on how much of the shared machine each got
-        out["limit_layout"] = {k: limit["best"][k] for k in ("batch", "threads", "intra")}
+        out["limit_layout"] = {k: limit["best"][k] for k in ("batch", "threads", "intra", "processes")}
         out["limit_cpu_share"] = limit["best"].get("cpu_share")
         out["limit_cpu_ms_per_verification"] = limit["best"]["cpu_ms_per_verification"]
         sat = named.get("saturation", best)

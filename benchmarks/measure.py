@@ -152,21 +152,23 @@ def measure(cfg: MeasureConfig) -> Measurements:
     largest = len(labels) - 2 * per_speaker  # cohort left after leaving two speakers out
     if largest < 2:
         raise ConfigError("too few calibration speakers for a voice cohort")
-    kw = dict(enroll=cfg.voice_enroll, probes=cfg.voice_probes, template=cfg.voice_template)
+    def score(part: str, cohort_k: VoiceCohort, leave_out: bool) -> VoiceScores:
+        return voice_scores(speech, voices, part, enroll=cfg.voice_enroll, probes=cfg.voice_probes,
+                            template=cfg.voice_template, cohort=cohort_k, leave_out=leave_out)
+
     candidates = [cfg.cohort_top_k] if cfg.cohort_top_k is not None else \
         sorted({min(k, largest) for k in COHORT_K_CANDIDATES})
     sweep: dict[int, float] = {}
     scored: dict[int, VoiceScores] = {}
     for k in candidates:
         k = min(k, largest)
-        scored[k] = voice_scores(speech, voices, "A", cohort=VoiceCohort(cohort, top_k=k, labels=labels),
-                                 leave_out=True, **kw)
+        scored[k] = score("A", VoiceCohort(cohort, top_k=k, labels=labels), True)
         g, i = scored[k].scores(True)
         sweep[k] = eer(g, ExactScores(i))[0] if g.size and i.size else float("nan")
     top_k = min(sweep, key=lambda k: (sweep[k], k))
     voice = {
         "A": scored[top_k],
-        "B": voice_scores(speech, voices, "B", cohort=VoiceCohort(cohort, top_k=top_k), leave_out=False, **kw),
+        "B": score("B", VoiceCohort(cohort, top_k=top_k), False),
     }
     timings["voice_scoring_s"] = time.perf_counter() - t2
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from benchmarks.datasets import Speech
 from benchmarks.embeddings import Embedded
-from engine.calibration import VoiceCohort, as_norm
+from engine.calibration import VoiceCohort, as_norm, topk_stats
 
 __all__ = ["VoiceScores", "voice_scores", "cohort_of"]
 
@@ -133,16 +133,16 @@ def _as_norm_matrix(
             mp[:, j], sp[:, j] = cohort.stats(probe_emb[j : j + 1])
     else:
         # each comparison leaves out of the cohort the claimed and the probe's speaker
+        def excl(s: str, t: str) -> tuple[str, ...]:
+            return (s, t) if s != t else (s,)
+
         probe_speakers = sorted(set(probe_spk.tolist()))
-        enrolled_stats = {
-            (s, t): cohort.stats(templates[s], exclude=(s, t) if s != t else (s,))
-            for s in speakers for t in probe_speakers
-        }
+        col = {t: k for k, t in enumerate(probe_speakers)}
         for i, s in enumerate(speakers):
-            for j in range(m):
-                me[i, j], se[i, j] = enrolled_stats[(s, probe_spk[j])]
+            m_s, s_s = topk_stats(cohort.topk_many(templates[s], [excl(s, t) for t in probe_speakers]))
+            cols = np.array([col[t] for t in probe_spk])
+            me[i], se[i] = m_s[cols], s_s[cols]
         for j in range(m):
-            for i, s in enumerate(speakers):
-                ex = (s, probe_spk[j]) if s != probe_spk[j] else (s,)
-                mp[i, j], sp[i, j] = cohort.stats(probe_emb[j : j + 1], exclude=ex)
+            mp[:, j], sp[:, j] = topk_stats(
+                cohort.topk_many(probe_emb[j : j + 1], [excl(s, str(probe_spk[j])) for s in speakers]))
     return as_norm(raw, (me, se), (mp, sp))

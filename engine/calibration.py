@@ -339,6 +339,30 @@ class VoiceCohort:
         scores, idx = self.search(templates, depth)
         return self.merge(scores, idx, excluded)
 
+    def topk_many(self, templates: np.ndarray, excludes: list[tuple[str, ...]]) -> np.ndarray:
+        """:meth:`topk` of one template set under several exclusions, ``(len, top_k)``.
+
+        One search deep enough for the largest exclusion serves them all (a deeper
+        search finds the same top ``k``), which is what a benchmark leaving speakers out
+        of the cohort pair by pair needs.
+        """
+        most = max((int(np.isin(self.labels, list(e)).sum()) for e in excludes), default=0)
+        scores, idx = self.search(templates, self.top_k + most)
+        best = np.full(self.size, -np.inf)
+        keep = idx >= 0
+        np.maximum.at(best, idx[keep], scores[keep].astype(np.float64))
+        cand = np.flatnonzero(np.isfinite(best))
+        order = np.argsort(-best[cand], kind="stable")
+        cand = cand[order]
+        values, labels = best[cand], self.labels[cand]
+        out = np.empty((len(excludes), self.top_k))
+        for row, e in enumerate(excludes):
+            v = values[~np.isin(labels, list(e))] if e else values
+            if v.size < self.top_k:
+                raise ConfigError("voice cohort too small after exclusions")
+            out[row] = v[: self.top_k]
+        return out
+
     def stats(self, templates: np.ndarray, exclude: tuple[str, ...] = ()) -> tuple[float, float]:
         mean, std = topk_stats(self.topk(templates, exclude))
         return float(mean[0]), float(std[0])

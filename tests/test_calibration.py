@@ -369,6 +369,10 @@ def test_cohort_topk_is_exact_best_over_templates():
         keep = ~np.isin(labels, exclude)
         brute = np.sort((templates @ cohort[keep].T).max(axis=0))[::-1][:10]
         np.testing.assert_allclose(got, brute, atol=1e-6)
+        excludes = [(), ("s0",), ("s1", "s4"), ("s2", "s3")]
+        many = vc.topk_many(templates, excludes)
+        for row, e in zip(many, excludes):
+            np.testing.assert_allclose(row, vc.topk(templates, e), atol=1e-7)
 
 
 def test_normalise_voice_is_as_norm(tmp_path):

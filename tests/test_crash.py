@@ -184,6 +184,7 @@ async def test_sigkill_during_transitions_leaves_each_credential_before_or_after
                 n.start_soon(first, p)
         assert sum(p.credential is not None for p in early) >= 4, "too few early enrollments to test anything"
 
+        cut_short = 0  # rounds in which the kill caught transitions in flight
         for kill_after in ROUNDS:
             # ---- during: a transition for everyone at once, killed part-way ------------------------
             transitions = []
@@ -213,7 +214,7 @@ async def test_sigkill_during_transitions_leaves_each_credential_before_or_after
                     await trio.sleep(rng.uniform(0.0, 0.05))  # land anywhere, the store's commits included
                     engine.kill()
             print(f"killed after {kill_after} answers:", [(t.kind, "answered" if t.answered else t.error) for t in transitions])
-            assert any(t.error and t.error.startswith("connection") for t in transitions), "nothing was in flight"
+            cut_short += any(t.error and t.error.startswith("connection") for t in transitions)
 
             # ---- after: restart on the same data directory -----------------------------------------
             await engine.start()
@@ -221,6 +222,8 @@ async def test_sigkill_during_transitions_leaves_each_credential_before_or_after
                 check_store(db, transitions, bystander)
             with trio.fail_after(120):
                 await check_serving(engine, transitions, bystander)
+        # a late kill may land after every answer on a quiet machine; the early ones never do
+        assert cut_short >= 1, "no round killed the engine with transitions in flight"
         with trio.fail_after(120):
             await check_indexes(engine, bystander, alias, keys, random.Random(seed + 1))  # its own rng: same samples every run
     finally:

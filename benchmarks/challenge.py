@@ -1,0 +1,465 @@
+"""netid bench challenge: does the spoken-challenge check tell the right words from other words?
+
+Two real sets, each split into a calibration part (A) and a reporting part (B):
+
+* **speech** - speechocean762 (``speech/``): read English sentences by adult native
+  speakers of Mandarin. Each utterance is scored against its own transcript (genuine)
+  and against other transcripts of the corpus (wrong phrase). Speakers are split into
+  A and B with :func:`benchmarks.datasets.split_of` (the split the voice benchmarks use).
+  Transcripts with a word outside the pronunciation dictionary are left out (counted).
+* **digits** - Free Spoken Digit Dataset (``digits/``): one speaker's single-digit
+  recordings (8 kHz, resampled to 16 kHz) concatenated with short low-level noise gaps
+  into random 6-digit strings, scored against the right string (genuine), other random
+  strings (wrong phrase) and, for information, the string with one digit changed
+  (near miss). Recordings are split into A and B by hash; all 6 speakers are in both.
+
+The threshold is chosen on A for a target wrong-phrase acceptance (default 0.1 %) on
+each set; the operating point written to ``models/challenge.json`` is the higher of the
+two, so that both sets meet the target on A. Part B reports the genuine pass rate and the
+wrong-phrase acceptance with their trial counts and 95 % Clopper-Pearson bounds (rule of
+three when nothing was accepted), and the recogniser's CPU cost per second of audio.
+
+A diagnostic for the 8 kHz digits: part-B speech utterances band-limited to 8 kHz
+(downsampled and back, as the FSDD recordings are) are scored again, which isolates what
+the telephone bandwidth alone costs the recogniser.
+
+Output: JSON lines on stdout, a short human summary on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import multiprocessing
+import shlex
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile
+import soxr
+
+from benchmarks.datasets import DEFAULT_SALT, split_of
+from benchmarks.stats import ExactScores, rate_interval
+from engine.audio import decode_audio
+from engine.challenge import (
+    CALIBRATION_FILE,
+    FAILURE_SCORE,
+    ChallengeChecker,
+    ChallengeConfig,
+    challenge_words,
+    load_phrases,
+)
+from engine.errors import ConfigError, SampleError
+from engine.models import DEFAULT_MODELS_DIR
+
+__all__ = ["main"]
+
+REPO = Path(__file__).resolve().parent.parent
+TARGET = 0.001
+DIGIT_LEN = 6
+_GAP_DBFS = -60.0
+_SR = 16000
+
+
+# --------------------------------------------------------------------------- trials
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """One recording and the challenges it is scored against (first one: genuine)."""
+
+    set: str  # "speech", "digits" or "speech-8k"
+    part: str  # "A" or "B"
+    group: str  # speaker (speech) or speaker name (digits)
+    audio: tuple  # ("file", path) | ("file8k", path) | ("digits", paths, gaps, lead, trail, seed)
+    expected: tuple[str, ...]
+    labels: tuple[str, ...]  # "genuine" | "wrong" | "near_miss", one per expected
+
+
+@dataclass
+class Result:
+    task: Task
+    scores: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    genuine_cpu_s: float = 0.0
+    audio_s: float = 0.0
+
+
+def _speech_root(root: Path) -> Path:
+    return root / "speech"
+
+
+def speech_tasks(root: Path, *, per_part: int | None, wrong: int, rng: np.random.Generator,
+                 config: ChallengeConfig) -> tuple[list[Task], dict[str, int]]:
+    """Genuine + wrong-phrase tasks on speechocean762, ``per_part`` utterances per part."""
+    sroot = _speech_root(root)
+    text = dict(ln.split(" ", 1) for ln in (sroot / "text").read_text().splitlines() if ln.strip())
+    utt2spk = dict(ln.split() for ln in (sroot / "utt2spk").read_text().splitlines() if ln.strip())
+    usable: dict[str, str] = {}
+    excluded = 0
+    for utt, sentence in sorted(text.items()):
+        try:
+            load_phrases([sentence], config=config)
+        except ConfigError:
+            excluded += 1
+            continue
+        usable[utt] = sentence.strip()
+    part_of = split_of(sorted(set(utt2spk.values())), DEFAULT_SALT, "speech")
+    sentences = sorted({" ".join(challenge_words(s)) for s in usable.values()})
+    tasks: list[Task] = []
+    for part in ("A", "B"):
+        utts = [u for u in sorted(usable) if part_of[utt2spk[u]] == part]
+        if per_part is not None and per_part < len(utts):
+            utts = sorted(rng.choice(utts, size=per_part, replace=False).tolist())
+        for utt in utts:
+            own = " ".join(challenge_words(usable[utt]))
+            others = [s for s in sentences if s != own]
+            picks = rng.choice(len(others), size=wrong, replace=False)
+            expected = (usable[utt],) + tuple(others[i] for i in picks)
+            path = sroot / f"SPEAKER{utt2spk[utt]}" / f"{utt}.flac"
+            tasks.append(Task("speech", part, utt2spk[utt], ("file", str(path)), expected,
+                              ("genuine",) + ("wrong",) * wrong))
+    return tasks, {"excluded_out_of_dictionary": excluded, "usable_utterances": len(usable)}
+
+
+def bandlimited_tasks(tasks: list[Task], n: int, wrong: int, rng: np.random.Generator) -> list[Task]:
+    """``n`` part-B speech tasks again, their audio band-limited to 8 kHz."""
+    b = [t for t in tasks if t.set == "speech" and t.part == "B"]
+    if not b or n <= 0:
+        return []
+    picks = sorted(rng.choice(len(b), size=min(n, len(b)), replace=False).tolist())
+    out = []
+    for i in picks:
+        t = b[i]
+        k = 1 + min(wrong, len(t.expected) - 1)
+        out.append(Task("speech-8k", "B", t.group, ("file8k", t.audio[1]), t.expected[:k], t.labels[:k]))
+    return out
+
+
+def digit_tasks(root: Path, *, per_part: int, wrong: int, rng: np.random.Generator) -> list[Task]:
+    """Genuine, wrong and near-miss tasks on FSDD 6-digit strings, ``per_part`` strings per part."""
+    files = sorted((root / "digits").glob("*.flac"))
+    if not files:
+        return []
+    part_of = split_of([f.stem for f in files], DEFAULT_SALT, "digits-recordings")
+    pool: dict[tuple[str, str, int], list[str]] = defaultdict(list)
+    for f in files:
+        digit, speaker, _ = f.stem.split("_")
+        pool[(part_of[f.stem], speaker, int(digit))].append(str(f))
+    speakers = sorted({k[1] for k in pool})
+    tasks: list[Task] = []
+    for part in ("A", "B"):
+        for i in range(per_part):
+            speaker = speakers[i % len(speakers)]
+            digits = [int(d) for d in rng.integers(0, 10, DIGIT_LEN)]
+            paths = tuple(pool[(part, speaker, d)][int(rng.integers(len(pool[(part, speaker, d)])))] for d in digits)
+            gaps = tuple(int(rng.uniform(0.08, 0.30) * _SR) for _ in range(DIGIT_LEN - 1))
+            lead, trail = int(rng.uniform(0.2, 0.4) * _SR), int(rng.uniform(0.1, 0.3) * _SR)
+            right = "".join(map(str, digits))
+            others: list[str] = []
+            while len(others) < wrong:
+                s = "".join(str(int(d)) for d in rng.integers(0, 10, DIGIT_LEN))
+                if s != right and s not in others:
+                    others.append(s)
+            near = list(digits)
+            pos = int(rng.integers(DIGIT_LEN))
+            near[pos] = (near[pos] + int(rng.integers(1, 10))) % 10
+            expected = (right, *others, "".join(map(str, near)))
+            labels = ("genuine",) + ("wrong",) * wrong + ("near_miss",)
+            seed = int(rng.integers(2**31))
+            tasks.append(Task("digits", part, speaker, ("digits", paths, gaps, lead, trail, seed), expected, labels))
+    return tasks
+
+
+def load_audio(spec: tuple) -> np.ndarray:
+    """The float32 16 kHz recording a task describes."""
+    kind = spec[0]
+    if kind == "file":
+        return decode_audio(Path(spec[1]).read_bytes())
+    if kind == "file8k":
+        wav = decode_audio(Path(spec[1]).read_bytes())
+        narrow = soxr.resample(wav, _SR, 8000, quality="HQ")
+        return soxr.resample(narrow, 8000, _SR, quality="HQ").astype(np.float32)
+    if kind == "digits":
+        # built at the recordings' own 8 kHz and resampled once, as a narrow-band recording
+        # of the whole string would be (noise gaps made at 16 kHz would put energy above
+        # 4 kHz between the digits and none within them)
+        _, paths, gaps, lead, trail, seed = spec
+        noise = np.random.default_rng(seed)
+        amp = 10 ** (_GAP_DBFS / 20)
+
+        def gap(n16: int) -> np.ndarray:
+            return (noise.standard_normal(n16 // 2) * amp).astype(np.float32)
+
+        parts = [gap(lead)]
+        for i, p in enumerate(paths):
+            wav, rate = soundfile.read(p, dtype="float32", always_2d=False)
+            if rate != 8000 or wav.ndim != 1:
+                raise ValueError(f"{p}: expected 8 kHz mono")
+            parts.append(wav)
+            parts.append(gap(gaps[i] if i < len(gaps) else trail))
+        return soxr.resample(np.concatenate(parts), 8000, _SR, quality="HQ").astype(np.float32)
+    raise ValueError(f"unknown audio spec {kind!r}")
+
+
+# --------------------------------------------------------------------------- scoring
+
+_checker: ChallengeChecker | None = None
+
+
+def _init_worker(config: ChallengeConfig) -> None:
+    global _checker
+    _checker = ChallengeChecker(config=config, threshold=0.0)
+
+
+def score_task(task: Task) -> Result:
+    """Score one task in this process (the genuine challenge first, timed on its own)."""
+    assert _checker is not None
+    wav = load_audio(task.audio)
+    res = Result(task, audio_s=wav.size / _SR)
+    t0 = time.process_time()
+    first = _checker.score_batch([(wav, task.expected[0])])
+    res.genuine_cpu_s = time.process_time() - t0
+    rest = _checker.score_batch([(wav, e) for e in task.expected[1:]]) if len(task.expected) > 1 else []
+    for r in first + rest:
+        if isinstance(r, SampleError):
+            res.scores.append(FAILURE_SCORE)
+            res.errors.append(r.code)
+        else:
+            res.scores.append(float(r))
+            res.errors.append("")
+    return res
+
+
+def run_tasks(tasks: list[Task], config: ChallengeConfig, workers: int, progress: bool) -> list[Result]:
+    results: list[Result] = []
+    t0 = time.perf_counter()
+
+    def tick(i: int) -> None:
+        if progress and (i % 20 == 0 or i == len(tasks)):
+            print(f"  scored {i}/{len(tasks)} recordings in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+
+    if workers <= 1:
+        _init_worker(config)
+        for i, t in enumerate(tasks, 1):
+            results.append(score_task(t))
+            tick(i)
+        return results
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(config,)) as pool:
+        for i, r in enumerate(pool.imap(score_task, tasks, chunksize=2), 1):
+            results.append(r)
+            tick(i)
+    return results
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _scores(results: list[Result], set_: str, part: str, label: str, group: str | None = None) -> np.ndarray:
+    out = [s for r in results if r.task.set == set_ and r.task.part == part and (group is None or r.task.group.startswith(group))
+           for s, lab in zip(r.scores, r.task.labels) if lab == label]
+    return np.asarray(out, dtype=np.float64)
+
+
+def threshold_for(wrong: np.ndarray, target: float) -> tuple[float, int]:
+    """Lowest threshold letting at most floor(target * n) wrong-phrase scores through."""
+    allowed = int(math.floor(target * wrong.size + 1e-9))
+    thr, _ = ExactScores(wrong).threshold_for(allowed)
+    return float(thr), allowed
+
+
+def _rate(k: int, n: int) -> dict[str, Any]:
+    ri = rate_interval(k, n)
+    return {"k": ri.errors, "n": ri.n, "rate": ri.rate, "lower": ri.lower, "upper": ri.upper, "method": ri.method}
+
+
+def rates(genuine: np.ndarray, wrong: np.ndarray, thr: float) -> dict[str, Any]:
+    return {
+        "threshold": thr,
+        "genuine_pass": _rate(int((genuine >= thr).sum()), int(genuine.size)),
+        "wrong_accept": _rate(int((wrong >= thr).sum()), int(wrong.size)),
+    }
+
+
+def _dist(x: np.ndarray) -> dict[str, Any]:
+    real = x[x > FAILURE_SCORE]
+    q = np.percentile(real, [1, 5, 50, 95, 99]).tolist() if real.size else [math.nan] * 5
+    return {"n": int(x.size), "unaligned": int((x <= FAILURE_SCORE).sum()),
+            "p01": q[0], "p05": q[1], "p50": q[2], "p95": q[3], "p99": q[4], "max": float(x.max()) if x.size else math.nan}
+
+
+def emit(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj, separators=(",", ":"), default=float), flush=True)
+
+
+def _fmt(r: dict[str, Any]) -> str:
+    return f"{r['k']}/{r['n']} = {100 * r['rate']:.2f} % [{100 * r['lower']:.2f}, {100 * r['upper']:.2f}]"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="netid bench challenge", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="data root with speech/ and digits/")
+    p.add_argument("--seed", type=int, default=6)
+    p.add_argument("--target", type=float, default=TARGET, help="target wrong-phrase acceptance (default 0.001)")
+    p.add_argument("--speech-utts", type=int, default=60, help="speechocean762 utterances per part (0: none)")
+    p.add_argument("--digit-strings", type=int, default=60, help="FSDD 6-digit strings per part (0: none)")
+    p.add_argument("--wrong", type=int, default=5, help="wrong phrases per recording")
+    p.add_argument("--bandlimited", type=int, default=30, help="part-B speech utterances re-scored at 8 kHz bandwidth (0: skip)")
+    p.add_argument("--silence-weight", type=float, default=ChallengeConfig().silence_weight)
+    p.add_argument("--workers", type=int, default=2, help="scoring processes (pocketsphinx holds the GIL)")
+    p.add_argument("--quick", action="store_true", help="small run: 12 utterances, 12 strings per part, 3 wrong each")
+    p.add_argument("--limit", type=int, default=None, help="cap utterances and strings per part")
+    p.add_argument("--write-calibration", action="store_true", help=f"write the operating point to models/{CALIBRATION_FILE}")
+    p.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR, help="where --write-calibration writes")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.speech_utts, args.digit_strings = min(args.speech_utts, 12), min(args.digit_strings, 12)
+        args.wrong, args.bandlimited = min(args.wrong, 3), min(args.bandlimited, 6)
+    if args.limit is not None:
+        args.speech_utts, args.digit_strings = min(args.speech_utts, args.limit), min(args.digit_strings, args.limit)
+        args.bandlimited = min(args.bandlimited, args.limit)
+    if not 0.0 < args.target < 1.0 or args.wrong < 1:
+        p.error("need 0 < --target < 1 and --wrong >= 1")
+    command = "netid bench challenge " + shlex.join(argv if argv is not None else sys.argv[1:])
+    config = ChallengeConfig(silence_weight=args.silence_weight)
+    rng = np.random.default_rng(args.seed)
+    wall0 = time.perf_counter()
+
+    tasks: list[Task] = []
+    info: dict[str, Any] = {}
+    if args.speech_utts > 0 and (args.data / "speech" / "text").is_file():
+        st, info["speech"] = speech_tasks(args.data, per_part=args.speech_utts, wrong=args.wrong, rng=rng, config=config)
+        tasks += st
+        tasks += bandlimited_tasks(st, args.bandlimited, min(args.wrong, 3), rng)
+    if args.digit_strings > 0 and (args.data / "digits").is_dir():
+        tasks += digit_tasks(args.data, per_part=args.digit_strings, wrong=args.wrong, rng=rng)
+    if not tasks:
+        print(f"no data found under {args.data}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(f"challenge benchmark: {len(tasks)} recordings, {sum(len(t.expected) for t in tasks)} trials, "
+              f"{args.workers} worker(s)", file=sys.stderr, flush=True)
+    results = run_tasks(tasks, config, args.workers, not args.quiet)
+    wall = time.perf_counter() - wall0
+
+    sets = [s for s in ("speech", "digits") if any(r.task.set == s for r in results)]
+    # ---- calibration on part A
+    per_set: dict[str, dict[str, Any]] = {}
+    for s in sets:
+        wa, ga = _scores(results, s, "A", "wrong"), _scores(results, s, "A", "genuine")
+        thr, allowed = threshold_for(wa, args.target)
+        per_set[s] = {"threshold": thr, "allowed": allowed, "n_wrong": int(wa.size), "n_genuine": int(ga.size),
+                      "genuine_pass": _rate(int((ga >= thr).sum()), int(ga.size))}
+        emit({"figure": "challenge_calibration", "set": s, "part": "A", "target_wrong_phrase_acceptance": args.target,
+              **per_set[s], "genuine": _dist(ga), "wrong": _dist(wa)})
+    operating = max(v["threshold"] for v in per_set.values())
+    emit({"figure": "challenge_operating_point", "threshold": operating, "rule": "highest of the per-set thresholds",
+          "per_set": {s: v["threshold"] for s, v in per_set.items()}})
+
+    # ---- report on part B
+    report: dict[str, Any] = {}
+    for s in sets + (["speech-8k"] if any(r.task.set == "speech-8k" for r in results) else []):
+        gb, wb = _scores(results, s, "B", "genuine"), _scores(results, s, "B", "wrong")
+        row: dict[str, Any] = {"figure": "challenge_report", "set": s, "part": "B",
+                               "at_operating_point": rates(gb, wb, operating)}
+        own = per_set.get(s if s != "speech-8k" else "speech")
+        if own is not None:
+            row["at_own_set_threshold"] = rates(gb, wb, own["threshold"])
+        if s == "digits":
+            nm = _scores(results, s, "B", "near_miss")
+            row["near_miss_accept"] = _rate(int((nm >= operating).sum()), int(nm.size))
+            row["near_miss"] = _dist(nm)
+        if s == "speech":
+            # the corpus's speakers 96xx read markedly slower and less fluently (their
+            # utterances average 6.2 s against 3.8 s for the others)
+            for name, prefix in (("speakers_96xx", "96"), ("other_speakers", "")):
+                g = np.asarray([x for r in results if r.task.set == s and r.task.part == "B"
+                                and (r.task.group.startswith("96") == (prefix == "96"))
+                                for x, lab in zip(r.scores, r.task.labels) if lab == "genuine"])
+                row[name] = _rate(int((g >= operating).sum()), int(g.size))
+        # diagnostic only: the best genuine pass with no wrong phrase accepted on B itself
+        zero = float(wb.max()) + 1e-9 if wb.size else math.nan
+        row["diagnostic_zero_wrong_on_B"] = {"threshold": zero, "genuine_pass": _rate(int((gb >= zero).sum()), int(gb.size))}
+        row["genuine"], row["wrong"] = _dist(gb), _dist(wb)
+        report[s] = row
+        emit(row)
+
+    # ---- cost
+    cost: dict[str, Any] = {}
+    for s in sets + (["speech-8k"] if "speech-8k" in report else []):
+        rs = [r for r in results if r.task.set == s]
+        cpu, audio = sum(r.genuine_cpu_s for r in rs), sum(r.audio_s for r in rs)
+        cost[s] = {"cpu_s": cpu, "audio_s": audio, "cpu_s_per_audio_s": cpu / audio if audio else math.nan,
+                   "recordings": len(rs), "mean_audio_s": audio / len(rs) if rs else math.nan}
+    emit({"figure": "challenge_cost", "what": "CPU seconds of one check (expected challenge, 3 decoding passes) per second of audio",
+          **cost})
+    errors = defaultdict(int)
+    for r in results:
+        for e in r.errors:
+            if e:
+                errors[e] += 1
+    emit({"figure": "run", "command": command, "seed": args.seed, "wall_s": wall, "workers": args.workers,
+          "sample_errors": dict(errors), "data": info, "silence_weight": args.silence_weight})
+
+    if args.write_calibration:
+        path = Path(args.models) / CALIBRATION_FILE
+        doc = {
+            "format": 1,
+            "threshold": operating,
+            "target_wrong_phrase_acceptance": args.target,
+            "score": "mean per-word log-likelihood ratio (forced alignment vs free phone loop) "
+                     "+ silence_weight * min(0, silence ratio); engine/challenge.py",
+            "silence_weight": args.silence_weight,
+            "recogniser": "pocketsphinx 5.1.1, en-us acoustic model and cmudict from the wheel",
+            "rule": "highest of the per-set thresholds chosen on part A",
+            "measured_on": {s: {"part": "A", **{k: v for k, v in per_set[s].items() if k != "genuine_pass"},
+                                "genuine_pass_at_own_threshold": per_set[s]["genuine_pass"]["rate"]} for s in sets},
+            "reported_on_B": {s: {"genuine_pass": report[s]["at_operating_point"]["genuine_pass"],
+                                  "wrong_accept": report[s]["at_operating_point"]["wrong_accept"]} for s in sets},
+            "data": {"speech": "speechocean762 (speech/), speakers split by benchmarks.datasets.split_of",
+                     "digits": "Free Spoken Digit Dataset (digits/), 6-digit strings, recordings split by hash"},
+            "command": command,
+            "seed": args.seed,
+        }
+        path.write_text(json.dumps(doc, indent=2, default=float) + "\n")
+        print(f"wrote {path}", file=sys.stderr)
+
+    # ---- human summary
+    out = sys.stderr
+    per_set_text = ", ".join(f"{s} {v['threshold']:.2f}" for s, v in per_set.items())
+    print(f"\nspoken challenge, target wrong-phrase acceptance {100 * args.target:g} %  "
+          f"(operating threshold {operating:.2f}; per set {per_set_text})", file=out)
+    for s, row in report.items():
+        op = row["at_operating_point"]
+        print(f"  {s:9s} part B: genuine pass {_fmt(op['genuine_pass'])}   wrong phrase accepted {_fmt(op['wrong_accept'])}", file=out)
+        if "at_own_set_threshold" in row and s != "speech-8k":
+            ow = row["at_own_set_threshold"]
+            print(f"  {'':9s} at its own threshold {ow['threshold']:.2f}: genuine {_fmt(ow['genuine_pass'])}   wrong {_fmt(ow['wrong_accept'])}", file=out)
+        if "near_miss_accept" in row:
+            print(f"  {'':9s} one digit changed (information): accepted {_fmt(row['near_miss_accept'])}", file=out)
+        if "speakers_96xx" in row:
+            print(f"  {'':9s} genuine pass, speakers 96xx {_fmt(row['speakers_96xx'])}; others {_fmt(row['other_speakers'])}", file=out)
+        d = row["diagnostic_zero_wrong_on_B"]
+        print(f"  {'':9s} (diagnostic) no wrong phrase accepted on B at {d['threshold']:.2f}: genuine {_fmt(d['genuine_pass'])}", file=out)
+    for s, c in cost.items():
+        print(f"  cost {s:9s}: {c['cpu_s_per_audio_s']:.3f} CPU s per audio s ({c['recordings']} recordings, mean {c['mean_audio_s']:.1f} s)", file=out)
+    print(f"  wall {wall:.0f} s with {args.workers} worker(s); command: {command}", file=out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

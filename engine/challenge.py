@@ -1,0 +1,446 @@
+"""The spoken challenge: fresh random words per session, and a check that a recording says them.
+
+Challenges
+----------
+:func:`new_challenge` draws, with :mod:`secrets`, a string of digits (stored as the digit
+characters, ``"409172"``, and said one digit at a time) or a sentence from the operator's
+phrase list. :func:`load_phrases` checks a phrase list once, when it is loaded: every word
+must be in the recogniser's pronunciation dictionary, or it is a :class:`ConfigError`
+naming the unknown words. :func:`challenge_words` turns a challenge into the words to say.
+
+The check
+---------
+:class:`ChallengeChecker` scores a recording against the words it should say with the
+US-English acoustic model and dictionary shipped in the ``pocketsphinx`` wheel, in three
+decoding passes over the same audio:
+
+1. **word alignment**: a grammar holding only the expected words, in order, with
+   optional silences between them (``Decoder.set_align_text``). A recording that cannot be
+   aligned to them at all scores :data:`FAILURE_SCORE`;
+2. **state alignment** (``Decoder.set_alignment``): the per-word acoustic log-likelihoods
+   of that path;
+3. **free phone loop** (pocketsphinx's ``allphone`` search, uniform phone transitions):
+   the background, the best any phone sequence does on the same frames.
+
+Every senone is scored in every frame (``compallsen``), so that the three passes share
+one per-frame normalisation and their scores can be subtracted. For each expected word,
+its log-likelihood ratio per frame is ``(aligned score - phone-loop score over the word's
+frames) / frames``; the silences the aligner inserted get the same ratio over all their
+frames together. The challenge score is
+
+    mean over the expected words of the word ratio
+    + silence_weight * min(0, silence ratio)
+
+in pocketsphinx score units per frame (log base 1.0001 shifted by 10 bits: one unit is
+about 0.1 nat). Higher means more likely that the recording says the expected words;
+a recording of other words scores far below the calibrated threshold because its words
+fit the audio much worse than free phones do, and the speech it pushes into "silence"
+fits that worse still. The threshold is read from ``models/challenge.json``, written by
+``netid bench challenge --write-calibration`` for a target wrong-phrase acceptance.
+
+Silence and noise are not "a low score": a recording whose loudest part stays below
+``min_level_dbfs`` is :class:`NoSpeech`, one shorter than ``min_seconds`` is
+:class:`TooLittleSpeech`, one longer than ``max_seconds`` is :class:`SampleTooLarge`.
+
+Threads and cost
+----------------
+pocketsphinx ``Decoder`` objects are not thread-safe, so each thread gets its own
+(:class:`threading.local`). The decoder holds the GIL while it decodes: threads calling
+:meth:`ChallengeChecker.score_batch` run one after the other, and parallel scoring needs
+processes. Measured cost: see ``netid bench challenge`` (about 0.2 s of CPU per second of
+audio, dominated by scoring every senone in each of the three passes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import secrets
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pocketsphinx
+
+from .errors import (
+    ConfigError,
+    ModelError,
+    ModelMissing,
+    NoSpeech,
+    SampleError,
+    SampleTooLarge,
+    TooLittleSpeech,
+    UndecodableSample,
+)
+from .models import DEFAULT_MODELS_DIR
+
+__all__ = [
+    "DIGIT_WORDS",
+    "FAILURE_SCORE",
+    "CALIBRATION_FILE",
+    "ChallengeConfig",
+    "ChallengeCalibration",
+    "ChallengeChecker",
+    "new_challenge",
+    "challenge_words",
+    "load_phrases",
+    "load_calibration",
+]
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+#: The score of a recording the expected words cannot be aligned to; below any real score.
+FAILURE_SCORE = -1000.0
+CALIBRATION_FILE = "challenge.json"
+SAMPLE_RATE = 16000
+
+#: The model directory inside the pocketsphinx wheel (found from the package, not the
+#: environment: pocketsphinx's own ``get_model_path`` reads ``POCKETSPHINX_PATH``).
+DEFAULT_POCKETSPHINX_MODEL = Path(pocketsphinx.__file__).resolve().parent / "model" / "en-us"
+
+_MIN_DIGITS, _MAX_DIGITS = 1, 32
+_WORD_RE = re.compile(r"[a-z']+")
+_PHONE_LOOP = "challenge_phone_loop"
+_LEVEL_WINDOW = 480  # 30 ms
+_BACKGROUNDS_KEPT = 4
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ChallengeConfig:
+    """How challenges are checked. Validated when built."""
+
+    #: pocketsphinx model directory: ``en-us/`` (acoustic model) and ``cmudict-en-us.dict``.
+    model_dir: Path = DEFAULT_POCKETSPHINX_MODEL
+    #: where the calibrated operating point is read from.
+    calibration_path: Path = field(default_factory=lambda: DEFAULT_MODELS_DIR / CALIBRATION_FILE)
+    #: weight of the (negative part of the) silence ratio in the score.
+    silence_weight: float = 1.0
+    #: search beams of the alignment (the same value for every beam: pocketsphinx 5.1.1
+    #: breaks word alignments when the word beam differs from the state beam).
+    beam: float = 1e-48
+    min_seconds: float = 0.3
+    max_seconds: float = 30.0
+    #: a recording whose 95th-percentile 30 ms level stays below this is silence.
+    min_level_dbfs: float = -50.0
+    #: longest phrase accepted in a phrase list, in words.
+    max_phrase_words: int = 24
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.silence_weight <= 100.0:
+            raise ConfigError("silence_weight must be between 0 and 100")
+        if not 0.0 < self.beam < 1.0:
+            raise ConfigError("beam must be in (0, 1)")
+        if not 0.0 < self.min_seconds < self.max_seconds <= 600.0:
+            raise ConfigError("need 0 < min_seconds < max_seconds <= 600")
+        if not -120.0 <= self.min_level_dbfs <= 0.0:
+            raise ConfigError("min_level_dbfs must be between -120 and 0")
+        if self.max_phrase_words < 1:
+            raise ConfigError("max_phrase_words must be positive")
+
+    @property
+    def acoustic_model(self) -> Path:
+        return Path(self.model_dir) / "en-us"
+
+    @property
+    def dictionary(self) -> Path:
+        return Path(self.model_dir) / "cmudict-en-us.dict"
+
+
+@dataclass(frozen=True, slots=True)
+class ChallengeCalibration:
+    """The operating point in ``models/challenge.json`` (and what it was measured on)."""
+
+    threshold: float
+    target_wrong_phrase_acceptance: float
+    info: dict[str, Any]
+
+
+def load_calibration(path: Path) -> ChallengeCalibration:
+    """Read the calibrated operating point; :class:`ModelMissing` if the file is absent."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelMissing(f"challenge calibration {path.name} not found; run `netid bench challenge --write-calibration`")
+    try:
+        doc = json.loads(path.read_text())
+        threshold = float(doc["threshold"])
+        target = float(doc["target_wrong_phrase_acceptance"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"challenge calibration {path.name} is malformed") from exc
+    if not math.isfinite(threshold):
+        raise ModelError(f"challenge calibration {path.name} has no finite threshold")
+    return ChallengeCalibration(threshold=threshold, target_wrong_phrase_acceptance=target, info=doc)
+
+
+# --------------------------------------------------------------------------- challenges
+
+
+def new_challenge(*, kind: str = "digits", length: int = 6, phrases: Sequence[str] = ()) -> str:
+    """A fresh random challenge: ``length`` digits (``"409172"``) or one of ``phrases``."""
+    if kind == "digits":
+        if not _MIN_DIGITS <= length <= _MAX_DIGITS:
+            raise ConfigError(f"digit challenge length must be {_MIN_DIGITS}..{_MAX_DIGITS}")
+        return "".join(secrets.choice("0123456789") for _ in range(length))
+    if kind == "phrase":
+        if not phrases:
+            raise ConfigError("a phrase challenge needs a non-empty phrase list")
+        return secrets.choice(list(phrases))
+    raise ConfigError("challenge kind must be 'digits' or 'phrase'")
+
+
+def _is_digit_challenge(challenge: str) -> bool:
+    compact = "".join(challenge.split())
+    return bool(compact) and compact.isascii() and compact.isdigit()
+
+
+def challenge_words(challenge: str) -> list[str]:
+    """The words a challenge is said as: ``"409172"`` -> ``["four", "zero", "nine", ...]``;
+    a phrase -> its lower-case words (letters and apostrophes). Digits inside a phrase, or a
+    challenge without words, are a :class:`ConfigError` (spell numbers out in phrases)."""
+    if _is_digit_challenge(challenge):
+        return [DIGIT_WORDS[int(c)] for c in challenge if not c.isspace()]
+    text = challenge.lower()
+    if any(c.isdigit() for c in text):
+        raise ConfigError("a phrase challenge must spell numbers out")
+    words = _WORD_RE.findall(text)
+    words = [w.strip("'") for w in words if w.strip("'")]
+    if not words:
+        raise ConfigError("a challenge must contain at least one word")
+    return words
+
+
+@lru_cache(maxsize=4)
+def _dictionary_words(path: Path) -> frozenset[str]:
+    """Every word of a pocketsphinx dictionary (alternative pronunciations folded)."""
+    if not path.is_file():
+        raise ModelMissing(f"pronunciation dictionary {path.name} not found")
+    words = set()
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            head = line.split(maxsplit=1)
+            if head:
+                words.add(head[0].split("(", 1)[0])
+    return frozenset(words)
+
+
+def _unknown_words(words: Iterable[str], config: ChallengeConfig) -> list[str]:
+    known = _dictionary_words(config.dictionary)
+    return sorted({w for w in words if w not in known})
+
+
+def load_phrases(phrases: Iterable[str], *, config: ChallengeConfig = ChallengeConfig()) -> tuple[str, ...]:
+    """Check an operator's phrase list once, when it is loaded.
+
+    Blank lines are dropped, whitespace is collapsed and duplicates removed (first kept).
+    A phrase with digits, with more than ``max_phrase_words`` words, or with a word the
+    pronunciation dictionary does not hold is a :class:`ConfigError` that names it.
+    """
+    out: list[str] = []
+    seen: set[str] = set()
+    unknown: set[str] = set()
+    for raw in phrases:
+        phrase = " ".join(raw.split())
+        if not phrase:
+            continue
+        if _is_digit_challenge(phrase):
+            raise ConfigError(f"phrase {phrase!r} is a digit string; use the digits challenge")
+        words = challenge_words(phrase)
+        if len(words) > config.max_phrase_words:
+            raise ConfigError(f"phrase {phrase!r} has more than {config.max_phrase_words} words")
+        unknown.update(_unknown_words(words, config))
+        key = " ".join(words)
+        if key not in seen:
+            seen.add(key)
+            out.append(phrase)
+    if unknown:
+        raise ConfigError("words not in the pronunciation dictionary: " + ", ".join(sorted(unknown)))
+    if not out:
+        raise ConfigError("the phrase list is empty")
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------- the checker
+
+
+def _is_filler(name: str) -> bool:
+    """Silence and noise entries of an alignment (``<sil>``, ``<s>``, ``[NOISE]``, ``+SPN+``)."""
+    return name[:1] in ("<", "[", "+")
+
+
+class _Decoder:
+    """One pocketsphinx decoder with the phone loop added; used by one thread only."""
+
+    def __init__(self, config: ChallengeConfig) -> None:
+        beam = config.beam
+        try:
+            self.ps = pocketsphinx.Decoder(
+                hmm=str(config.acoustic_model),
+                dict=str(config.dictionary),
+                lm=None,
+                samprate=SAMPLE_RATE,
+                loglevel="FATAL",
+                compallsen=True,
+                bestpath=False,
+                beam=beam,
+                wbeam=beam,
+                pbeam=beam,
+                lpbeam=beam,
+                lponlybeam=beam,
+            )
+            self.ps.add_allphone_file(_PHONE_LOOP, None)
+        except (RuntimeError, ValueError) as exc:
+            raise ModelError("the pocketsphinx model could not be loaded") from exc
+        self.log_base = math.log(float(self.ps.config["logbase"]))
+        self.silence_weight = config.silence_weight
+        self._backgrounds: dict[bytes, np.ndarray] = {}
+
+    def _decode(self, pcm: bytes) -> None:
+        self.ps.start_utt()
+        self.ps.process_raw(pcm, full_utt=True)
+        self.ps.end_utt()
+
+    def _phone_loop(self, pcm: bytes) -> np.ndarray:
+        """Per-frame scores of the best free phone sequence (each segment spread evenly).
+
+        The last few recordings' backgrounds are kept, so that scoring one recording
+        against several expected challenges decodes its phone loop once.
+        """
+        key = hashlib.blake2b(pcm, digest_size=16).digest()
+        cached = self._backgrounds.get(key)
+        if cached is not None:
+            return cached
+        self.ps.activate_search(_PHONE_LOOP)
+        self._decode(pcm)
+        n_frames = self.ps.n_frames()
+        frames = np.zeros(n_frames, dtype=np.float64)
+        for seg in self.ps.seg():
+            start, stop = seg.start_frame, seg.end_frame + 1
+            if stop <= start:
+                continue
+            # the binding returns base**score: take it back to decoder units
+            score = math.log(seg.ascore) / self.log_base if seg.ascore > 0.0 else FAILURE_SCORE * (stop - start)
+            frames[start:min(stop, n_frames)] = score / (stop - start)
+        if len(self._backgrounds) >= _BACKGROUNDS_KEPT:
+            self._backgrounds.pop(next(iter(self._backgrounds)))
+        self._backgrounds[key] = frames
+        return frames
+
+    def score(self, pcm: bytes, words: list[str]) -> float:
+        ps = self.ps
+        ps.set_align_text(" ".join(words))
+        self._decode(pcm)
+        if ps.hyp() is None:
+            return FAILURE_SCORE
+        ps.set_alignment()
+        self._decode(pcm)
+        alignment = ps.get_alignment()
+        if alignment is None:
+            return FAILURE_SCORE
+        entries = [(w.name, w.start, w.duration, w.score) for w in alignment.words()]
+        if not entries:
+            return FAILURE_SCORE
+        background = self._phone_loop(pcm)
+        word_ratios: list[float] = []
+        sil_sum, sil_frames = 0.0, 0
+        for name, start, dur, score in entries:
+            if dur <= 0:
+                continue
+            ratio_sum = score - float(background[start : start + dur].sum())
+            if _is_filler(name):
+                sil_sum += ratio_sum
+                sil_frames += dur
+            else:
+                word_ratios.append(ratio_sum / dur)
+        if not word_ratios:
+            return FAILURE_SCORE
+        silence = sil_sum / sil_frames if sil_frames else 0.0
+        return float(np.mean(word_ratios) + self.silence_weight * min(0.0, silence))
+
+
+class ChallengeChecker:
+    """Scores recordings against their expected challenge; see the module docstring.
+
+    ``threshold=None`` loads the calibrated operating point from
+    ``config.calibration_path`` (:class:`ModelMissing` if it is absent).
+    """
+
+    def __init__(self, *, config: ChallengeConfig = ChallengeConfig(), threshold: float | None = None) -> None:
+        self.config = config
+        for path in (config.acoustic_model, config.dictionary):
+            if not Path(path).exists():
+                raise ModelMissing(f"pocketsphinx model file {Path(path).name} not found")
+        if threshold is None:
+            self.calibration: ChallengeCalibration | None = load_calibration(config.calibration_path)
+            threshold = self.calibration.threshold
+        else:
+            self.calibration = None
+        if not math.isfinite(threshold):
+            raise ConfigError("the challenge threshold must be a finite number")
+        self.threshold = float(threshold)
+        self._local = threading.local()
+
+    def _decoder(self) -> _Decoder:
+        dec = getattr(self._local, "decoder", None)
+        if dec is None:
+            dec = _Decoder(self.config)
+            self._local.decoder = dec
+        return dec
+
+    def _pcm(self, audio: Any) -> bytes:
+        """Check one recording and turn it into 16-bit PCM; raises the SampleError."""
+        wav = np.asarray(audio)
+        if wav.ndim != 1 or wav.dtype.kind != "f":
+            raise UndecodableSample("expected mono float audio")
+        seconds = wav.size / SAMPLE_RATE
+        if seconds > self.config.max_seconds:
+            raise SampleTooLarge(f"recording longer than {self.config.max_seconds:g} s")
+        if seconds < self.config.min_seconds:
+            raise TooLittleSpeech(f"recording shorter than {self.config.min_seconds:g} s")
+        wav = wav.astype(np.float32, copy=False)
+        if not np.all(np.isfinite(wav)):
+            raise UndecodableSample("audio holds non-finite samples")
+        usable = wav[: wav.size - wav.size % _LEVEL_WINDOW].reshape(-1, _LEVEL_WINDOW)
+        rms = np.sqrt(np.mean(np.square(usable, dtype=np.float64), axis=1))
+        level = 20.0 * math.log10(float(np.percentile(rms, 95)) + 1e-12)
+        if level < self.config.min_level_dbfs:
+            raise NoSpeech("no speech found in the recording")
+        return (np.clip(wav, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+
+    def score_batch(self, items: Sequence[tuple[np.ndarray, str]]) -> list[float | SampleError]:
+        """One score per (float32 mono 16 kHz audio, expected challenge), in order.
+
+        A recording that cannot be used gives its :class:`SampleError` in its place. An
+        expected challenge with words outside the dictionary is a :class:`ConfigError` for
+        the whole batch (phrase lists are checked by :func:`load_phrases` when loaded).
+        """
+        expected = [challenge_words(challenge) for _, challenge in items]
+        unknown = _unknown_words((w for words in expected for w in words), self.config)
+        if unknown:
+            raise ConfigError("words not in the pronunciation dictionary: " + ", ".join(unknown))
+        out: list[float | SampleError] = []
+        for (audio, _), words in zip(items, expected):
+            try:
+                pcm = self._pcm(audio)
+            except SampleError as exc:
+                out.append(exc)
+                continue
+            dec = self._decoder()
+            try:
+                out.append(dec.score(pcm, words))
+            except RuntimeError:
+                # pocketsphinx refused this recording mid-way; its decoder state is not to
+                # be trusted any more: start this thread afresh with a new one.
+                self._local.decoder = None
+                out.append(FAILURE_SCORE)
+        return out
+
+    def accept(self, score: float) -> bool:
+        """Whether a challenge score clears the calibrated threshold (NaN never does)."""
+        return bool(score >= self.threshold)

@@ -1,0 +1,248 @@
+"""The spoken challenge: drawing challenges, their words, phrase lists, calibration, and the
+recogniser on real speech (speechocean762, Free Spoken Digit Dataset; skipped when absent).
+
+Decision recorded here: a silent recording is a :class:`NoSpeech` sample error, never a
+low score (a score says how well the words fit; silence holds no words to fit).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.challenge import (
+    DIGIT_WORDS,
+    FAILURE_SCORE,
+    ChallengeChecker,
+    ChallengeConfig,
+    challenge_words,
+    load_calibration,
+    load_phrases,
+    new_challenge,
+)
+from engine.errors import (
+    ConfigError,
+    ModelError,
+    ModelMissing,
+    NoSpeech,
+    SampleError,
+    SampleTooLarge,
+    TooLittleSpeech,
+    UndecodableSample,
+)
+
+DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+SPEECH = DATA / "speech"
+DIGITS = DATA / "digits"
+SR = 16000
+
+# A speechocean762 utterance (part of the corpus's fluent majority) and another sentence.
+UTT, SPEAKER = "000240031", "0024"
+OTHER_SENTENCE = "MOSTLY THE AMERICAN COMMUNITY IN EUROPE FOLLOWS THE GAME"
+
+
+# --------------------------------------------------------------------------- challenges
+
+
+def test_digit_challenges_are_random_and_well_formed() -> None:
+    draws = [new_challenge() for _ in range(400)]
+    assert all(len(d) == 6 and d.isascii() and d.isdigit() for d in draws)
+    assert len(set(draws)) > 390  # 1e6 possibilities: repeats are rare
+    counts = Counter("".join(draws))
+    assert set(counts) == set("0123456789")
+    assert min(counts.values()) > 150  # 2400 digits, 240 expected each
+    assert len(new_challenge(length=9)) == 9
+
+
+def test_phrase_challenges_come_from_the_list() -> None:
+    phrases = ("open the door", "the sun is warm", "we have climbed one step")
+    draws = {new_challenge(kind="phrase", phrases=phrases) for _ in range(200)}
+    assert draws == set(phrases)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(kind="phrase"), dict(kind="emoji"), dict(length=0), dict(length=33)],
+)
+def test_bad_challenge_requests_are_config_errors(kwargs: dict) -> None:
+    with pytest.raises(ConfigError):
+        new_challenge(**kwargs)
+
+
+def test_challenge_words() -> None:
+    assert challenge_words("409172") == ["four", "zero", "nine", "one", "seven", "two"]
+    assert challenge_words("4 0 9") == ["four", "zero", "nine"]
+    assert challenge_words("Don't stop, NOW!") == ["don't", "stop", "now"]
+    with pytest.raises(ConfigError):
+        challenge_words("meet me at 5")
+    with pytest.raises(ConfigError):
+        challenge_words(" ,.; ")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet="0123456789", min_size=1, max_size=32))
+def test_digit_words_round_trip(digits: str) -> None:
+    words = challenge_words(digits)
+    assert "".join(str(DIGIT_WORDS.index(w)) for w in words) == digits
+
+
+def test_phrase_list_is_checked_when_loaded() -> None:
+    loaded = load_phrases(["  open   the door ", "", "Open the door", "the sun is warm"])
+    assert loaded == ("open the door", "the sun is warm")
+    with pytest.raises(ConfigError, match="blorptastic"):
+        load_phrases(["open the door", "a blorptastic morning"])
+    with pytest.raises(ConfigError):
+        load_phrases(["", "   "])
+    with pytest.raises(ConfigError):
+        load_phrases(["123456"])
+    with pytest.raises(ConfigError):
+        load_phrases([" ".join(["word"] * 30)])
+
+
+def test_config_is_validated() -> None:
+    with pytest.raises(ConfigError):
+        ChallengeConfig(beam=0.0)
+    with pytest.raises(ConfigError):
+        ChallengeConfig(min_seconds=5.0, max_seconds=1.0)
+    with pytest.raises(ConfigError):
+        ChallengeConfig(silence_weight=-1.0)
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def _calibration(tmp_path: Path, threshold: float) -> ChallengeConfig:
+    path = tmp_path / "challenge.json"
+    path.write_text(json.dumps({"threshold": threshold, "target_wrong_phrase_acceptance": 0.001}))
+    return ChallengeConfig(calibration_path=path)
+
+
+def test_accept_uses_the_calibrated_threshold(tmp_path: Path) -> None:
+    checker = ChallengeChecker(config=_calibration(tmp_path, -12.5))
+    assert checker.threshold == -12.5
+    assert checker.accept(-12.5) and checker.accept(3.0)
+    assert not checker.accept(-12.5001)
+    assert not checker.accept(math.nan)
+    assert not checker.accept(FAILURE_SCORE)
+    assert ChallengeChecker(config=_calibration(tmp_path, -12.5), threshold=1.0).threshold == 1.0
+
+
+def test_shipped_calibration_is_the_default() -> None:
+    path = ChallengeConfig().calibration_path
+    if not path.is_file():
+        pytest.skip("models/challenge.json not written yet (netid bench challenge --write-calibration)")
+    doc = json.loads(path.read_text())
+    checker = ChallengeChecker()
+    assert checker.threshold == doc["threshold"]
+    assert doc["target_wrong_phrase_acceptance"] == 0.001
+    assert checker.accept(doc["threshold"]) and not checker.accept(doc["threshold"] - 0.01)
+
+
+def test_missing_or_broken_calibration(tmp_path: Path) -> None:
+    with pytest.raises(ModelMissing):
+        ChallengeChecker(config=ChallengeConfig(calibration_path=tmp_path / "absent.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"threshold": "high"}')
+    with pytest.raises(ModelError):
+        load_calibration(bad)
+
+
+# --------------------------------------------------------------------------- samples
+
+
+@pytest.fixture(scope="module")
+def checker() -> ChallengeChecker:
+    return ChallengeChecker(threshold=0.0)
+
+
+def test_unusable_recordings_are_sample_errors_one_for_one(checker: ChallengeChecker) -> None:
+    rng = np.random.default_rng(11)
+    items = [
+        (np.zeros(2 * SR, dtype=np.float32), "409172"),  # silence
+        ((rng.standard_normal(SR // 10) * 0.1).astype(np.float32), "409172"),  # 0.1 s
+        (np.zeros((2, SR), dtype=np.float32), "409172"),  # not mono
+        (np.full(SR, np.nan, dtype=np.float32), "409172"),
+        ((rng.standard_normal(31 * SR) * 0.1).astype(np.float32), "409172"),  # too long
+    ]
+    out = checker.score_batch(items)
+    assert len(out) == len(items)
+    assert [type(x) for x in out] == [NoSpeech, TooLittleSpeech, UndecodableSample, UndecodableSample, SampleTooLarge]
+    assert all(isinstance(x, SampleError) for x in out)
+    assert checker.score_batch([]) == []
+
+
+def test_unknown_words_at_scoring_are_config_errors(checker: ChallengeChecker) -> None:
+    with pytest.raises(ConfigError):
+        checker.score_batch([(np.zeros(SR, dtype=np.float32), "the blorptastic door")])
+
+
+# --------------------------------------------------------------------------- real speech
+
+needs_speech = pytest.mark.skipif(not (SPEECH / f"SPEAKER{SPEAKER}" / f"{UTT}.flac").is_file(), reason="speechocean762 absent")
+needs_digits = pytest.mark.skipif(not (DIGITS / "0_jackson_0.flac").is_file(), reason="FSDD absent")
+
+
+def _speech(utt: str, speaker: str) -> tuple[np.ndarray, str]:
+    from engine.audio import decode_audio
+
+    text = dict(ln.split(" ", 1) for ln in (SPEECH / "text").read_text().splitlines() if ln.strip())
+    return decode_audio((SPEECH / f"SPEAKER{speaker}" / f"{utt}.flac").read_bytes()), text[utt]
+
+
+def _digit_string(speaker: str, digits: str, seed: int) -> np.ndarray:
+    """One speaker's FSDD recordings of ``digits`` joined by short noise gaps, 8 -> 16 kHz."""
+    import soundfile
+    import soxr
+
+    rng = np.random.default_rng(seed)
+    parts = [(rng.standard_normal(2400) * 1e-3).astype(np.float32)]
+    for i, d in enumerate(digits):
+        wav, rate = soundfile.read(DIGITS / f"{d}_{speaker}_{i + 10}.flac", dtype="float32")
+        assert rate == 8000
+        parts += [wav, (rng.standard_normal(int(rng.uniform(0.1, 0.25) * 8000)) * 1e-3).astype(np.float32)]
+    return soxr.resample(np.concatenate(parts), 8000, SR, quality="HQ").astype(np.float32)
+
+
+@pytest.mark.slow
+@needs_speech
+def test_sentence_scores_higher_against_its_own_transcript(checker: ChallengeChecker) -> None:
+    wav, said = _speech(UTT, SPEAKER)
+    own, other = checker.score_batch([(wav, said), (wav, OTHER_SENTENCE)])
+    assert isinstance(own, float) and isinstance(other, float)
+    assert own > other + 10.0, (own, other)
+
+
+@pytest.mark.slow
+@needs_digits
+def test_digit_string_scores_higher_for_the_right_digits(checker: ChallengeChecker) -> None:
+    wav = _digit_string("jackson", "409172", seed=3)
+    right, wrong, silent = checker.score_batch([(wav, "409172"), (wav, "835560"), (np.zeros(SR, np.float32), "409172")])
+    assert isinstance(silent, NoSpeech)
+    assert right > wrong + 10.0, (right, wrong)
+
+
+@pytest.mark.slow
+@needs_speech
+def test_threads_each_get_their_own_decoder(checker: ChallengeChecker) -> None:
+    wav, said = _speech(UTT, SPEAKER)
+    items = [(wav, said)]
+    expected = checker.score_batch(items)
+    results: list = [None, None]
+
+    def work(i: int) -> None:
+        results[i] = checker.score_batch(items)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results == [expected, expected]
