@@ -116,13 +116,24 @@ class EngineProcess:
         deadline = time.monotonic() + self.ready_timeout
         while not found:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the engine exited with {self.proc.returncode} before it was ready (log: {self.log_path})")
+                raise RuntimeError(f"the engine exited with {self.proc.returncode} before it was ready: {self._last_log_line()} (log: {self.log_path})")
             if time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError("the engine did not become ready in time")
             time.sleep(0.05)
         self.ready = found[0]
         return self
+
+    def _last_log_line(self) -> str:
+        if self.log_path is None:
+            return ""
+        if self._log not in (None, subprocess.DEVNULL):
+            self._log.flush()  # type: ignore[union-attr]
+        try:
+            lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return ""
+        return lines[-1][-500:] if lines else ""
 
     def terminate(self) -> None:
         """Send SIGTERM: the engine drains and exits."""

@@ -34,8 +34,13 @@ def rate(ri: RateInterval) -> dict:
             "bound": ri.method}
 
 
-def _op(res: OperatingPointResult) -> dict:
-    return {"target_fmr": res.target_fmr, "threshold": res.threshold, "fmr": rate(res.fmr),
+def _op(res: OperatingPointResult, cross: bool = False) -> dict:
+    """An operating point as a figure. Over a cross product the comparisons are not
+    independent trials, so no binomial bound is given for the FMR there."""
+    fmr = rate(res.fmr)
+    if cross:
+        fmr.update(lower95=None, upper95=None, bound="none: cross product, not independent trials")
+    return {"target_fmr": res.target_fmr, "threshold": res.threshold, "fmr": fmr,
             "fnmr": rate(res.fnmr), "resolved": res.resolved, "exact_threshold": res.exact}
 
 
@@ -76,7 +81,7 @@ def _curve(ev: Evaluation, key: str, label: str, gen, imp: ImpostorDistribution,
 
 
 def _describe_fixed(gen: ExactScores, imp: ImpostorDistribution, thr: float, target: float) -> dict:
-    return _op(operating_point(gen, imp, target, threshold=thr))
+    return _op(operating_point(gen, imp, target, threshold=thr), cross=isinstance(imp, CrossFused))
 
 
 def evaluate(meas: Measurements, points: OperatingPoints, points_source: str) -> Evaluation:
@@ -213,7 +218,7 @@ def _fusion(ev: Evaluation, meas: Measurements, points: OperatingPoints, model: 
         direct_imp = ExactScores(fused[~g])
         for t in TARGETS:
             ev.add("fnmr_at_fmr", **base, threshold_from="same data (DET point), cross product",
-                   **_op(operating_point(gen, cross, t)))
+                   **_op(operating_point(gen, cross, t), cross=True))
         e, e_thr = eer(gen, direct_imp)
         ev.add("eer", **base, score="fused, direct chimeric attempts", eer=e, threshold=e_thr,
                n_genuine=gen.n, n_impostor=direct_imp.n)
@@ -230,7 +235,7 @@ def _fusion(ev: Evaluation, meas: Measurements, points: OperatingPoints, model: 
                 for name, gs, imp in (("face", face_gen, face_imp), ("voice", voice_gen, ExactScores(vi)),
                                       ("fused", gen, cross)):
                     ev.add("fusion_gain", part=part, modality=name, persons=len(ch.persons),
-                           **_op(operating_point(gs, imp, t)))
+                           **_op(operating_point(gs, imp, t), cross=name == "fused"))
             edges = np.linspace(min(fused.min(), -6) - 1, max(fused.max(), 6) + 1, 401)
             counts, _ = np.histogram(fused[~g], bins=edges)
             ev.hists["fused"] = {"genuine": fused[g], "edges": edges, "counts": counts,

@@ -269,7 +269,7 @@ def _ints(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="netid bench limit", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=None, help="data root (default ../shared/data, else samples/)")
-    p.add_argument("--quick", action="store_true", help="measure a few layouts briefly (about 30 s)")
+    p.add_argument("--quick", action="store_true", help="measure two or three layouts only")
     p.add_argument("--seconds", type=float, default=None, help="seconds per layout (default 10, quick 6)")
     p.add_argument("--batches", default="1,2,4,8", help="batch sizes searched")
     p.add_argument("--threads", default="1,2,3", help="pipelines side by side searched")

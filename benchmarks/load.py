@@ -108,6 +108,7 @@ class Generator:
         self.host, self.port = "127.0.0.1", 0
         self.engine: EngineProcess | None = None
         self.metrics_url: str | None = None
+        self.connections: Any = None  # AsyncExitStack of the long-lived connections
 
     def payload(self, kind: str, r: Resident, challenge: str, rng: random.Random) -> tuple[bytes, bytes]:
         p = r.person
@@ -326,8 +327,7 @@ async def _connect_all(gen: Generator) -> None:
 
     from engine.client import open_holder, open_relying_party
 
-    gen._stack = AsyncExitStack()  # type: ignore[attr-defined]
-    stack = gen._stack  # type: ignore[attr-defined]
+    gen.connections = stack = AsyncExitStack()
     for rp in gen.rps:
         rp.client = await stack.enter_async_context(open_relying_party(gen.host, gen.port, rp_id=rp.rp_id, signing_key=rp.sign, box_key=rp.box))
     for r in gen.residents:
@@ -348,8 +348,10 @@ def measure_limit(args: argparse.Namespace, challenge: bool) -> dict[str, Any]:
     if args.limit_layout:
         for layout in args.limit_layout:
             cmd += ["--layout", layout]
-    elif args.quick:
-        cmd.append("--quick")
+    elif args.limit_search:
+        pass  # the limit's full search (several minutes)
+    else:
+        cmd += ["--quick", "--seconds", "8" if args.quick else "12"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
         raise RuntimeError(f"benchmarks.limit failed: {out.stderr[-2000:]}")
@@ -424,7 +426,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 capacity = max(sat["throughput_rps"], 0.05)
                 for k, (name, factor) in enumerate((("50%", 0.5), ("80%", 0.8), ("200%", 2.0))):
                     rows.append(await _do_step(gen, Step(name, factor * capacity, seconds), args.seed + 1 + k))
-            await gen._stack.aclose()  # type: ignore[attr-defined]
+            await gen.connections.aclose()
             routers.cancel_scope.cancel()
         summary = _summary(rows, limit, gen, challenge, args)
     finally:
@@ -542,7 +544,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     b.set_yscale("log")
     b.set_xlabel("offered load (arrivals / s, Poisson)")
     b.set_ylabel("latency (ms)")
-    b.legend(loc="upper left", fontsize=8)
+    b.legend(loc="best", fontsize=8)
     b.grid(alpha=0.3, which="both")
     fig.suptitle(f"netid-engine under load ({os.cpu_count()} cores, challenge check {'on' if summary.get('challenge_check') else 'off'})")
     fig.tight_layout()
@@ -565,7 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-challenge-check", action="store_true", help="engine without the spoken-challenge check, limit without the recogniser")
     p.add_argument("--no-limit", action="store_true", help="do not measure the limit")
     p.add_argument("--limit-rps", type=float, default=None, help="use this limit instead of measuring it")
-    p.add_argument("--limit-layout", action="append", default=[], metavar="B,T,I", help="limit layouts to measure (default: the quick search)")
+    p.add_argument("--limit-layout", action="append", default=[], metavar="B,T,I[,P]", help="limit layouts to measure (default: the limit's quick search)")
+    p.add_argument("--limit-search", action="store_true", help="run the limit's full layout search (adds minutes; see benchmarks/TUNING.md)")
     p.add_argument("--serve-arg", action="append", default=[], help="extra argument for netid serve (repeat)")
     p.add_argument("--engine-set", action="append", default=[], metavar="FIELD=VALUE", help="engine configuration override, e.g. limits.max_biometric=12")
     p.add_argument("--connect", default=None, metavar="HOST:PORT", help="use a running engine instead of starting one")
@@ -594,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _human(s: dict[str, Any]) -> None:
     print(
-        f"LOAD throughput {s['throughput_rps']:.2f}/s at saturation (offered {s['offered_rps']:.2f}/s); "
+        f"LOAD throughput {s['throughput_rps']:.2f}/s {'at saturation' if 'checks' in s else 'at the best step'} (offered {s['offered_rps']:.2f}/s); "
         f"limit {s['limit_rps'] if s['limit_rps'] is None else format(s['limit_rps'], '.2f')}/s; ratio {s['ratio']}; "
         f"p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms at {s['latency_at']}; overloaded {s['overloaded']}; "
         f"unanswered {s['unanswered']}; errors {s['errors']}; generator CPU at most {100 * (s['generator_cpu_share_max'] or 0):.1f} % of the machine"

@@ -68,6 +68,8 @@ def _sci(x: float | None) -> str:
 
 
 def _rate_cell(r: dict) -> str:
+    if r.get("upper95") is None:  # cross product: a rate, not a binomial sample
+        return f"{_sci(r['rate'])} ({r['errors']:,}/{r['n']:.3g} combinations)"
     bound = "≤" if r["bound"] == "rule-of-three" else ""
     lo = "0" if r["lower95"] == 0 else _sci(r["lower95"])
     return f"{_sci(r['rate'])} [{lo}, {bound}{_sci(r['upper95'])}] ({r['errors']:,}/{r['n']:,})"
@@ -235,6 +237,11 @@ def write_report(path: Path, meas: Measurements, ev: Evaluation, points: Operati
         add("")
     rows = ev.find("fnmr_at_fmr", modality="fused")
     L.extend(_op_table(rows, lambda r: f"part {r['part']}, {r['persons']} persons"))
+    add("")
+    add("Fused FMR is measured over the cross product of the part's face and voice impostor "
+        "comparisons. Those combinations are not independent trials, so no binomial bound is given: "
+        "the voice side rests on the few thousand comparisons of a few dozen speakers shown above, "
+        "and that, not the number of combinations, limits how well the fused tail is known.")
     add("")
     add("![DET fused](det_fused.png) ![histogram fused](hist_fused.png)")
     add("")

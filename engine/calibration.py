@@ -183,6 +183,9 @@ class OperatingPoints(msgspec.Struct, frozen=True, kw_only=True):
     models: dict[str, str] = {}
     datasets: dict[str, str] = {}
     command: str = ""
+    #: How an enrolled credential's voice templates are scored: "centroid" (the cosine to
+    #: their normalised mean) or "max" (the best cosine over them).
+    voice_template: str = "max"
 
     def __post_init__(self) -> None:
         if self.format != FORMAT_VERSION:
@@ -195,6 +198,8 @@ class OperatingPoints(msgspec.Struct, frozen=True, kw_only=True):
         for name in ("face", "voice"):
             if _find(getattr(self, name).points, self.floor_fmr(name)) is None:
                 raise ValueError(f"{name} calibration lacks its floor point")
+        if self.voice_template not in ("max", "centroid"):
+            raise ValueError("voice_template must be 'max' or 'centroid'")
         if self.voice.score == "as-norm" and self.cohort is None:
             raise ValueError("as-norm voice scores need a cohort")
 
@@ -389,6 +394,7 @@ class ScoreModel:
     ) -> None:
         self.points = points
         self.target_fmr = points.target_fmr if target_fmr is None else float(target_fmr)
+        self.voice_template = points.voice_template
         self._cohort: VoiceCohort | None = None
         if points.voice.score == "as-norm":
             if cohort is None and models_dir is not None and points.cohort is not None:

@@ -359,11 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the whole story on sample data: enroll, verify, summary")
     d.add_argument("--data", type=Path, default=None, help="data root with lfw/, speech/, digits/ (default: bundled samples)")
-    d.add_argument("--residents", type=int, default=6)
-    d.add_argument("--rounds", type=int, default=4, help="genuine verifications per resident")
+    d.add_argument("--residents", type=int, default=12, help="residents per phase (FSDD has 6 speakers)")
+    d.add_argument("--rounds", type=int, default=3, help="genuine verifications per resident")
     d.add_argument("--workdir", type=Path, default=None)
     d.add_argument("--seed", type=int, default=7)
-    d.add_argument("--voices", choices=["digits", "speech"], default="digits", help="digits: FSDD speakers, challenge checked; speech: speechocean762")
+    d.add_argument("--voices", choices=["both", "speech", "digits"], default="both",
+                   help="speech: speechocean762 speakers (speaker check); digits: FSDD speakers saying the challenge; both (default)")
     d.add_argument("--concurrency", type=int, default=8, help="verifications in flight")
     d.set_defaults(func=cmd_demo)
 
@@ -382,7 +383,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Commands whose own parsers take every argument after the command name.
+DELEGATED = {"calibrate": "benchmarks.calibrate", "top": "engine.top"}
+
+
+def _split_delegated(argv: list[str]) -> tuple[list[str], str, list[str]] | None:
+    """``[global options] calibrate|top|bench KIND rest...`` -> (global options, module, rest)."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 2 if argv[i] == "--log-level" else 1
+    if i >= len(argv):
+        return None
+    if argv[i] in DELEGATED:
+        return argv[:i], DELEGATED[argv[i]], argv[i + 1:]
+    if argv[i] == "bench" and i + 1 < len(argv) and argv[i + 1] in ("accuracy", "load", "limit", "challenge"):
+        return argv[:i], f"benchmarks.{argv[i + 1]}", argv[i + 2:]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    delegated = _split_delegated(argv)
+    if delegated is not None:
+        head, module, rest = delegated
+        opts = argparse.ArgumentParser(add_help=False)
+        opts.add_argument("--log-level", default="info")
+        opts.add_argument("--log-json", action="store_true")
+        g = opts.parse_args(head)
+        setup_logging(g.log_level, g.log_json)
+        import importlib
+
+        return importlib.import_module(module).main(rest)
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_json)
     try:

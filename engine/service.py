@@ -240,9 +240,15 @@ class Engine:
         return cred
 
     def _match(self, cred: Credential, face: np.ndarray, voice: np.ndarray) -> tuple[float, float, Any]:
+        """Face: best cosine over the enrolled faces. Voice: as calibrated (centroid or best), AS-normalised."""
         f = float(self.face_index.compare(cred.credential_id, face[None, :])[0])
         enrolled = self.voice_index.vectors_of(cred.credential_id)
-        v_raw = float(self.voice_index.compare(cred.credential_id, voice[None, :])[0])
+        if self.scores.voice_template == "centroid":
+            centroid = enrolled.mean(axis=0)
+            enrolled = (centroid / np.linalg.norm(centroid))[None, :]
+            v_raw = float(enrolled[0] @ voice)
+        else:
+            v_raw = float(self.voice_index.compare(cred.credential_id, voice[None, :])[0])
         v = float(self.scores.normalise_voice(voice, enrolled, v_raw))
         return f, v, self.scores.decide(f, v)
 
@@ -382,9 +388,10 @@ class Engine:
         return P.encode(P.Signed(payload=body, sig=self.keys.sign(body)))
 
     async def _deliver(self, session: Session, signed_result: bytes) -> None:
-        rp = await self._db(self.store.get_relying_party, session.rp_id)
-        if rp is None:
-            return
+        try:
+            rp = await self._relying_party(session.rp_id)
+        except (UnknownRelyingParty, RelyingPartyDisabled):
+            return  # removed or disabled since the session opened: it gets nothing
         sealed = seal(rp.box_key, signed_result)
         self.sessions.finish(session.session_id, sealed, self.clock() + self.config.limits.result_retention)
         self.hub.publish(rp.rp_id, P.ResultMsg(session_id=session.session_id, sealed=sealed))

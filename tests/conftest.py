@@ -22,6 +22,8 @@ class _Decision(NamedTuple):
 class FixedScores:
     """Score model for the fake extractor: cosine 0.5 per modality, no fusion."""
 
+    voice_template = "max"
+
     def threshold(self, modality: str, target_fmr: float | None = None) -> float:
         return 0.5
 

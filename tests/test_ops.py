@@ -284,3 +284,40 @@ async def test_sigterm_drains_a_real_engine(tmp_path):
     assert "connection_lost" not in answers
     assert all(a in ("pass", "fail") for a in answers), answers
     assert code == 0
+
+
+# ---- the load generator's bookkeeping ---------------------------------------------------------------
+def test_load_summary_counts_every_answer():
+    from types import SimpleNamespace
+
+    from benchmarks.load import Outcome, Step, summarise
+
+    t0 = 100.0
+    outcomes = [Outcome("genuine", t0 + 0.5 * i, sent=t0 + 0.5 * i + 0.01, done=t0 + 0.5 * i + 0.2, status="pass", stage="verify", session_id=f"s{i}") for i in range(40)]
+    outcomes += [Outcome("impostor_face", t0 + 5.0, sent=t0 + 5.01, done=t0 + 5.04, status="overloaded", stage="verify")]
+    outcomes += [Outcome("genuine", t0 + 6.0, sent=t0 + 6.0, done=t0 + 16.0, status="deadline_exceeded", stage="verify")]
+    outcomes += [Outcome("genuine", t0 + 7.0)]  # never answered
+    gen = SimpleNamespace(pushed={f"s{i}": "pass" for i in range(39)})
+    row = summarise(Step("x", 2.0, 20.0), t0, outcomes, None, None, {"generator_cpu_share": 0.01}, gen)
+    assert row["arrivals"] == 43 and row["answered_results"] == 40
+    assert row["errors"] == {"overloaded": 1, "deadline_exceeded": 1, "unanswered": 1}
+    assert row["unanswered"] == 1
+    assert row["overloaded"] == 1 and row["overloaded_p99_ms"] == pytest.approx(30.0)
+    assert row["p50_ms"] == pytest.approx(200.0)
+    assert row["results_not_pushed"] == 1
+    # completions inside [t0 + 2 s, t0 + 20 s]: arrivals 4..39 (done at 0.5 i + 0.2)
+    assert row["throughput_rps"] == pytest.approx(36 / 18.0, rel=1e-3)
+    assert row["outcomes"]["genuine"] == {"pass": 40, "error": 2}
+
+
+def test_engine_config_overrides():
+    from benchmarks._engine import apply_overrides
+
+    cfg = EngineConfig(data_dir=Path("/tmp/x"))
+    new = apply_overrides(cfg, ["face_batch.workers=2", "limits.max_biometric=12", "intra_op_threads=1", "face_batch.max_wait=0.01"])
+    assert new.face_batch.workers == 2 and new.face_batch.max_wait == 0.01
+    assert new.limits.max_biometric == 12 and new.voice_batch == cfg.voice_batch
+    with pytest.raises(SystemExit):
+        apply_overrides(cfg, ["face_batch.nope=1"])
+    with pytest.raises(E.ConfigError):
+        apply_overrides(cfg, ["face_batch.workers=0"])  # the config still validates itself
