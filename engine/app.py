@@ -59,16 +59,23 @@ def build_engine(
 
     faiss.omp_set_num_threads(config.intra_op_threads)  # process-wide; FAISS must not fight the models for cores
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    return Engine(
+    engine = Engine(
         config,
         store=store or open_store(config.store_location),
         keys=EngineKeys.load_or_create(config.data_dir),
         cipher=TemplateCipher.load_or_create(config.template_key_file),
         extractors=extractors
-        or onnx_extractors(config.models_dir, intra_op_threads=config.intra_op_threads, check_challenge=config.challenge.check),
+        or onnx_extractors(
+            config.models_dir,
+            intra_op_threads=config.intra_op_threads,
+            check_challenge=config.challenge.check,
+            challenge_processes=config.challenge_batch.workers,
+        ),
         scores=scores if scores is not None else default_scores(config),
         metrics=metrics or Metrics(),
     )
+    engine.owns_extractors = extractors is None
+    return engine
 
 
 async def run_engine(engine: Engine, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -117,7 +117,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.info("stopped")
 
     trio.run(main)
-    engine.store.close()
+    engine.close()
     return 0
 
 

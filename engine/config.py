@@ -29,7 +29,11 @@ class LimitsConfig:
     max_open_sessions: int = 100_000
     #: Biometric requests (verify, enroll, rebind, report) admitted at once, engine-wide;
     #: one more is answered ``overloaded`` at once instead of queueing.
-    max_biometric: int = 96
+    max_biometric: int = 32
+    #: Refuse new biometric requests while the model queues' backlog is estimated to take
+    #: longer than this (seconds), once at least ``min_admitted`` are in progress.
+    admission_wait: float = 0.5
+    min_admitted: int = 4
     request_deadline: float = 10.0  # seconds for any one request, set at the boundary
 
     def __post_init__(self) -> None:
@@ -75,9 +79,10 @@ class EngineConfig:
     metrics_port: int | None = None  # None: no metrics endpoint
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     challenge: ChallengeSettings = field(default_factory=ChallengeSettings)
-    face_batch: BatcherConfig = field(default_factory=lambda: BatcherConfig(max_batch=8, max_wait=0.004, queue_size=128, workers=1))
-    voice_batch: BatcherConfig = field(default_factory=lambda: BatcherConfig(max_batch=16, max_wait=0.004, queue_size=128, workers=1))
-    challenge_batch: BatcherConfig = field(default_factory=lambda: BatcherConfig(max_batch=4, max_wait=0.002, queue_size=128, workers=1))
+    # Defaults measured on 2 cores (benchmarks/TUNING.md); raise workers on bigger machines.
+    face_batch: BatcherConfig = field(default_factory=lambda: BatcherConfig(max_batch=4, max_wait=0.004, queue_size=64, workers=2))
+    voice_batch: BatcherConfig = field(default_factory=lambda: BatcherConfig(max_batch=16, max_wait=0.004, queue_size=64, workers=1))
+    challenge_batch: BatcherConfig = field(default_factory=lambda: BatcherConfig(max_batch=2, max_wait=0.002, queue_size=64, workers=2))
     intra_op_threads: int = 1
     store_threads: int = 4
     duplicate_search: bool = True

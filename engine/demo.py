@@ -248,7 +248,7 @@ async def _phase(args: argparse.Namespace, work: Path, phase: Phase, rng: random
                 n.cancel_scope.cancel()
             elapsed = time.perf_counter() - t_verify
         running.drain()
-    engine.store.close()
+    engine.close()
     return outcomes, elapsed
 
 

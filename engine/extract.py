@@ -43,9 +43,52 @@ class Extractors:
     #: score -> accepted?
     challenge_accept: Callable[[float], bool]
     warmup: Callable[[], None] = lambda: None
+    close: Callable[[], None] = lambda: None
 
 
-def onnx_extractors(models_dir: Path, *, intra_op_threads: int = 1, check_challenge: bool = True) -> Extractors:
+# ---- the recogniser in worker processes ------------------------------------------------------------
+# pocketsphinx holds the interpreter lock for a whole decoding pass (hundreds of ms), which
+# would stall the event loop; each worker process keeps its own ChallengeChecker instead.
+_checker = None
+
+
+def _init_challenge_worker() -> None:
+    global _checker
+    from .challenge import ChallengeChecker
+
+    _checker = ChallengeChecker()
+
+
+def _score_in_worker(items: list) -> list:
+    return _checker.score_batch(items)
+
+
+class ChallengePool:
+    """``score_batch`` run in a pool of worker processes (called from a batcher thread)."""
+
+    def __init__(self, processes: int) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.processes = processes
+        self._pool = ProcessPoolExecutor(
+            max_workers=processes, mp_context=multiprocessing.get_context("spawn"), initializer=_init_challenge_worker
+        )
+
+    def score_batch(self, items: list) -> list:
+        return self._pool.submit(_score_in_worker, items).result()
+
+    def warmup(self) -> None:
+        silence = np.zeros(16000, dtype=np.float32)
+        futures = [self._pool.submit(_score_in_worker, [(silence, "123456")]) for _ in range(self.processes)]
+        for f in futures:
+            f.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def onnx_extractors(models_dir: Path, *, intra_op_threads: int = 1, check_challenge: bool = True, challenge_processes: int = 2) -> Extractors:
     """The real models, loaded and digest-checked from ``models_dir``."""
     from .audio import decode_audio
     from .face import FaceExtractor
@@ -53,12 +96,15 @@ def onnx_extractors(models_dir: Path, *, intra_op_threads: int = 1, check_challe
 
     face = FaceExtractor(models_dir, intra_op_threads=intra_op_threads)
     voice = VoiceExtractor(models_dir, intra_op_threads=intra_op_threads)
+    close: Callable[[], None] = lambda: None
     if check_challenge:
         from .challenge import ChallengeChecker
 
-        checker = ChallengeChecker()
-        challenge_batch = checker.score_batch
+        checker = ChallengeChecker()  # the calibrated threshold; decoding happens in the pool
+        pool = ChallengePool(challenge_processes)
+        challenge_batch = pool.score_batch
         challenge_accept = checker.accept
+        close = pool.close
     else:
         challenge_batch = lambda items: [1.0] * len(items)  # noqa: E731 - check disabled by config
         challenge_accept = lambda score: True  # noqa: E731
@@ -66,6 +112,8 @@ def onnx_extractors(models_dir: Path, *, intra_op_threads: int = 1, check_challe
     def warmup() -> None:
         face.warmup()
         voice.warmup()
+        if check_challenge:
+            pool.warmup()
 
     return Extractors(
         face_dim=face.dim,
@@ -76,6 +124,7 @@ def onnx_extractors(models_dir: Path, *, intra_op_threads: int = 1, check_challe
         challenge_batch=challenge_batch,
         challenge_accept=challenge_accept,
         warmup=warmup,
+        close=close,
     )
 
 

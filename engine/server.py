@@ -23,7 +23,7 @@ import trio
 
 from . import protocol as P
 from .config import EngineConfig
-from .errors import DeadlineExceeded, EngineError, TooManyInFlight
+from .errors import DeadlineExceeded, EngineError, Overloaded, TooManyInFlight
 from .framing import FrameReader, encode_frame
 from .service import Conn, Engine
 
@@ -49,6 +49,7 @@ class _Connection:
         self.conn = Conn(nonce=secrets.token_bytes(32), outbox=self.send)
         self.in_flight = 0
         self.metrics = engine.metrics
+        self._frames = FrameReader(stream, max_frame=lim.max_frame)
 
     async def run(self) -> None:
         self.metrics.connections.inc()
@@ -73,6 +74,8 @@ class _Connection:
                             await self._reader(requests)
                         finally:
                             self.server._readers.discard(reading)
+                    if reading.cancelled_caught:
+                        await self._refuse_unread()
                 # every request answered: let the writer flush and stop
                 await self.send.send(_CLOSE)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -101,8 +104,21 @@ class _Connection:
             if isinstance(msg, P.Error) and msg.code in ("frame_too_large", "malformed_frame"):
                 return
 
+    async def _refuse_unread(self) -> None:
+        """Draining: requests the client sent before it noticed get ``overloaded``, not silence."""
+        with trio.move_on_after(0.2):
+            while True:
+                try:
+                    body = await self._frames.read()
+                except (EngineError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    return
+                if body is None:
+                    return
+                err = Overloaded("the engine is shutting down", retry_after_ms=1000)
+                await self.send.send(_error(P.peek_id(body), err))
+
     async def _reader(self, requests: trio.Nursery) -> None:
-        reader = FrameReader(self.stream, max_frame=self.limits.max_frame)
+        reader = self._frames
         while True:
             try:
                 body = await reader.read()

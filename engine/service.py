@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -133,6 +134,7 @@ class Engine:
         self.voice_batcher = Batcher("voice", extractors.voice_batch, config.voice_batch, metrics=self.metrics)
         self.challenge_batcher = Batcher("challenge", extractors.challenge_batch, config.challenge_batch, metrics=self.metrics)
         self._biometric = 0  # biometric requests admitted and not yet answered
+        self.owns_extractors = False
         self.ready = False
 
     # ---- life cycle ------------------------------------------------------------------------------
@@ -542,6 +544,12 @@ class Engine:
     async def handle_ping(self, conn: Conn, req: P.Ping) -> P.Pong:
         return P.Pong(id=req.id)
 
+    def close(self) -> None:
+        """Release the store and, if the engine made them, the models' worker processes."""
+        self.store.close()
+        if self.owns_extractors:
+            self.x.close()
+
     def disconnect(self, conn: Conn) -> None:
         if conn.rp is not None:
             self.hub.unsubscribe(conn.rp.rp_id, conn.outbox)
@@ -561,13 +569,25 @@ class Engine:
 
     BIOMETRIC = (P.Verify, P.Enroll, P.Rebind, P.ReportLost)
 
+    def queue_wait(self) -> float:
+        """Estimated seconds a new job would wait in the slowest model queue (backlog x batch time)."""
+        worst = 0.0
+        for b in (self.face_batcher, self.voice_batcher, self.challenge_batcher):
+            depth, per_batch = b.depth(), b.batch_time()
+            if depth and per_batch:
+                cfg = b.config
+                worst = max(worst, math.ceil(depth / cfg.max_batch) * per_batch / cfg.workers)
+        return worst
+
     async def dispatch(self, conn: Conn, req: P.Request) -> msgspec.Struct:
         handler = getattr(self, self.HANDLERS[type(req)])
         if not isinstance(req, self.BIOMETRIC):
             return await handler(conn, req)
-        # Admission control: beyond capacity, answer at once rather than queue.
-        if self._biometric >= self.config.limits.max_biometric:
-            raise Overloaded(retry_after_ms=max(self.face_batcher.retry_after_ms(), self.voice_batcher.retry_after_ms()))
+        # Admission control: beyond capacity, answer at once rather than queue past deadlines.
+        lim = self.config.limits
+        wait = self.queue_wait()
+        if self._biometric >= lim.max_biometric or (self._biometric >= lim.min_admitted and wait > lim.admission_wait):
+            raise Overloaded(retry_after_ms=max(100, int(wait * 1000)))
         self._biometric += 1
         try:
             return await handler(conn, req)
