@@ -35,8 +35,10 @@ in pocketsphinx score units per frame (log base 1.0001 shifted by 10 bits: one u
 about 0.1 nat). Higher means more likely that the recording says the expected words;
 a recording of other words scores far below the calibrated threshold because its words
 fit the audio much worse than free phones do, and the speech it pushes into "silence"
-fits that worse still. The threshold is read from ``models/challenge.json``, written by
-``netid bench challenge --write-calibration`` for a target wrong-phrase acceptance.
+fits that worse still. The thresholds are read from ``models/challenge.json``, written by
+``netid bench challenge --write-calibration`` for a target wrong-phrase acceptance: one per
+challenge kind (digit strings and phrases score on different scales), and the stricter of
+the two for a caller that does not say which kind it checks.
 
 Silence and noise are not "a low score": a recording whose loudest part stays below
 ``min_level_dbfs`` is :class:`NoSpeech`, one shorter than ``min_seconds`` is
@@ -47,8 +49,8 @@ Threads and cost
 pocketsphinx ``Decoder`` objects are not thread-safe, so each thread gets its own
 (:class:`threading.local`). The decoder holds the GIL while it decodes: threads calling
 :meth:`ChallengeChecker.score_batch` run one after the other, and parallel scoring needs
-processes. Measured cost: see ``netid bench challenge`` (about 0.2 s of CPU per second of
-audio, dominated by scoring every senone in each of the three passes).
+processes. Measured cost (``netid bench challenge``): about 0.18 s of CPU per second of
+audio, dominated by scoring every senone in each of the three passes.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ from .errors import (
 from .models import DEFAULT_MODELS_DIR
 
 __all__ = [
+    "KINDS",
     "DIGIT_WORDS",
     "FAILURE_SCORE",
     "CALIBRATION_FILE",
@@ -89,10 +92,12 @@ __all__ = [
     "ChallengeChecker",
     "new_challenge",
     "challenge_words",
+    "challenge_kind",
     "load_phrases",
     "load_calibration",
 ]
 
+KINDS = ("digits", "phrase")
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 #: The score of a recording the expected words cannot be aligned to; below any real score.
 FAILURE_SCORE = -1000.0
@@ -156,10 +161,16 @@ class ChallengeConfig:
 
 @dataclass(frozen=True, slots=True)
 class ChallengeCalibration:
-    """The operating point in ``models/challenge.json`` (and what it was measured on)."""
+    """The operating points in ``models/challenge.json`` (and what they were measured on).
+
+    ``threshold`` holds for any challenge (the highest of the per-kind ones);
+    ``thresholds`` maps a challenge kind (``"digits"``, ``"phrase"``) to the threshold
+    calibrated on that kind's own data, for the same target.
+    """
 
     threshold: float
     target_wrong_phrase_acceptance: float
+    thresholds: dict[str, float]
     info: dict[str, Any]
 
 
@@ -172,11 +183,14 @@ def load_calibration(path: Path) -> ChallengeCalibration:
         doc = json.loads(path.read_text())
         threshold = float(doc["threshold"])
         target = float(doc["target_wrong_phrase_acceptance"])
-    except (ValueError, KeyError, TypeError) as exc:
+        per_kind = {str(k): float(v) for k, v in dict(doc.get("thresholds", {})).items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ModelError(f"challenge calibration {path.name} is malformed") from exc
-    if not math.isfinite(threshold):
-        raise ModelError(f"challenge calibration {path.name} has no finite threshold")
-    return ChallengeCalibration(threshold=threshold, target_wrong_phrase_acceptance=target, info=doc)
+    if not all(math.isfinite(t) for t in (threshold, *per_kind.values())):
+        raise ModelError(f"challenge calibration {path.name} has a threshold that is not a number")
+    if any(k not in KINDS for k in per_kind):
+        raise ModelError(f"challenge calibration {path.name} names an unknown challenge kind")
+    return ChallengeCalibration(threshold=threshold, target_wrong_phrase_acceptance=target, thresholds=per_kind, info=doc)
 
 
 # --------------------------------------------------------------------------- challenges
@@ -198,6 +212,11 @@ def new_challenge(*, kind: str = "digits", length: int = 6, phrases: Sequence[st
 def _is_digit_challenge(challenge: str) -> bool:
     compact = "".join(challenge.split())
     return bool(compact) and compact.isascii() and compact.isdigit()
+
+
+def challenge_kind(challenge: str) -> str:
+    """``"digits"`` for a digit string (spaces allowed), else ``"phrase"``."""
+    return "digits" if _is_digit_challenge(challenge) else "phrase"
 
 
 def challenge_words(challenge: str) -> list[str]:
@@ -367,8 +386,10 @@ class _Decoder:
 class ChallengeChecker:
     """Scores recordings against their expected challenge; see the module docstring.
 
-    ``threshold=None`` loads the calibrated operating point from
-    ``config.calibration_path`` (:class:`ModelMissing` if it is absent).
+    ``threshold=None`` loads the calibrated operating points from
+    ``config.calibration_path`` (:class:`ModelMissing` if it is absent): one threshold
+    for any challenge, and where calibrated, one per challenge kind. An explicit
+    ``threshold`` is used for every kind.
     """
 
     def __init__(self, *, config: ChallengeConfig = ChallengeConfig(), threshold: float | None = None) -> None:
@@ -376,14 +397,18 @@ class ChallengeChecker:
         for path in (config.acoustic_model, config.dictionary):
             if not Path(path).exists():
                 raise ModelMissing(f"pocketsphinx model file {Path(path).name} not found")
+        per_kind: dict[str, float] = {}
         if threshold is None:
             self.calibration: ChallengeCalibration | None = load_calibration(config.calibration_path)
             threshold = self.calibration.threshold
+            per_kind = dict(self.calibration.thresholds)
         else:
             self.calibration = None
         if not math.isfinite(threshold):
             raise ConfigError("the challenge threshold must be a finite number")
         self.threshold = float(threshold)
+        #: threshold per challenge kind; a kind without its own calibration uses ``threshold``
+        self.thresholds = {kind: per_kind.get(kind, self.threshold) for kind in KINDS}
         self._local = threading.local()
 
     def _decoder(self) -> _Decoder:
@@ -441,6 +466,15 @@ class ChallengeChecker:
                 out.append(FAILURE_SCORE)
         return out
 
-    def accept(self, score: float) -> bool:
-        """Whether a challenge score clears the calibrated threshold (NaN never does)."""
-        return bool(score >= self.threshold)
+    def threshold_for(self, challenge: str) -> float:
+        """The threshold calibrated for this challenge's kind (digits or phrase)."""
+        return self.thresholds[challenge_kind(challenge)]
+
+    def accept(self, score: float, challenge: str | None = None) -> bool:
+        """Whether a challenge score clears the calibrated threshold (NaN never does).
+
+        With the expected ``challenge``, its kind's own threshold is used; without it, the
+        threshold that holds for every kind (the stricter one).
+        """
+        threshold = self.threshold if challenge is None else self.threshold_for(challenge)
+        return bool(score >= threshold)

@@ -119,9 +119,12 @@ def test_config_is_validated() -> None:
 # --------------------------------------------------------------------------- calibration
 
 
-def _calibration(tmp_path: Path, threshold: float) -> ChallengeConfig:
+def _calibration(tmp_path: Path, threshold: float, **per_kind: float) -> ChallengeConfig:
     path = tmp_path / "challenge.json"
-    path.write_text(json.dumps({"threshold": threshold, "target_wrong_phrase_acceptance": 0.001}))
+    doc = {"threshold": threshold, "target_wrong_phrase_acceptance": 0.001}
+    if per_kind:
+        doc["thresholds"] = per_kind
+    path.write_text(json.dumps(doc))
     return ChallengeConfig(calibration_path=path)
 
 
@@ -135,6 +138,17 @@ def test_accept_uses_the_calibrated_threshold(tmp_path: Path) -> None:
     assert ChallengeChecker(config=_calibration(tmp_path, -12.5), threshold=1.0).threshold == 1.0
 
 
+def test_each_challenge_kind_has_its_own_threshold(tmp_path: Path) -> None:
+    checker = ChallengeChecker(config=_calibration(tmp_path, -20.0, digits=-20.0, phrase=-30.0))
+    assert checker.threshold_for("409172") == -20.0
+    assert checker.threshold_for("open the door") == -30.0
+    assert checker.accept(-25.0, "open the door")
+    assert not checker.accept(-25.0, "409172")
+    assert not checker.accept(-25.0)  # without the kind: the stricter threshold
+    only_one = ChallengeChecker(config=_calibration(tmp_path, -20.0, digits=-22.0))
+    assert only_one.thresholds == {"digits": -22.0, "phrase": -20.0}
+
+
 def test_shipped_calibration_is_the_default() -> None:
     path = ChallengeConfig().calibration_path
     if not path.is_file():
@@ -144,15 +158,19 @@ def test_shipped_calibration_is_the_default() -> None:
     assert checker.threshold == doc["threshold"]
     assert doc["target_wrong_phrase_acceptance"] == 0.001
     assert checker.accept(doc["threshold"]) and not checker.accept(doc["threshold"] - 0.01)
+    for kind, thr in doc.get("thresholds", {}).items():
+        assert checker.thresholds[kind] == thr <= doc["threshold"]
 
 
 def test_missing_or_broken_calibration(tmp_path: Path) -> None:
     with pytest.raises(ModelMissing):
         ChallengeChecker(config=ChallengeConfig(calibration_path=tmp_path / "absent.json"))
     bad = tmp_path / "bad.json"
-    bad.write_text('{"threshold": "high"}')
-    with pytest.raises(ModelError):
-        load_calibration(bad)
+    for text in ('{"threshold": "high"}', '{"threshold": 1, "target_wrong_phrase_acceptance": 0.001, "thresholds": {"emoji": 1}}',
+                 '{"threshold": 1, "target_wrong_phrase_acceptance": 0.001, "thresholds": {"digits": NaN}}', "not json"):
+        bad.write_text(text)
+        with pytest.raises(ModelError):
+            load_calibration(bad)
 
 
 # --------------------------------------------------------------------------- samples

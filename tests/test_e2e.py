@@ -120,8 +120,6 @@ async def test_genuine_passes_impostors_fail(env, seed):
         assert (ok.outcome, ok.reason) == ("pass", "match")
         other_face = await attempt(running, rp, cred, key, face=img(PEOPLE["bob"][0], 1), speaker=spk, rng=rng)
         assert (other_face.outcome, other_face.reason) == ("fail", "biometric_mismatch")
-        other_voice = await attempt(running, rp, cred, key, face=img(face, 5), speaker=PEOPLE["carol"][1], rng=rng)
-        assert (other_voice.outcome, other_voice.reason) == ("fail", "biometric_mismatch")
         wrong_words = await attempt(running, rp, cred, key, face=img(face, 6), speaker=spk, say=lambda c: c[::-1] if c != c[::-1] else "0" * 6, rng=rng)
         assert (wrong_words.outcome, wrong_words.reason) == ("fail", "challenge_mismatch")
 
@@ -237,3 +235,60 @@ async def test_compare_cli_gives_the_engines_scores(env, extractors, tmp_path, c
         probe = extractors.face_batch([b.read_bytes()])[0]
         engine_score = float(engine.face_index.compare(got.credential_id, probe[None, :])[0])
         assert abs(engine_score - row["score"]) < 1e-5, (a, b, engine_score, row)
+
+
+SPEECH = SAMPLES / "speech"
+SPEECH_FACES = ("Al_Gore", "Gerhard_Schroeder", "Laura_Bush", "Howard_Dean")
+
+
+@pytest.fixture
+async def speech_env(tmp_path, nursery, extractors, scores):
+    """Voices from speechocean762 (the channel the voice operating point was calibrated on).
+
+    Its speakers read fixed sentences and cannot say the session's digits, so this engine
+    runs with the spoken-challenge check off: it tests the speaker check alone.
+    """
+    from engine.config import ChallengeSettings
+
+    cfg = EngineConfig(data_dir=tmp_path / "data", port=0, challenge=ChallengeSettings(check=False))
+    engine = build_engine(cfg, extractors=extractors, scores=scores)
+    reg = tmp_path / "cards.jsonl"
+    reg.write_text("".join(
+        json.dumps({"card_number": f"C-{face.replace('_', '-')}", "name": face, "photo": str(LFW / face / f"{face}_0001.jpg"), "status": "valid"}) + "\n"
+        for face in SPEECH_FACES
+    ))
+    assert import_registry(reg, store=engine.store, cipher=engine.cipher, embed_faces=extractors.face_batch, now=time.time()).imported == 4
+    rp = make_rp(engine.store, "hotel")
+    running = await nursery.start(run_engine, engine)
+    yield running, rp
+    running.drain()
+
+
+async def test_another_persons_voice_fails(speech_env):
+    """Four residents, each verified with their own voice and with another resident's.
+
+    Every impostor voice must fail. The genuine rate reflects the speaker model's measured
+    false non-match rate at the operating point (about 9 %, see the accuracy report), so
+    three of the four genuine attempts must pass on this fixed sample.
+    """
+    running, rp_keys = speech_env
+    speakers = sorted(p.name for p in SPEECH.iterdir())[:4]
+    utts = {s: sorted((SPEECH / s).glob("*.flac")) for s in speakers}
+    keys = {face: nacl.signing.SigningKey.generate() for face in SPEECH_FACES}
+    creds = {}
+    with trio.fail_after(180):
+        for face, spk in zip(SPEECH_FACES, speakers):
+            async with open_holder("127.0.0.1", running.port, device_key=keys[face]) as phone:
+                got = await phone.enroll(f"C-{face.replace('_', '-')}", [img(face, 2), img(face, 3)], [p.read_bytes() for p in utts[spk][:2]])
+                creds[face] = got.credential_id
+        genuine, impostor = [], []
+        async with open_relying_party("127.0.0.1", running.port, rp_id="hotel", signing_key=rp_keys.signing, box_key=rp_keys.box) as rp:
+            for n, (face, spk) in enumerate(zip(SPEECH_FACES, speakers)):
+                other = speakers[(n + 1) % len(speakers)]
+                for voice_of, into in ((spk, genuine), (other, impostor)):
+                    async with open_holder("127.0.0.1", running.port, device_key=keys[face]) as phone:
+                        qr = phone.scan((await rp.open_session()).qr)
+                        r = await phone.verify(creds[face], qr, face=img(face, 4), voice=utts[voice_of][2].read_bytes())
+                        into.append((r.outcome, r.reason))
+    assert impostor == [("fail", "biometric_mismatch")] * 4
+    assert sum(o == "pass" for o, _ in genuine) >= 3, genuine
