@@ -40,8 +40,8 @@ class Extractors:
     voice_batch: Callable[[list[Pcm]], list]
     #: list[(Pcm, expected challenge)] -> list[score | SampleError]
     challenge_batch: Callable[[list[tuple[Pcm, str]]], list]
-    #: score -> accepted?
-    challenge_accept: Callable[[float], bool]
+    #: (score, challenge) -> accepted? (the threshold may depend on the kind of challenge)
+    challenge_accept: Callable[[float, str], bool]
     warmup: Callable[[], None] = lambda: None
     close: Callable[[], None] = lambda: None
 
@@ -107,7 +107,7 @@ def onnx_extractors(models_dir: Path, *, intra_op_threads: int = 1, check_challe
         close = pool.close
     else:
         challenge_batch = lambda items: [1.0] * len(items)  # noqa: E731 - check disabled by config
-        challenge_accept = lambda score: True  # noqa: E731
+        challenge_accept = lambda score, challenge: True  # noqa: E731
 
     def warmup() -> None:
         face.warmup()
@@ -172,5 +172,5 @@ def fake_extractors() -> Extractors:
         decode_audio=decode,
         voice_batch=lambda items: [_fake_embed("VOICE", b, 256, NoSpeech) for b in items],
         challenge_batch=challenge,
-        challenge_accept=lambda score: score > 0.0,
+        challenge_accept=lambda score, challenge: score > 0.0,
     )

@@ -362,7 +362,7 @@ class Engine:
                 raise
             if not decision.passed:
                 outcome, reason, detail = "fail", "biometric_mismatch", decision.reason
-            elif challenge_score is not None and not self.x.challenge_accept(challenge_score):
+            elif challenge_score is not None and not self.x.challenge_accept(challenge_score, session.challenge):
                 outcome, reason, detail = "fail", "challenge_mismatch", "challenge_mismatch"
             else:
                 outcome, reason, detail = "pass", "match", "match"
