@@ -342,11 +342,7 @@ class Engine:
                 (face, (voice, challenge_score)) = await self._gather(
                     lambda: self._face(req.face), lambda: self._voice_and_challenge(req.voice, req.audio_format, challenge)
                 )
-                try:
-                    f, v, decision = self._match(cred, face, voice)
-                except UnknownCredential:  # templates gone while the models ran: say why
-                    _raise_unless_active(await self._db(self.store.get_credential, cred.credential_id))
-                    raise
+                f, v, decision = await self._match_current(cred, face, voice)
                 # The card may have been reported lost while the models ran: check again.
                 latest = await self._db(self.store.get_credential, cred.credential_id)
                 _raise_unless_active(latest)
@@ -455,10 +451,21 @@ class Engine:
         return P.Enrolled(id=req.id, credential_id=cred.credential_id, version=cred.version, level=cred.level)
 
     # ---- holder: new phone, lost card, status -----------------------------------------------------------
-    async def _fresh_check(self, cred: Credential, face: bytes, voice: bytes, fmt: str) -> None:
-        (f, (v, _pcm)) = await self._gather(lambda: self._face(face), lambda: self._voice(voice, fmt))
-        *_scores, decision = self._match(cred, f, v)
+    async def _match_current(self, cred: Credential, face: np.ndarray, voice: np.ndarray) -> tuple[float, float, Any]:
+        """Score against the credential's templates; if they went while the models ran
+        (card lost, re-applied), raise why rather than ``unknown_credential``."""
+        try:
+            return self._match(cred, face, voice)
+        except UnknownCredential:
+            _raise_unless_active(await self._db(self.store.get_credential, cred.credential_id))
+            raise
+
+    async def _fresh_check(self, cred: Credential, req: P.Rebind | P.ReportLost, action: str) -> None:
+        """The fresh face + voice check that a rebind or a lost-card report needs."""
+        (f, (v, _pcm)) = await self._gather(lambda: self._face(req.face), lambda: self._voice(req.voice, req.audio_format))
+        *_scores, decision = await self._match_current(cred, f, v)
         if not decision.passed:
+            await self._audit(actor="holder", action=action, subject=cred.credential_id, outcome="refused", detail={"reason": "verification_failed"})
             raise VerificationFailed()
 
     async def handle_rebind(self, conn: Conn, req: P.Rebind) -> P.Rebound:
@@ -466,18 +473,9 @@ class Engine:
         verify_signature(req.new_device_key, tbs, req.sig)
         device_box_key(req.new_device_key)
         cred = await self._db(self.store.get_credential, req.credential_id)
-        if cred is None:
-            raise UnknownCredential()
         _raise_unless_active(cred)
         expected = cred.device_key
-        try:
-            await self._fresh_check(cred, req.face, req.voice, req.audio_format)
-        except VerificationFailed:
-            await self._audit(actor="holder", action="rebind", subject=cred.credential_id, outcome="refused", detail={"reason": "verification_failed"})
-            raise
-        except UnknownCredential:  # its templates went while the models ran (card lost, re-applied): say why
-            _raise_unless_active(await self._db(self.store.get_credential, cred.credential_id))
-            raise
+        await self._fresh_check(cred, req, "rebind")
         new = await self._db(
             self.store.rebind_device, cred.credential_id, expected_device_key=expected, new_device_key=req.new_device_key, actor="holder", now=self.clock()
         )
@@ -487,14 +485,7 @@ class Engine:
         tbs = P.report_lost_message(req.credential_id, sha256(req.face), sha256(req.voice))
         verify_signature(req.device_key, tbs, req.sig)
         cred = await self._active_credential(req.credential_id, req.device_key)
-        try:
-            await self._fresh_check(cred, req.face, req.voice, req.audio_format)
-        except VerificationFailed:
-            await self._audit(actor="holder", action="report_lost", subject=cred.credential_id, outcome="refused", detail={"reason": "verification_failed"})
-            raise
-        except UnknownCredential:  # its templates went while the models ran (card lost, re-applied): say why
-            _raise_unless_active(await self._db(self.store.get_credential, cred.credential_id))
-            raise
+        await self._fresh_check(cred, req, "report_lost")
         suspended = await self.report_lost(cred.card_number, actor="holder")
         return P.ReportedLost(id=req.id, suspended=len(suspended))
 
