@@ -43,3 +43,11 @@ models: $(BIN)/.installed-dev
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# Benchmarks (read ../shared/data; see README "Measured, and how to reproduce it").
+bench-accuracy: $(BIN)/.installed
+	$(BIN)/netid bench accuracy
+bench-load: $(BIN)/.installed
+	$(BIN)/netid bench load
+bench-challenge: $(BIN)/.installed
+	$(BIN)/netid bench challenge
