@@ -14,7 +14,6 @@ Every ``*_batch`` call returns one entry per input, in order: a result, or the
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
