@@ -35,6 +35,7 @@ class LimitsConfig:
     admission_wait: float = 0.5
     min_admitted: int = 4
     request_deadline: float = 10.0  # seconds for any one request, set at the boundary
+    first_frame_timeout: float = 30.0  # a connection must send its first request within this
 
     def __post_init__(self) -> None:
         if self.max_frame < 1024:

@@ -119,9 +119,17 @@ class _Connection:
 
     async def _reader(self, requests: trio.Nursery) -> None:
         reader = self._frames
+        first = True
         while True:
             try:
-                body = await reader.read()
+                if first:  # a peer that connects and never speaks does not hold a slot for long
+                    with trio.move_on_after(self.limits.first_frame_timeout):
+                        body = await reader.read()
+                        first = False
+                    if first:
+                        return
+                else:
+                    body = await reader.read()
             except EngineError as exc:  # broken framing: reply and close
                 self.metrics.requests.labels(type="frame", outcome=exc.code).inc()
                 await self.send.send(_error(None, exc))

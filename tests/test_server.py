@@ -270,3 +270,20 @@ async def test_tls_when_configured(tmp_path, nursery):
             pass
     assert not got_hello
     running.drain()
+
+
+async def test_silent_connection_is_closed(tmp_path, nursery, autojump_clock):
+    """A peer that connects and never sends a frame is dropped after first_frame_timeout."""
+    cfg = EngineConfig(data_dir=tmp_path / "data", port=0, limits=LimitsConfig(first_frame_timeout=5.0))
+    engine = build_engine(cfg, extractors=fake_extractors(), scores=FixedScores())
+    from engine.server import Server
+
+    server = Server(engine)
+    client, served = trio.testing.memory_stream_pair()
+    nursery.start_soon(server._run_connection, served)
+    hello = await client.receive_some()
+    assert hello  # the engine speaks first
+    with trio.fail_after(60):
+        while await client.receive_some():
+            pass  # EOF once the engine gives up on the silent peer
+    assert trio.current_time() >= 5.0
