@@ -87,6 +87,7 @@ class Connection:
         self._send_lock = trio.Lock()
         self._push_send, self.pushes = trio.open_memory_channel(push_buffer)
         self.closed_error: BaseException | None = None
+        self._closed = False
 
     @property
     def engine_key(self) -> bytes:
@@ -112,6 +113,7 @@ class Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, EngineError, msgspec.DecodeError) as exc:
             self.closed_error = self.closed_error or exc
         finally:
+            self._closed = True
             for ch in self._waiting.values():
                 ch.close()
             self._waiting.clear()
@@ -123,6 +125,8 @@ class Connection:
 
     async def request(self, msg_type: type, **fields: Any) -> Any:
         """Send one request and wait for its reply; raise the typed error on an error reply."""
+        if self._closed:
+            raise trio.BrokenResourceError(f"connection closed: {self.closed_error!r}")
         rid = next(self._ids)
         send, recv = trio.open_memory_channel(1)
         self._waiting[rid] = send
@@ -153,12 +157,16 @@ async def open_connection(host: str, port: int, *, ssl_context: ssl.SSLContext |
     else:
         stream = await trio.open_tcp_stream(host, port)
     reader = FrameReader(stream, max_frame=P.MAX_FRAME_BYTES)
-    body = await reader.read()
-    if body is None:
-        raise trio.BrokenResourceError("engine closed the connection before hello")
-    hello = P.decode_server_message(body)
-    if not isinstance(hello, P.Hello):
-        raise InvalidMessage("expected hello")
+    try:
+        body = await reader.read()
+        if body is None:
+            raise trio.BrokenResourceError("engine closed the connection before hello")
+        hello = P.decode_server_message(body)
+        if not isinstance(hello, P.Hello):
+            raise InvalidMessage("expected hello")
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
     conn = Connection(stream, hello, reader)
     try:
         async with trio.open_nursery() as nursery:

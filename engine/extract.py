@@ -14,6 +14,8 @@ Every ``*_batch`` call returns one entry per input, in order: a result, or the
 from __future__ import annotations
 
 import hashlib
+import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +25,8 @@ import numpy as np
 from .errors import NoFace, NoSpeech, SampleError, UndecodableSample
 
 __all__ = ["Extractors", "onnx_extractors", "fake_extractors"]
+
+log = logging.getLogger("engine.extract")
 
 Pcm = Any  # float32 16 kHz mono audio (np.ndarray); opaque bytes for the fake
 
@@ -70,12 +74,24 @@ class ChallengePool:
         from concurrent.futures import ProcessPoolExecutor
 
         self.processes = processes
-        self._pool = ProcessPoolExecutor(
+        self._lock = threading.Lock()
+        self._new = lambda: ProcessPoolExecutor(
             max_workers=processes, mp_context=multiprocessing.get_context("spawn"), initializer=_init_challenge_worker
         )
+        self._pool = self._new()
 
     def score_batch(self, items: list) -> list:
-        return self._pool.submit(_score_in_worker, items).result()
+        from concurrent.futures.process import BrokenProcessPool
+
+        pool = self._pool
+        try:
+            return pool.submit(_score_in_worker, items).result()
+        except BrokenProcessPool:  # a worker died (killed, out of memory): start a fresh pool, once
+            log.error("challenge worker pool broke; restarting it")
+            with self._lock:
+                if self._pool is pool:
+                    self._pool = self._new()
+            return self._pool.submit(_score_in_worker, items).result()
 
     def warmup(self) -> None:
         silence = np.zeros(16000, dtype=np.float32)

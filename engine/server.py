@@ -78,8 +78,8 @@ class _Connection:
                         await self._refuse_unread()
                 # every request answered: let the writer flush and stop
                 await self.send.send(_CLOSE)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the peer went away: an ordinary end of a connection, not an error
         finally:
             self.engine.disconnect(self.conn)
             self.metrics.connections.dec()

@@ -134,6 +134,7 @@ class Engine:
         self.voice_batcher = Batcher("voice", extractors.voice_batch, config.voice_batch, metrics=self.metrics)
         self.challenge_batcher = Batcher("challenge", extractors.challenge_batch, config.challenge_batch, metrics=self.metrics)
         self._biometric = 0  # biometric requests admitted and not yet answered
+        self._enroll_lock = trio.Lock()
         self.owns_extractors = False
         self.ready = False
 
@@ -346,13 +347,16 @@ class Engine:
                 # The card may have been reported lost while the models ran: check again.
                 latest = await self._db(self.store.get_credential, cred.credential_id)
                 _raise_unless_active(latest)
+                if not hmac.compare_digest(latest.device_key, req.device_key):
+                    raise CredentialDeleted()  # rebound to a new phone while the models ran
             except (Overloaded, DeadlineExceeded):
                 raise  # the engine's fault, not the holder's: the session stays usable
             except EngineError as exc:
                 result = self._result(session, cred, "fail", _reason_for(exc))
                 await self._deliver(session, result)
                 delivered = True
-                await self._audit(actor=session.rp_id, action="verify", subject=req.credential_id, outcome="fail", detail={"reason": exc.code})
+                with trio.CancelScope(shield=True):
+                    await self._audit(actor=session.rp_id, action="verify", subject=req.credential_id, outcome="fail", detail={"reason": exc.code})
                 if isinstance(exc, LevelTooLow):
                     return P.Verified(id=req.id, session_id=session.session_id, sealed=seal(device_box, result))
                 raise
@@ -368,7 +372,8 @@ class Engine:
         finally:
             if not delivered:
                 session.used = False  # aborted before any result: the holder may retry
-        await self._audit(actor=session.rp_id, action="verify", subject=cred.credential_id, outcome=outcome, detail={"reason": detail})
+        with trio.CancelScope(shield=True):  # the result is out: the holder must get its copy
+            await self._audit(actor=session.rp_id, action="verify", subject=cred.credential_id, outcome=outcome, detail={"reason": detail})
         log.debug("verify %s: face=%.3f voice=%.3f %s", session.session_id, f, v, detail)
         return P.Verified(id=req.id, session_id=session.session_id, sealed=seal(device_box, result))
 
@@ -417,6 +422,10 @@ class Engine:
         faces = np.stack(out[: len(req.faces)])
         voices = np.stack([v for v, _pcm in out[len(req.faces):]])
 
+        async with self._enroll_lock:  # search, issue and index as one step: no two can both miss each other
+            return await self._enroll_checked(req, card, faces, voices, card_vec)
+
+    async def _enroll_checked(self, req: P.Enroll, card: Any, faces: np.ndarray, voices: np.ndarray, card_vec: np.ndarray) -> P.Enrolled:
         card_thr = self.scores.threshold("face", CARD_PHOTO_FMR)
         if float((faces @ card_vec).min()) < card_thr:
             await self._audit(actor="holder", action="enroll", subject=card.card_number, outcome="refused", detail={"reason": "card_photo_mismatch"})

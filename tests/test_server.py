@@ -287,3 +287,28 @@ async def test_silent_connection_is_closed(tmp_path, nursery, autojump_clock):
         while await client.receive_some():
             pass  # EOF once the engine gives up on the silent peer
     assert trio.current_time() >= 5.0
+
+
+async def test_concurrent_enrollments_of_one_face_under_two_cards(env):
+    """Two cards carrying the same person's photo, enrolled at the same moment: one is refused."""
+    running, *_ = env
+    engine = running.engine
+    vec = _identity_vector("FACE", "alice", 128)
+    engine.store.import_cards(
+        [CardRecord(card_number="C9", name="Alias", photo_path="a.jpg", status="valid", photo_template=seal_card_template(engine.cipher, vec, "C9"))],
+        actor="test",
+    )
+    outcomes = []
+
+    async def one(card: str) -> None:
+        try:
+            await enroll(running.port, card, "alice")
+            outcomes.append("enrolled")
+        except E.DuplicateIdentity:
+            outcomes.append("duplicate_identity")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(one, "C1")
+            n.start_soon(one, "C9")
+    assert sorted(outcomes) == ["duplicate_identity", "enrolled"]
