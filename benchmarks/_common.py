@@ -4,9 +4,9 @@
 * :func:`load_people` makes *chimeric* residents: an LFW face identity paired with a Free
   Spoken Digit Dataset speaker (no public set holds the same people's faces and voices).
   The first image is the ID-card photo, images 2-3 enroll, the rest are live captures.
-* :class:`DigitVoices` splices one speaker's real digit recordings into the digit string
-  asked for, as WAV bytes. The digits are kept as raw 16-bit PCM, so building a recording
-  is a few byte joins: cheap enough for a load generator that shares the cores it measures.
+* :func:`digit_voices` gives the engine's FSDD splicer (:class:`engine.demo.DigitVoices`)
+  with every clip read up front, so that building a recording during a timed run costs
+  no I/O.
 * :func:`pct` / :func:`latency_summary`, :func:`emit` (one JSON line), :class:`CpuClock`.
 """
 
@@ -16,7 +16,6 @@ import json
 import os
 import random
 import resource
-import struct
 import sys
 import time
 from collections.abc import Sequence
@@ -26,13 +25,15 @@ from typing import Any
 
 import numpy as np
 
+from engine.demo import DIGIT_SPEAKERS, DigitVoices, data_layout
+
 __all__ = [
     "REPO",
     "DIGIT_SPEAKERS",
     "data_root",
     "Person",
     "load_people",
-    "DigitVoices",
+    "digit_voices",
     "Verification",
     "make_verifications",
     "usable_faces",
@@ -46,8 +47,6 @@ __all__ = [
 ]
 
 REPO = Path(__file__).resolve().parent.parent
-DIGIT_SPEAKERS = ("george", "jackson", "lucas", "nicolas", "theo", "yweweler")
-_DIGIT_RATE = 8000
 
 
 def data_root(given: Path | None = None) -> Path:
@@ -56,13 +55,6 @@ def data_root(given: Path | None = None) -> Path:
         return given
     shared = REPO.parent / "shared" / "data"
     return shared if (shared / "lfw").is_dir() else REPO / "samples"
-
-
-def _layout(root: Path) -> tuple[Path, Path]:
-    """(LFW person folders, FSDD digit files) for the full data or the bundled samples."""
-    if (root / "lfw" / "images").is_dir():
-        return root / "lfw" / "images", root / "digits"
-    return root / "lfw", root / "digits"
 
 
 @dataclass
@@ -84,7 +76,7 @@ def load_people(root: Path, n: int, *, seed: int = 5, card_prefix: str = "LOAD")
     dealt round-robin from the six FSDD speakers (so with more than six residents several
     share a speaker; an impostor voice is always another speaker's).
     """
-    lfw, _digits = _layout(root)
+    lfw = data_layout(root)["lfw"]
     people = sorted(p.name for p in lfw.iterdir() if p.is_dir() and len(list(p.glob("*.jpg"))) >= 6)
     rng = random.Random(seed)
     rng.shuffle(people)
@@ -133,49 +125,11 @@ def screen_people(people: list[Person], strangers: list[bytes]) -> tuple[list[Pe
     return kept, [f for f in strangers if next(ok)]
 
 
-def _wav(pcm16: bytes, rate: int) -> bytes:
-    """A canonical 44-byte-header PCM WAV (mono, 16-bit)."""
-    return (
-        b"RIFF" + struct.pack("<I", 36 + len(pcm16)) + b"WAVEfmt "
-        + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
-        + b"data" + struct.pack("<I", len(pcm16)) + pcm16
-    )
-
-
-class DigitVoices:
-    """Real FSDD recordings of each speaker's digits, spliced into any digit string.
-
-    ``takes`` selects which takes of each digit may be used (enrollment and live
-    recordings use disjoint takes). Everything is loaded up front.
-    """
-
-    def __init__(self, root: Path, speakers: Sequence[str], takes: range) -> None:
-        import soundfile as sf
-
-        _lfw, digits = _layout(root)
-        self._pcm: dict[tuple[str, str], list[bytes]] = {}
-        for spk in speakers:
-            for d in "0123456789":
-                clips = []
-                for t in takes:
-                    path = digits / f"{d}_{spk}_{t}.flac"
-                    if path.exists():
-                        pcm, rate = sf.read(path, dtype="int16")
-                        if rate != _DIGIT_RATE:
-                            raise SystemExit(f"{path}: expected {_DIGIT_RATE} Hz")
-                        clips.append(pcm.tobytes())
-                if not clips:
-                    raise SystemExit(f"no recordings of digit {d} by {spk} in {digits}")
-                self._pcm[(spk, d)] = clips
-        self._gap = bytes(2 * int(0.12 * _DIGIT_RATE))
-        self._edge = bytes(2 * int(0.3 * _DIGIT_RATE))
-
-    def say(self, speaker: str, digits: str, rng: random.Random) -> bytes:
-        parts = [self._edge]
-        for d in digits:
-            parts += [self._gap, rng.choice(self._pcm[(speaker, d)])]
-        parts.append(self._edge)
-        return _wav(b"".join(parts), _DIGIT_RATE)
+def digit_voices(root: Path, speakers: Sequence[str], takes: range) -> DigitVoices:
+    """The engine's FSDD splicer over ``root``'s digits, every clip read before timing starts."""
+    voices = DigitVoices(data_layout(root)["digits"], takes)
+    voices.preload(list(speakers))
+    return voices
 
 
 @dataclass(frozen=True)
@@ -191,7 +145,7 @@ def make_verifications(root: Path, n: int, *, seed: int = 11, length: int = 6) -
     """``n`` genuine verification payloads from distinct people (for the limit benchmark)."""
     people, _ = load_people(root, min(n, 60), seed=seed)
     people, _ = screen_people(people, [])
-    voices = DigitVoices(root, sorted({p.speaker for p in people}), range(2, 50))
+    voices = digit_voices(root, sorted({p.speaker for p in people}), range(2, 50))
     rng = random.Random(seed)
     out = []
     for i in range(n):

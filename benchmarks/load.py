@@ -48,7 +48,7 @@ import nacl.public
 import nacl.signing
 import trio
 
-from ._common import DIGIT_SPEAKERS, CpuClock, DigitVoices, Person, data_root, emit, latency_summary, load_people, pct, screen_people, stderr
+from ._common import DIGIT_SPEAKERS, CpuClock, Person, digit_voices, data_root, emit, latency_summary, load_people, pct, screen_people, stderr
 from ._engine import EngineProcess, netid
 
 __all__ = ["Step", "run", "main"]
@@ -98,8 +98,8 @@ class Generator:
         self.residents = [Resident(p) for p in people]
         self.strangers = strangers
         speakers = list(DIGIT_SPEAKERS)  # impostor voices may come from any of them
-        self.enroll_voices = DigitVoices(root, speakers, range(0, 2))
-        self.live_voices = DigitVoices(root, speakers, range(2, 20))
+        self.enroll_voices = digit_voices(root, speakers, range(0, 2))
+        self.live_voices = digit_voices(root, speakers, range(2, 20))
         self.speakers = speakers
         mix = _mix(args.mix)
         self.kinds, self.weights = list(mix), list(mix.values())

@@ -15,6 +15,7 @@ from typing import Any
 
 import trio
 
+from .calibration import ScoreModel
 from .config import EngineConfig
 from .crypto import EngineKeys, TemplateCipher
 from .extract import Extractors, onnx_extractors
@@ -25,7 +26,7 @@ from .store import Store, open_store
 
 log = logging.getLogger("engine.app")
 
-__all__ = ["Running", "build_engine", "run_engine", "default_scores"]
+__all__ = ["Running", "build_engine", "run_engine"]
 
 
 @dataclass
@@ -38,13 +39,6 @@ class Running:
     def drain(self) -> None:
         """Stop accepting; ``run_engine`` returns once the requests in flight are answered."""
         self.server.drain()
-
-
-def default_scores(config: EngineConfig) -> Any:
-    """The calibrated score model shipped next to the model manifests."""
-    from .calibration import ScoreModel
-
-    return ScoreModel.load(config.models_dir)
 
 
 def build_engine(
@@ -71,7 +65,7 @@ def build_engine(
             check_challenge=config.challenge.check,
             challenge_processes=config.challenge_batch.workers,
         ),
-        scores=scores if scores is not None else default_scores(config),
+        scores=scores if scores is not None else ScoreModel.load(config.models_dir),
         metrics=metrics or Metrics(),
     )
     engine.owns_extractors = extractors is None

@@ -266,14 +266,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
-def _delegate(module: str):
-    def run(args: argparse.Namespace) -> int:
-        import importlib
-
-        return importlib.import_module(module).main(args.rest)
-
-    return run
-
 
 # ---- parser ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
@@ -369,23 +361,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--concurrency", type=int, default=8, help="verifications in flight")
     d.set_defaults(func=cmd_demo)
 
+    # These hand every argument to their own parsers (see main); listed here for --help.
     b = sub.add_parser("bench", help="benchmarks: accuracy, load, limit, challenge")
-    b.add_argument("kind", choices=["accuracy", "load", "limit", "challenge"])
-    b.add_argument("rest", nargs=argparse.REMAINDER)
-    b.set_defaults(func=lambda args: _delegate(f"benchmarks.{args.kind}")(args))
-
-    cal = sub.add_parser("calibrate", help="derive operating points from measured score distributions")
-    cal.add_argument("rest", nargs=argparse.REMAINDER)
-    cal.set_defaults(func=_delegate("benchmarks.calibrate"))
-
-    top = sub.add_parser("top", help="live view of a running engine's metrics")
-    top.add_argument("rest", nargs=argparse.REMAINDER)
-    top.set_defaults(func=_delegate("engine.top"))
+    b.add_argument("kind", choices=BENCHMARKS)
+    sub.add_parser("calibrate", help="derive operating points from measured score distributions")
+    sub.add_parser("top", help="live view of a running engine's metrics")
     return p
 
 
 #: Commands whose own parsers take every argument after the command name.
 DELEGATED = {"calibrate": "benchmarks.calibrate", "top": "engine.top"}
+BENCHMARKS = ("accuracy", "load", "limit", "challenge")
 
 
 def _split_delegated(argv: list[str]) -> tuple[list[str], str, list[str]] | None:
@@ -397,7 +383,7 @@ def _split_delegated(argv: list[str]) -> tuple[list[str], str, list[str]] | None
         return None
     if argv[i] in DELEGATED:
         return argv[:i], DELEGATED[argv[i]], argv[i + 1:]
-    if argv[i] == "bench" and i + 1 < len(argv) and argv[i + 1] in ("accuracy", "load", "limit", "challenge"):
+    if argv[i] == "bench" and i + 1 < len(argv) and argv[i + 1] in BENCHMARKS:
         return argv[:i], f"benchmarks.{argv[i + 1]}", argv[i + 2:]
     return None
 

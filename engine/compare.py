@@ -30,8 +30,7 @@ def embed_files(paths: list[Path], embed_batch, *, batch: int = 32) -> dict[Path
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from .app import default_scores
-    from .config import EngineConfig
+    from .calibration import ScoreModel
     from .models import DEFAULT_MODELS_DIR
 
     models = args.models or DEFAULT_MODELS_DIR
@@ -55,7 +54,7 @@ def run_compare(args: argparse.Namespace) -> int:
         print(f"no such file: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""), file=sys.stderr)
         return 2
 
-    scores = default_scores(EngineConfig(data_dir=Path("."), models_dir=models))
+    scores = ScoreModel.load(models)
     if args.modality == "face":
         from .face import FaceExtractor
 

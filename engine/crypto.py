@@ -41,7 +41,6 @@ __all__ = [
 _SIGNING_FILE = "engine_signing.key"
 _BOX_FILE = "engine_box.key"
 _PSEUDONYM_FILE = "pseudonym.secret"
-_TEMPLATE_FILE = "template.key"
 
 
 def _write_secret(path: Path, data: bytes) -> None:
@@ -184,5 +183,3 @@ class TemplateCipher:
         except nacl.exceptions.CryptoError:
             raise ConfigError("a template does not decrypt: wrong template key or tampered row") from None
 
-
-TEMPLATE_KEY_FILE = _TEMPLATE_FILE

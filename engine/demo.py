@@ -40,7 +40,7 @@ import trio
 from .errors import DeadlineExceeded, EngineError, Overloaded
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
-DIGIT_SPEAKERS = ["george", "jackson", "lucas", "nicolas", "theo", "yweweler"]
+DIGIT_SPEAKERS = ("george", "jackson", "lucas", "nicolas", "theo", "yweweler")
 
 __all__ = ["run_demo"]
 
@@ -57,31 +57,52 @@ class Resident:
 
 
 class DigitVoices:
-    """Real recordings of one speaker's digits, spliced into the string asked for."""
+    """Real recordings of a speaker's digits (FSDD), spliced into the string asked for.
+
+    ``takes`` selects which takes of each digit may be used (enrollment and live
+    recordings use disjoint takes); takes missing from ``root`` are skipped. Clips are
+    read on first use, or all at once with :meth:`preload` (before a timed run).
+    """
 
     def __init__(self, root: Path, takes: range) -> None:
         self.root = root
         self.takes = takes
-        self._cache: dict[Path, tuple[np.ndarray, int]] = {}
+        self.rate = 8000
+        self._clips: dict[tuple[str, str], list[np.ndarray]] = {}
 
-    def _load(self, path: Path) -> tuple[np.ndarray, int]:
-        if path not in self._cache:
-            self._cache[path] = sf.read(path, dtype="float32")
-        return self._cache[path]
+    def _load(self, speaker: str, digit: str) -> list[np.ndarray]:
+        clips = self._clips.get((speaker, digit))
+        if clips is None:
+            clips = []
+            for take in self.takes:
+                path = self.root / f"{digit}_{speaker}_{take}.flac"
+                if path.exists():
+                    pcm, self.rate = sf.read(path, dtype="float32")
+                    clips.append(pcm)
+            if not clips:
+                raise FileNotFoundError(f"no recordings of digit {digit} by {speaker} in {self.root}")
+            self._clips[(speaker, digit)] = clips
+        return clips
+
+    def preload(self, speakers: list[str]) -> None:
+        for speaker in speakers:
+            for digit in "0123456789":
+                self._load(speaker, digit)
 
     def say(self, speaker: str, digits: str, rng: random.Random) -> bytes:
-        parts, rate = [], 8000
+        parts = []
         for d in digits:
-            take = rng.choice(list(self.takes))
-            pcm, rate = self._load(self.root / f"{d}_{speaker}_{take}.flac")
-            parts += [np.zeros(int(0.12 * rate), np.float32), pcm]
-        pcm = np.concatenate([np.zeros(int(0.3 * rate), np.float32), *parts, np.zeros(int(0.3 * rate), np.float32)])
+            pcm = rng.choice(self._load(speaker, d))
+            parts += [np.zeros(int(0.12 * self.rate), np.float32), pcm]
+        edge = np.zeros(int(0.3 * self.rate), np.float32)
         buf = io.BytesIO()
-        sf.write(buf, pcm, rate, format="WAV", subtype="PCM_16")
+        sf.write(buf, np.concatenate([edge, *parts, edge]), self.rate, format="WAV", subtype="PCM_16")
         return buf.getvalue()
 
 
-def _layout(root: Path) -> dict[str, Path]:
+def data_layout(root: Path) -> dict[str, Path]:
+    """Where lfw person folders, FSDD digits and speechocean762 speakers are: in the bundled
+    samples, or in the full data sets (``../shared/data``)."""
     if (root / "identities.json").exists():  # the bundled samples
         return {"lfw": root / "lfw", "digits": root / "digits", "speech": root / "speech", "identities": root / "identities.json"}
     return {"lfw": root / "lfw" / "images", "digits": root / "digits", "speech": root / "speech", "identities": Path()}
@@ -137,7 +158,7 @@ async def _phase(args: argparse.Namespace, work: Path, phase: Phase, rng: random
     from .registry import import_registry
     from .store import RelyingParty
 
-    paths = _layout(args.data or SAMPLES)
+    paths = data_layout(args.data or SAMPLES)
     residents, strangers = _residents(paths, phase.voices, args.residents, rng)
     print(f"\n== {phase.title}: {len(residents)} residents")
     config = EngineConfig(data_dir=work / "data", port=0, challenge=ChallengeSettings(kind="digits", check=phase.check))

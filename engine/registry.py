@@ -9,7 +9,6 @@ path and stored encrypted; a record whose photo has no usable face is refused
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +103,3 @@ def import_registry(
             report.imported += store.import_cards(records, actor=actor)
     return report
 
-
-def dump_lines(records: list[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)

@@ -67,7 +67,7 @@ log = logging.getLogger("engine.service")
 __all__ = ["Engine", "Conn", "REASONS"]
 
 #: Coarse reason classes a relying party may see.
-REASONS = ("match", "biometric_mismatch", "challenge_mismatch", "sample_quality", "credential_inactive", "level_too_low")
+REASONS = ("match", "biometric_mismatch", "challenge_mismatch", "sample_quality", "credential_inactive", "level_too_low", "error")
 
 #: Target false-match rates for the checks that are not the main decision.
 CARD_PHOTO_FMR = 1e-4  # a card photo is older and of lower quality than a live capture
@@ -185,12 +185,9 @@ class Engine:
     async def _face(self, image: bytes) -> np.ndarray:
         return await self.face_batcher.submit(image)
 
-    async def _voice(self, audio: bytes, fmt: str) -> tuple[np.ndarray, Any]:
-        pcm = await trio.to_thread.run_sync(self.x.decode_audio, audio, fmt, limiter=self._decode_limiter)
-        return await self.voice_batcher.submit(pcm), pcm
-
-    async def _voice_and_challenge(self, audio: bytes, fmt: str, challenge: str | None) -> tuple[np.ndarray, float | None]:
-        """One recording, two checks: the speaker embedding and what was said, side by side."""
+    async def _voice(self, audio: bytes, fmt: str, challenge: str | None = None) -> tuple[np.ndarray, float | None]:
+        """The speaker embedding and, if a challenge is given, the score of what was said:
+        one recording, two checks, side by side."""
         pcm = await trio.to_thread.run_sync(self.x.decode_audio, audio, fmt, limiter=self._decode_limiter)
         if challenge is None:
             return await self.voice_batcher.submit(pcm), None
@@ -231,7 +228,9 @@ class Engine:
             raise RelyingPartyDisabled()
         return rp
 
-    async def _active_credential(self, credential_id: str, device_key: bytes) -> Credential:
+    async def _bound_credential(self, credential_id: str, device_key: bytes) -> Credential:
+        """The credential, if ``device_key`` is the one bound to it (a key replaced by a rebind
+        gets ``credential_deleted``), whatever its status."""
         cred = await self._db(self.store.get_credential, credential_id)
         if cred is None:
             raise UnknownCredential()
@@ -239,6 +238,10 @@ class Engine:
             if await self._db(self.store.retired_device, device_key) == credential_id:
                 raise CredentialDeleted()
             raise WrongDeviceKey()
+        return cred
+
+    async def _active_credential(self, credential_id: str, device_key: bytes) -> Credential:
+        cred = await self._bound_credential(credential_id, device_key)
         _raise_unless_active(cred)
         return cred
 
@@ -324,12 +327,11 @@ class Engine:
 
     # ---- holder: verification (the hot path) --------------------------------------------------------
     async def handle_verify(self, conn: Conn, req: P.Verify) -> P.Verified:
-        now = self.clock()
-        self.sessions.check(req.session_id, req.nonce, now)
+        opened = self.sessions.check(req.session_id, req.nonce, self.clock())
         tbs = P.verify_message(req.session_id, req.nonce, req.credential_id, sha256(req.face), sha256(req.voice))
         verify_signature(req.device_key, tbs, req.sig)
         device_box = device_box_key(req.device_key)
-        await self._relying_party(self.sessions.check(req.session_id, req.nonce, now).rp_id)  # disabled since opening?
+        await self._relying_party(opened.rp_id)  # disabled since opening?
         session = self.sessions.claim(req.session_id, req.nonce, self.clock())  # single use from here on
 
         cred: Credential | None = None
@@ -341,7 +343,7 @@ class Engine:
                     raise LevelTooLow()
                 challenge = session.challenge if self.config.challenge.check else None
                 (face, (voice, challenge_score)) = await self._gather(
-                    lambda: self._face(req.face), lambda: self._voice_and_challenge(req.voice, req.audio_format, challenge)
+                    lambda: self._face(req.face), lambda: self._voice(req.voice, req.audio_format, challenge)
                 )
                 f, v, decision = await self._match_current(cred, face, voice)
                 # The card may have been reported lost while the models ran: check again.
@@ -420,7 +422,7 @@ class Engine:
         thunks += [lambda a=a: self._voice(a, req.audio_format) for a in req.voices]
         out = await self._gather(*thunks)
         faces = np.stack(out[: len(req.faces)])
-        voices = np.stack([v for v, _pcm in out[len(req.faces):]])
+        voices = np.stack([v for v, _score in out[len(req.faces):]])
 
         async with self._enroll_lock:  # search, issue and index as one step: no two can both miss each other
             return await self._enroll_checked(req, card, faces, voices, card_vec)
@@ -471,7 +473,7 @@ class Engine:
 
     async def _fresh_check(self, cred: Credential, req: P.Rebind | P.ReportLost, action: str) -> None:
         """The fresh face + voice check that a rebind or a lost-card report needs."""
-        (f, (v, _pcm)) = await self._gather(lambda: self._face(req.face), lambda: self._voice(req.voice, req.audio_format))
+        (f, (v, _score)) = await self._gather(lambda: self._face(req.face), lambda: self._voice(req.voice, req.audio_format))
         *_scores, decision = await self._match_current(cred, f, v)
         if not decision.passed:
             await self._audit(actor="holder", action=action, subject=cred.credential_id, outcome="refused", detail={"reason": "verification_failed"})
@@ -508,13 +510,7 @@ class Engine:
 
     async def handle_status(self, conn: Conn, req: P.Status) -> P.StatusReply:
         verify_signature(req.device_key, P.status_message(req.credential_id, req.nonce), req.sig)
-        cred = await self._db(self.store.get_credential, req.credential_id)
-        if cred is None:
-            raise UnknownCredential()
-        if not hmac.compare_digest(cred.device_key, req.device_key):
-            if await self._db(self.store.retired_device, req.device_key) == req.credential_id:
-                raise CredentialDeleted()
-            raise WrongDeviceKey()
+        cred = await self._bound_credential(req.credential_id, req.device_key)
         return P.StatusReply(id=req.id, credential_id=cred.credential_id, status=cred.status, level=cred.level)
 
     # ---- acceptance point ---------------------------------------------------------------------------------

@@ -52,10 +52,10 @@ def extractors():
 
 @pytest.fixture(scope="module")
 def scores():
-    from engine.app import default_scores
+    from engine.calibration import ScoreModel
     from engine.models import DEFAULT_MODELS_DIR
 
-    return default_scores(EngineConfig(data_dir=DATA, models_dir=DEFAULT_MODELS_DIR))
+    return ScoreModel.load(DEFAULT_MODELS_DIR)
 
 
 class Clock:

@@ -15,7 +15,7 @@ import nacl.signing
 import pytest
 import trio
 
-from benchmarks._common import DigitVoices
+from benchmarks._common import digit_voices
 from benchmarks._engine import EngineProcess, netid
 from engine import errors as E
 from engine import top
@@ -233,7 +233,7 @@ async def test_sigterm_drains_a_real_engine(tmp_path):
     await trio.to_thread.run_sync(lambda: netid("rp", "add", "--id", "hotel", "--name", "Hotel", "--quota", "100000", "--keys-out", str(tmp_path / "keys"), "--data", str(data)))
     rp_sign = nacl.signing.SigningKey((tmp_path / "keys" / "hotel.sign.key").read_bytes())
     rp_box = nacl.public.PrivateKey((tmp_path / "keys" / "hotel.box.key").read_bytes())
-    voices = DigitVoices(SAMPLES, [p["digits_speaker"] for p in ids], range(0, 5))
+    voices = digit_voices(SAMPLES, [p["digits_speaker"] for p in ids], range(0, 5))
     rng = random.Random(7)
     engine = EngineProcess(data, serve_args=["--no-challenge-check"], log_path=tmp_path / "engine.log")
     await trio.to_thread.run_sync(engine.start)
