@@ -22,7 +22,7 @@ What it does, in one run:
    (from the engine's ``/metrics`` before and after), the generator's and the engine's
    CPU share. Then a summary JSON line (``throughput_rps``, ``limit_rps``, ``ratio``,
    ``p50_ms``, ``p99_ms``, ``offered_rps``, ``overloaded``, ``unanswered``, ``errors``,
-   and the three checks of issue 5), a PNG plot, and a human summary.
+   and the three load checks), a PNG plot, and a human summary.
 
 Latency is measured on answered verifications (a ``verified`` reply); an ``overloaded``
 answer is timed from the moment the verify request was sent.

@@ -81,17 +81,24 @@ class ChallengePool:
         self._pool = self._new()
 
     def score_batch(self, items: list) -> list:
+        """Score a batch, one recording per task, so that its recordings spread over the
+        processes (a recording is decoded on one core; a batch of two takes two)."""
         from concurrent.futures.process import BrokenProcessPool
 
         pool = self._pool
         try:
-            return pool.submit(_score_in_worker, items).result()
+            return self._map(pool, items)
         except BrokenProcessPool:  # a worker died (killed, out of memory): start a fresh pool, once
             log.error("challenge worker pool broke; restarting it")
             with self._lock:
                 if self._pool is pool:
                     self._pool = self._new()
-            return self._pool.submit(_score_in_worker, items).result()
+            return self._map(self._pool, items)
+
+    @staticmethod
+    def _map(pool: Any, items: list) -> list:
+        futures = [pool.submit(_score_in_worker, [item]) for item in items]
+        return [f.result()[0] for f in futures]
 
     def warmup(self) -> None:
         silence = np.zeros(16000, dtype=np.float32)

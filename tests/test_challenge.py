@@ -7,6 +7,7 @@ low score (a score says how well the words fit; silence holds no words to fit).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import threading
@@ -119,9 +120,9 @@ def test_config_is_validated() -> None:
 # --------------------------------------------------------------------------- calibration
 
 
-def _calibration(tmp_path: Path, threshold: float, **per_kind: float) -> ChallengeConfig:
+def _calibration(tmp_path: Path, threshold: float, *, measured: dict | None = None, **per_kind: float) -> ChallengeConfig:
     path = tmp_path / "challenge.json"
-    doc = {"threshold": threshold, "target_wrong_phrase_acceptance": 0.001}
+    doc = {"threshold": threshold, "target_wrong_phrase_acceptance": 0.001, "frame_step": 2, **(measured or {})}
     if per_kind:
         doc["thresholds"] = per_kind
     path.write_text(json.dumps(doc))
@@ -149,12 +150,26 @@ def test_each_challenge_kind_has_its_own_threshold(tmp_path: Path) -> None:
     assert only_one.thresholds == {"digits": -22.0, "phrase": -20.0}
 
 
+def test_the_score_is_computed_as_it_was_calibrated(tmp_path: Path) -> None:
+    """The silence weight comes from the calibration, and a calibration measured on other
+    frames is refused."""
+    config = _calibration(tmp_path, -10.0, measured={"silence_weight": 0.5, "frame_step": 2})
+    assert ChallengeChecker(config=config).silence_weight == 0.5
+    with pytest.raises(ModelError, match="silence_weight"):
+        ChallengeChecker(config=dataclasses.replace(config, silence_weight=2.0))
+    with pytest.raises(ModelError, match="frame_step"):
+        ChallengeChecker(config=dataclasses.replace(config, frame_step=1))
+    assert ChallengeChecker(threshold=0.0).silence_weight == 1.0
+
+
 def test_shipped_calibration_is_the_default() -> None:
     path = ChallengeConfig().calibration_path
     if not path.is_file():
         pytest.skip("models/challenge.json not written yet (netid bench challenge --write-calibration)")
     doc = json.loads(path.read_text())
+    assert doc["frame_step"] == ChallengeConfig().frame_step
     checker = ChallengeChecker()
+    assert checker.silence_weight == doc["silence_weight"]
     assert checker.threshold == doc["threshold"]
     assert doc["target_wrong_phrase_acceptance"] == 0.001
     assert checker.accept(doc["threshold"]) and not checker.accept(doc["threshold"] - 0.01)
