@@ -315,10 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="data root with speech/ and digits/")
     p.add_argument("--seed", type=int, default=6)
     p.add_argument("--target", type=float, default=TARGET, help="target wrong-phrase acceptance (default 0.001)")
-    p.add_argument("--speech-utts", type=int, default=300, help="speechocean762 utterances per part (0: none)")
+    p.add_argument("--speech-utts", type=int, default=150, help="speechocean762 utterances per part (0: none)")
     p.add_argument("--digit-strings", type=int, default=300, help="FSDD 6-digit strings per part (0: none)")
     p.add_argument("--wrong", type=int, default=10, help="wrong phrases per recording")
-    p.add_argument("--bandlimited", type=int, default=30, help="part-B speech utterances re-scored at 8 kHz bandwidth (0: skip)")
+    p.add_argument("--bandlimited", type=int, default=20, help="part-B speech utterances re-scored at 8 kHz bandwidth (0: skip)")
     p.add_argument("--silence-weight", type=float, default=1.0)
     p.add_argument("--frame-step", type=int, default=ChallengeConfig().frame_step, help="frames per scored frame (pocketsphinx ds)")
     p.add_argument("--workers", type=int, default=2, help="scoring processes (pocketsphinx holds the GIL)")
@@ -391,7 +391,9 @@ def main(argv: list[str] | None = None) -> int:
             row["at_kind_threshold"] = rates(gb, wb, own["threshold"])
         if s == "digits":
             nm = _scores(results, s, "B", "near_miss")
-            row["near_miss_accept"] = _rate(int((nm >= operating).sum()), int(nm.size))
+            # at the threshold the engine uses for digit strings
+            nm_thr = own["threshold"] if own is not None else operating
+            row["near_miss_accept"] = {"threshold": nm_thr, **_rate(int((nm >= nm_thr).sum()), int(nm.size))}
             row["near_miss"] = _dist(nm)
         if s == "speech":
             # the corpus's speakers 96xx read markedly slower and less fluently (their
@@ -481,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {'':9s} the same utterances at full band: genuine {_fmt(pf['genuine_pass'])}; "
                   f"median genuine score {pf['median_full_band']:.1f} -> {pf['median_8k']:.1f} at 8 kHz", file=out)
         if "near_miss_accept" in row:
-            print(f"  {'':9s} one digit changed (information): accepted {_fmt(row['near_miss_accept'])}", file=out)
+            print(f"  {'':9s} one digit changed (information), at its kind's threshold: accepted {_fmt(row['near_miss_accept'])}", file=out)
         if "speakers_96xx" in row:
             print(f"  {'':9s} genuine pass, speakers 96xx {_fmt(row['speakers_96xx'])}; others {_fmt(row['other_speakers'])}", file=out)
         d = row["diagnostic_zero_wrong_on_B"]

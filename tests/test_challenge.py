@@ -122,7 +122,7 @@ def test_config_is_validated() -> None:
 
 def _calibration(tmp_path: Path, threshold: float, *, measured: dict | None = None, **per_kind: float) -> ChallengeConfig:
     path = tmp_path / "challenge.json"
-    doc = {"threshold": threshold, "target_wrong_phrase_acceptance": 0.001, "frame_step": 2, **(measured or {})}
+    doc = {"threshold": threshold, "target_wrong_phrase_acceptance": 0.001, "frame_step": 1, **(measured or {})}
     if per_kind:
         doc["thresholds"] = per_kind
     path.write_text(json.dumps(doc))
@@ -153,12 +153,12 @@ def test_each_challenge_kind_has_its_own_threshold(tmp_path: Path) -> None:
 def test_the_score_is_computed_as_it_was_calibrated(tmp_path: Path) -> None:
     """The silence weight comes from the calibration, and a calibration measured on other
     frames is refused."""
-    config = _calibration(tmp_path, -10.0, measured={"silence_weight": 0.5, "frame_step": 2})
+    config = _calibration(tmp_path, -10.0, measured={"silence_weight": 0.5, "frame_step": 1})
     assert ChallengeChecker(config=config).silence_weight == 0.5
     with pytest.raises(ModelError, match="silence_weight"):
         ChallengeChecker(config=dataclasses.replace(config, silence_weight=2.0))
     with pytest.raises(ModelError, match="frame_step"):
-        ChallengeChecker(config=dataclasses.replace(config, frame_step=1))
+        ChallengeChecker(config=dataclasses.replace(config, frame_step=2))
     assert ChallengeChecker(threshold=0.0).silence_weight == 1.0
 
 
