@@ -53,6 +53,7 @@ then normalises by its own best active senone; every 3rd frame lost as much; a t
 the state alignment of the word path, changed nothing. ``frame_step`` selects another
 frame step; a calibration records the one it was measured with, and the checker refuses
 a calibration measured with another.
+
 The thresholds are read from ``models/challenge.json``, written by ``netid bench challenge
 --write-calibration`` for a target wrong-phrase acceptance: one per challenge kind (digit
 strings and phrases score on different scales), and the stricter of the two for a caller
