@@ -6,6 +6,7 @@ files and builds an :class:`EngineConfig`, which is passed down explicitly.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,6 +85,11 @@ class EngineConfig:
     face_batch: BatcherConfig = field(default_factory=lambda: BatcherConfig(max_batch=4, max_wait=0.004, queue_size=64, workers=2))
     voice_batch: BatcherConfig = field(default_factory=lambda: BatcherConfig(max_batch=16, max_wait=0.004, queue_size=64, workers=1))
     challenge_batch: BatcherConfig = field(default_factory=lambda: BatcherConfig(max_batch=2, max_wait=0.002, queue_size=64, workers=2))
+    #: With the challenge check on, a voice job may wait this long (seconds) for company:
+    #: the recogniser takes longer on the same recording, so the wait is off the critical
+    #: path, and a batch of two costs ~25 % less CPU per recording than two of one.
+    #: ``voice_batch.max_wait`` applies when it is longer, or with the check off.
+    voice_wait_with_challenge: float = 0.2
     intra_op_threads: int = 1
     store_threads: int = 4
     duplicate_search: bool = True
@@ -95,6 +101,15 @@ class EngineConfig:
             raise ConfigError("port out of range")
         if self.intra_op_threads < 1 or self.store_threads < 1:
             raise ConfigError("thread counts must be positive")
+        if not 0.0 <= self.voice_wait_with_challenge <= 10.0:
+            raise ConfigError("voice_wait_with_challenge must be between 0 and 10 seconds")
+
+    @property
+    def voice_batcher(self) -> BatcherConfig:
+        """The voice batcher's settings in effect (see ``voice_wait_with_challenge``)."""
+        if self.challenge.check and self.voice_wait_with_challenge > self.voice_batch.max_wait:
+            return dataclasses.replace(self.voice_batch, max_wait=self.voice_wait_with_challenge)
+        return self.voice_batch
 
     @property
     def store_location(self) -> str:

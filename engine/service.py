@@ -131,7 +131,7 @@ class Engine:
         self._quota = _Quota()
         self._rp_cache: dict[str, tuple[float, RelyingParty | None]] = {}
         self.face_batcher = Batcher("face", extractors.face_batch, config.face_batch, metrics=self.metrics)
-        self.voice_batcher = Batcher("voice", extractors.voice_batch, config.voice_batch, metrics=self.metrics)
+        self.voice_batcher = Batcher("voice", extractors.voice_batch, config.voice_batcher, metrics=self.metrics)
         self.challenge_batcher = Batcher("challenge", extractors.challenge_batch, config.challenge_batch, metrics=self.metrics)
         self._biometric = 0  # biometric requests admitted and not yet answered
         self._enroll_lock = trio.Lock()

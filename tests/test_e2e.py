@@ -126,7 +126,12 @@ async def test_genuine_passes_impostors_fail(env, seed):
     with trio.fail_after(120):
         cred, key = await enroll(running.port, "alice", rng)
         face, spk = PEOPLE["alice"]
-        ok = await attempt(running, rp, cred, key, face=img(face, 4), speaker=spk, rng=rng)
+        # the session's digits come from the engine's own randomness, and a genuine attempt
+        # fails now and then (FSDD genuine pass ~92 %): up to three attempts, as a holder would
+        for _attempt in range(3):
+            ok = await attempt(running, rp, cred, key, face=img(face, 4), speaker=spk, rng=rng)
+            if ok.outcome == "pass":
+                break
         assert (ok.outcome, ok.reason) == ("pass", "match")
         other_face = await attempt(running, rp, cred, key, face=img(PEOPLE["bob"][0], 1), speaker=spk, rng=rng)
         assert (other_face.outcome, other_face.reason) == ("fail", "biometric_mismatch")
@@ -141,19 +146,24 @@ async def test_session_rules_and_keys(env, seed):
     with trio.fail_after(120):
         cred, key = await enroll(running.port, "alice", rng)
         async with open_relying_party("127.0.0.1", running.port, rp_id="hotel", signing_key=rp_keys.signing, box_key=rp_keys.box) as rp:
-            # a recording from an earlier session does not answer this one. Random 6-digit
-            # challenges differ in about 5.4 positions; take a pair that differs in at least 5
-            # (a one-digit near miss is the recogniser's known weak spot, measured separately).
+            # a recording from an earlier session does not answer this one. Challenges come
+            # from the engine's own randomness, so take a pair that differs in every digit (a
+            # one-digit near miss is the recogniser's known weak spot, measured separately);
+            # a genuine attempt fails now and then (FSDD genuine pass ~92 %, speaker FNMR),
+            # so the recording may answer its own session at the second or third attempt.
             async with open_holder("127.0.0.1", running.port, device_key=key) as phone:
-                q1 = phone.scan((await rp.open_session()).qr)
-                q2 = phone.scan((await rp.open_session()).qr)
-                while differing(q1.challenge, q2.challenge) < 5:
+                for _attempt in range(3):
+                    q1 = phone.scan((await rp.open_session()).qr)
                     q2 = phone.scan((await rp.open_session()).qr)
-                old_recording = PROBE_VOICES.say(spk, q1.challenge, rng)
-                stale = await phone.verify(cred, q2, face=img(face, 4), voice=old_recording)
-                assert (stale.outcome, stale.reason) == ("fail", "challenge_mismatch")
-                ok = await phone.verify(cred, q1, face=img(face, 4), voice=old_recording)
-                assert ok.outcome == "pass"
+                    while differing(q1.challenge, q2.challenge) < 6:
+                        q2 = phone.scan((await rp.open_session()).qr)
+                    old_recording = PROBE_VOICES.say(spk, q1.challenge, rng)
+                    stale = await phone.verify(cred, q2, face=img(face, 4), voice=old_recording)
+                    assert (stale.outcome, stale.reason) == ("fail", "challenge_mismatch")
+                    ok = await phone.verify(cred, q1, face=img(face, 4), voice=old_recording)
+                    if ok.outcome == "pass":
+                        break
+                assert ok.outcome == "pass", ok
                 with pytest.raises(E.SessionUsed):  # replay
                     await phone.verify(cred, q1, face=img(face, 4), voice=old_recording)
 

@@ -321,3 +321,18 @@ def test_engine_config_overrides():
         apply_overrides(cfg, ["face_batch.nope=1"])
     with pytest.raises(E.ConfigError):
         apply_overrides(cfg, ["face_batch.workers=0"])  # the config still validates itself
+
+
+def test_voice_jobs_wait_for_company_only_behind_the_recogniser():
+    """With the challenge check on, the voice embedding is off the critical path: its
+    batcher waits ``voice_wait_with_challenge`` for a second recording; with it off, it
+    keeps its own short ``max_wait``."""
+    on = EngineConfig(data_dir=Path("/tmp/x"))
+    assert on.voice_batcher.max_wait == on.voice_wait_with_challenge == 0.2
+    assert on.voice_batcher.max_batch == on.voice_batch.max_batch
+    off = EngineConfig(data_dir=Path("/tmp/x"), challenge=ChallengeSettings(check=False))
+    assert off.voice_batcher == off.voice_batch and off.voice_batcher.max_wait == 0.004
+    longer = dataclasses.replace(on, voice_batch=BatcherConfig(max_batch=16, max_wait=0.5, queue_size=64, workers=1))
+    assert longer.voice_batcher.max_wait == 0.5
+    with pytest.raises(E.ConfigError):
+        EngineConfig(data_dir=Path("/tmp/x"), voice_wait_with_challenge=-1.0)
