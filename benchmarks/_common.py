@@ -180,7 +180,7 @@ def latency_summary(seconds: Sequence[float]) -> dict[str, float | None]:
 
 def emit(obj: dict[str, Any]) -> None:
     """One JSON line on stdout."""
-    print(json.dumps(obj, separators=(",", ":")), flush=True)
+    print(json.dumps(obj, separators=(",", ":"), default=float), flush=True)
 
 
 def _stat(pid: int) -> list[str] | None:

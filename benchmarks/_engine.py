@@ -6,10 +6,8 @@
 
 For tuning runs, ``overrides`` change fields of the :class:`~engine.config.EngineConfig`
 that ``netid serve`` has no flag for (``face_batch.max_batch=8``,
-``limits.max_biometric=12``, ...; and four experiments: ``switch_interval=0.001``, the
-interpreter's GIL switch interval; ``challenge_processes=2``, the challenge recogniser in
-worker processes; ``admission_budget=1.5``, admission by the age of the oldest admitted
-request; ``admission_wait=0.5``, admission by the models' recent queueing delay): the child is then ``python -m benchmarks._engine``, which builds the
+``limits.max_biometric=12``, ...; and ``switch_interval=0.001``, the interpreter's GIL
+switch interval): the child is then ``python -m benchmarks._engine``, which builds the
 configuration exactly as ``netid serve`` does, applies the overrides and runs the same
 serve command.
 """
@@ -82,16 +80,7 @@ class EngineProcess:
     def start(self) -> EngineProcess:
         args = ["--data", str(self.data_dir), "--port", "0", "--metrics-port", "0", *self.serve_args]
         if self.overrides:
-            flags = {
-                "switch_interval": "--switch-interval",
-                "challenge_processes": "--challenge-processes",
-                "admission_budget": "--admission-budget",
-                "admission_wait": "--admission-wait",
-            }
-            sets = [
-                f"{flags[o.split('=', 1)[0]]}={o.split('=', 1)[1]}" if o.split("=", 1)[0] in flags else f"--set={o}"
-                for o in self.overrides
-            ]
+            sets = [f"--switch-interval={o.split('=', 1)[1]}" if o.startswith("switch_interval=") else f"--set={o}" for o in self.overrides]
             cmd = [sys.executable, "-m", "benchmarks._engine", *sets, "--", *args]
         else:
             cmd = [sys.executable, "-m", "engine.cli", "--log-json", "serve", *args]
@@ -203,145 +192,9 @@ def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
     return config
 
 
-# -- experiment: the challenge recogniser in worker processes -------------------------------------
-_CHECKER = None
-
-
-def _pool_init() -> None:
-    global _CHECKER
-    from engine.challenge import ChallengeChecker
-
-    _CHECKER = ChallengeChecker()
-
-
-def _pool_score(items: list) -> list:
-    assert _CHECKER is not None
-    return _CHECKER.score_batch(items)
-
-
-def _challenge_in_processes(processes: int) -> None:
-    """Make ``netid serve`` score challenges in ``processes`` worker processes.
-
-    pocketsphinx holds the interpreter lock for a whole decoding call; in worker processes
-    it can neither stall the event loop nor serialise the other models' Python work. The
-    batch function still runs in the batcher's worker thread, which only waits (without
-    the lock) for the process to answer.
-    """
-    import concurrent.futures as cf
-    import multiprocessing as mp
-
-    from engine import app
-
-    pool = cf.ProcessPoolExecutor(processes, mp_context=mp.get_context("forkserver"), initializer=_pool_init)
-    for f in [pool.submit(_pool_score, []) for _ in range(processes)]:  # start and load every worker
-        f.result()
-    original = app.onnx_extractors
-
-    def patched(*args: Any, **kwargs: Any):
-        x = original(*args, **kwargs)
-        if not kwargs.get("check_challenge", True):
-            return x
-        return dataclasses.replace(x, challenge_batch=lambda items: pool.submit(_pool_score, list(items)).result())
-
-    app.onnx_extractors = patched
-
-
-# -- experiment: admission by the age of the oldest admitted request ------------------------------
-def _admission_by_age(budget: float, floor: int) -> None:
-    """Refuse a biometric request while the oldest one admitted has waited more than ``budget`` s.
-
-    A count cap (``max_biometric``) stays as the hard bound. The age rule needs no estimate of
-    capacity: under overload the engine holds about capacity x ``budget`` requests whatever
-    the machine, the models or the challenge cost, so admitted requests answer in about
-    ``budget`` plus one service time, far inside their deadline. ``floor`` requests are
-    always admitted, so one slow request cannot starve the models.
-    """
-    import itertools
-    from collections import OrderedDict
-
-    import trio
-
-    from engine.errors import Overloaded
-    from engine.service import Engine
-
-    tickets = itertools.count()
-
-    async def dispatch(self: Any, conn: Any, req: Any) -> Any:
-        handler = getattr(self, self.HANDLERS[type(req)])
-        if not isinstance(req, self.BIOMETRIC):
-            return await handler(conn, req)
-        admitted: OrderedDict[int, float] = self.__dict__.setdefault("_admitted", OrderedDict())
-        now = trio.current_time()
-        n = len(admitted)
-        oldest = now - next(iter(admitted.values())) if admitted else 0.0
-        if n >= self.config.limits.max_biometric or (n >= floor and oldest > budget):
-            hint = max(self.face_batcher.retry_after_ms(), self.voice_batcher.retry_after_ms(), int(1000 * max(0.0, oldest - budget)) + 1)
-            raise Overloaded(retry_after_ms=hint)
-        ticket = next(tickets)
-        admitted[ticket] = now
-        try:
-            return await handler(conn, req)
-        finally:
-            del admitted[ticket]
-
-    Engine.dispatch = dispatch  # type: ignore[method-assign]
-
-
-# -- experiment: admission by the models' queueing delay -----------------------------------------
-def _admission_by_queue_wait(target: float, floor: int) -> None:
-    """Refuse a biometric request while a model queue's recent waiting time exceeds ``target`` s.
-
-    Each batcher notes how long the oldest job of every batch it forms has waited (an
-    exponentially weighted mean, weight 0.3); a request is refused while that figure is over
-    ``target`` for any model, and at least ``floor`` requests are always admitted. Unlike the
-    age of the oldest request, the waiting time does not include the service time itself,
-    so a slow machine (or a costly check) is not mistaken for a backlog.
-    """
-    from engine.batcher import Batcher
-    from engine.errors import Overloaded
-    from engine.service import Engine
-
-    import trio
-
-    original = Batcher._compute
-
-    async def _compute(self: Any, jobs: list, slot: object) -> None:
-        waited = max((trio.current_time() - j.enqueued for j in jobs), default=0.0)
-        self.__dict__["recent_wait"] = 0.7 * self.__dict__.get("recent_wait", waited) + 0.3 * waited
-        return await original(self, jobs, slot)
-
-    Batcher._compute = _compute  # type: ignore[method-assign]
-
-    async def dispatch(self: Any, conn: Any, req: Any) -> Any:
-        handler = getattr(self, self.HANDLERS[type(req)])
-        if not isinstance(req, self.BIOMETRIC):
-            return await handler(conn, req)
-        batchers = (self.face_batcher, self.voice_batcher, self.challenge_batcher)
-        wait = max(b.__dict__.get("recent_wait", 0.0) for b in batchers)
-        n = self._biometric
-        if n >= self.config.limits.max_biometric or (n >= floor and wait > target):
-            hint = max(max(b.retry_after_ms() for b in batchers), int(1000 * (wait - target)) + 1)
-            raise Overloaded(retry_after_ms=hint)
-        self._biometric += 1
-        try:
-            return await handler(conn, req)
-        finally:
-            self._biometric -= 1
-
-    Engine.dispatch = dispatch  # type: ignore[method-assign]
-
-
 def _child(argv: list[str]) -> int:
     from engine import cli
 
-    for a in argv:
-        if a.startswith("--challenge-processes="):
-            _challenge_in_processes(int(a.split("=", 1)[1]))
-        if a.startswith("--admission-budget="):
-            _admission_by_age(float(a.split("=", 1)[1]), floor=4)
-        if a.startswith("--admission-wait="):
-            _admission_by_queue_wait(float(a.split("=", 1)[1]), floor=4)
-    argv = [a for a in argv if not a.startswith(("--challenge-processes=", "--admission-budget=", "--admission-wait="))]
     sets = [a.split("=", 1)[1] for a in argv if a.startswith("--set=")]
     for a in argv:
         if a.startswith("--switch-interval="):  # the interpreter's GIL switch interval, seconds

@@ -30,6 +30,7 @@ Output: JSON lines on stdout, a short human summary on stderr.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import math
 import multiprocessing
@@ -45,6 +46,7 @@ import numpy as np
 import soundfile
 import soxr
 
+from benchmarks._common import emit
 from benchmarks.datasets import DEFAULT_SALT, split_of
 from benchmarks.stats import ExactScores, rate_interval
 from engine.audio import decode_audio
@@ -265,8 +267,8 @@ def run_tasks(tasks: list[Task], config: ChallengeConfig, workers: int, progress
 # --------------------------------------------------------------------------- figures
 
 
-def _scores(results: list[Result], set_: str, part: str, label: str, group: str | None = None) -> np.ndarray:
-    out = [s for r in results if r.task.set == set_ and r.task.part == part and (group is None or r.task.group.startswith(group))
+def _scores(results: list[Result], set_: str, part: str, label: str) -> np.ndarray:
+    out = [s for r in results if r.task.set == set_ and r.task.part == part
            for s, lab in zip(r.scores, r.task.labels) if lab == label]
     return np.asarray(out, dtype=np.float64)
 
@@ -296,10 +298,6 @@ def _dist(x: np.ndarray) -> dict[str, Any]:
     q = np.percentile(real, [1, 5, 50, 95, 99]).tolist() if real.size else [math.nan] * 5
     return {"n": int(x.size), "unaligned": int((x <= FAILURE_SCORE).sum()),
             "p01": q[0], "p05": q[1], "p50": q[2], "p95": q[3], "p99": q[4], "max": float(x.max()) if x.size else math.nan}
-
-
-def emit(obj: dict[str, Any]) -> None:
-    print(json.dumps(obj, separators=(",", ":"), default=float), flush=True)
 
 
 def _fmt(r: dict[str, Any]) -> str:
@@ -337,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         args.bandlimited = min(args.bandlimited, args.limit)
     if not 0.0 < args.target < 1.0 or args.wrong < 1:
         p.error("need 0 < --target < 1 and --wrong >= 1")
+    if args.write_calibration and (args.quick or args.limit is not None or min(args.speech_utts, args.digit_strings) <= 0):
+        p.error("--write-calibration needs both sets at full size (no --quick, --limit or empty set)")
     command = "netid bench challenge " + shlex.join(argv if argv is not None else sys.argv[1:])
     config = ChallengeConfig(silence_weight=args.silence_weight, frame_step=args.frame_step)
     rng = np.random.default_rng(args.seed)
@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
                      "+ silence_weight * min(0, silence ratio); engine/challenge.py",
             "silence_weight": args.silence_weight,
             "frame_step": config.frame_step,
-            "recogniser": "pocketsphinx 5.1.1, en-us acoustic model and cmudict from the wheel",
+            "recogniser": f"pocketsphinx {importlib.metadata.version('pocketsphinx')}, en-us acoustic model and cmudict from the wheel",
             "rule": "thresholds: per challenge kind, chosen on part A of its set; threshold: the highest of them",
             "measured_on": {s: {"part": "A", **{k: v for k, v in per_set[s].items() if k != "genuine_pass"},
                                 "genuine_pass_at_own_threshold": per_set[s]["genuine_pass"]["rate"]} for s in sets},

@@ -128,11 +128,11 @@ def _one_batch(x, items: list[Verification], challenge: bool, cpu: dict[str, flo
 
 
 def measure_layout(
-    verifs: list[Verification], layout: Layout, *, seconds: float, challenge: bool = True, models_dir: Path | None = None, root: Path | None = None
+    verifs: list[Verification], layout: Layout, *, seconds: float, challenge: bool = True, models_dir: Path | None = None
 ) -> LimitResult:
     """Run ``layout`` for about ``seconds`` (after one warm-up batch per thread)."""
     if layout.processes > 1:
-        return _measure_processes(root or data_root(None), len(verifs), layout, seconds=seconds, challenge=challenge)
+        return _measure_processes(verifs, layout, seconds=seconds, challenge=challenge)
     n, elapsed, cpu, stage_cpu = _run_threads(verifs, layout, seconds=seconds, challenge=challenge, models_dir=models_dir)
     return _result(layout, n, elapsed, cpu, stage_cpu)
 
@@ -206,17 +206,16 @@ def _run_threads(
 
 
 # ---- separate processes (what the interpreter lock costs) ---------------------------------------
-def _proc_worker(root: str, n: int, layout: Layout, seconds: float, challenge: bool, barrier: Any, out: Any) -> None:
-    verifs = make_verifications(Path(root), n)
+def _proc_worker(verifs: list[Verification], layout: Layout, seconds: float, challenge: bool, barrier: Any, out: Any) -> None:
     out.put(_run_threads(verifs, layout, seconds=seconds, challenge=challenge, barrier=barrier))
 
 
-def _measure_processes(root: Path, n: int, layout: Layout, *, seconds: float, challenge: bool) -> LimitResult:
+def _measure_processes(verifs: list[Verification], layout: Layout, *, seconds: float, challenge: bool) -> LimitResult:
     """``layout.processes`` processes, each running ``layout.threads`` pipelines, started together."""
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(layout.processes)
     out = ctx.Queue()
-    procs = [ctx.Process(target=_proc_worker, args=(str(root), n, layout, seconds, challenge, barrier, out)) for _ in range(layout.processes)]
+    procs = [ctx.Process(target=_proc_worker, args=(verifs, layout, seconds, challenge, barrier, out)) for _ in range(layout.processes)]
     for p in procs:
         p.start()
     parts = [out.get(timeout=seconds + 600) for _ in procs]
@@ -259,11 +258,11 @@ def measure_stages(verifs: list[Verification], *, batches: list[int], intras: li
 
 # ---- search ------------------------------------------------------------------------------------
 def search(
-    verifs: list[Verification], layouts: list[Layout], *, seconds: float, challenge: bool, models_dir: Path | None = None, root: Path | None = None
+    verifs: list[Verification], layouts: list[Layout], *, seconds: float, challenge: bool, models_dir: Path | None = None
 ) -> list[LimitResult]:
     results = []
     for layout in layouts:
-        r = measure_layout(verifs, layout, seconds=seconds, challenge=challenge, models_dir=models_dir, root=root)
+        r = measure_layout(verifs, layout, seconds=seconds, challenge=challenge, models_dir=models_dir)
         emit({"limit_config": r.as_json()})
         stderr(f"  limit {layout.label():<28} {r.rps:6.2f} verifications/s  ({r.cpu_ms_per_verification:.0f} CPU ms each, {100 * r.cpu_share:.0f} % of the machine)")
         results.append(r)
@@ -313,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     stderr(f"netid bench limit: {len(verifs)} verification payloads from {root}; challenge recogniser {'on' if challenge else 'off'}")
     # The recogniser holds the interpreter lock, so with it processes may beat threads.
     procs = args.processes if args.processes is not None else (2 if challenge else 0)
-    run = lambda layouts: search(verifs, layouts, seconds=seconds, challenge=challenge, root=root)  # noqa: E731
+    run = lambda layouts: search(verifs, layouts, seconds=seconds, challenge=challenge)  # noqa: E731
     if args.layout:
         results = run([Layout(*_ints(s)) for s in args.layout])
     elif args.quick:

@@ -48,7 +48,7 @@ class MeasureConfig:
     chimeric_attempts: int = 7
     #: AS-norm top-k; None: the one of COHORT_K_CANDIDATES with the lowest EER on part A
     cohort_top_k: int | None = None
-    #: "max" (the engine's rule: best cosine over the enrollment templates) or "centroid"
+    #: "max" (best cosine over the enrollment templates) or "centroid" (engine.calibration.voice_templates)
     voice_template: str = "max"
     show_progress: bool = True
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from benchmarks.datasets import Speech
 from benchmarks.embeddings import Embedded
-from engine.calibration import VoiceCohort, as_norm, topk_stats
+from engine.calibration import VoiceCohort, as_norm, topk_stats, voice_templates
 
 __all__ = ["VoiceScores", "voice_scores", "cohort_of"]
 
@@ -79,7 +79,7 @@ def voice_scores(
     """Scores of every probe of a part against every enrolled speaker of that part.
 
     ``template="max"`` keeps each enrollment utterance as a template and scores the best
-    cosine over them (the engine's rule); ``"centroid"`` enrolls the normalised mean.
+    cosine over them; ``"centroid"`` enrolls the normalised mean (the engine applies the rule its operating points record).
     """
     if template not in ("max", "centroid"):
         raise ValueError(f"unknown voice template rule {template!r}")
@@ -98,10 +98,7 @@ def voice_scores(
             failed.append(spk)
             continue
         speakers.append(spk)
-        templates[spk] = voices.emb[good]
-        if template == "centroid":
-            c = templates[spk].mean(axis=0, dtype=np.float64)
-            templates[spk] = (c / np.linalg.norm(c)).astype(np.float32)[None, :]
+        templates[spk] = voice_templates(voices.emb[good], template)
         planned[spk] = [u.rel for u in utts[enroll : enroll + probes]]
         for u in utts[enroll : enroll + probes]:
             if voices.status[idx[u.rel]] == "ok":

@@ -74,7 +74,6 @@ audio.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -132,7 +131,6 @@ _WORD_RE = re.compile(r"[a-z']+")
 _PHONE_LOOP = "challenge_phone_loop"
 _NULL = "(NULL)"  # the grammar's empty transitions, one frame long, in an alignment
 _LEVEL_WINDOW = 480  # 30 ms
-_BACKGROUNDS_KEPT = 4
 
 
 # --------------------------------------------------------------------------- configuration
@@ -344,7 +342,6 @@ class _Decoder:
             raise ModelError("the pocketsphinx model could not be loaded") from exc
         self.log_base = math.log(float(self.ps.config["logbase"]))
         self.silence_weight = silence_weight
-        self._backgrounds: dict[bytes, np.ndarray] = {}
 
     def _decode(self, pcm: bytes) -> None:
         # a fresh front end for every pass: its noise tracker would otherwise carry over
@@ -366,28 +363,18 @@ class _Decoder:
             out.append((seg.word, start, dur, score))
         return out
 
-    def _phone_loop(self, pcm: bytes) -> np.ndarray:
-        """Per-frame scores of the best free phone sequence (each segment spread evenly).
-
-        The last few recordings' backgrounds are kept, so that scoring one recording
-        against several expected challenges decodes its phone loop once.
-        """
-        key = hashlib.blake2b(pcm, digest_size=16).digest()
-        cached = self._backgrounds.get(key)
-        if cached is not None:
-            return cached
+    def phone_loop(self, pcm: bytes) -> np.ndarray:
+        """Per-frame scores of the best free phone sequence (each segment spread evenly)."""
         self.ps.activate_search(_PHONE_LOOP)
         self._decode(pcm)
         n_frames = self.ps.n_frames()
         frames = np.zeros(n_frames, dtype=np.float64)
         for _, start, dur, score in self._segments():
             frames[start : min(start + dur, n_frames)] = score / dur
-        if len(self._backgrounds) >= _BACKGROUNDS_KEPT:
-            self._backgrounds.pop(next(iter(self._backgrounds)))
-        self._backgrounds[key] = frames
         return frames
 
-    def score(self, pcm: bytes, words: list[str]) -> float:
+    def score(self, pcm: bytes, words: list[str], background: np.ndarray) -> float:
+        """The challenge score of ``words`` on ``pcm``, given its :meth:`phone_loop`."""
         ps = self.ps
         ps.set_align_text(" ".join(words))
         self._decode(pcm)
@@ -396,7 +383,6 @@ class _Decoder:
         entries = self._segments()
         if not entries:
             return FAILURE_SCORE
-        background = self._phone_loop(pcm)
         word_ratios: list[float] = []
         sil_sum, sil_frames = 0.0, 0
         for name, start, dur, score in entries:
@@ -450,6 +436,10 @@ class ChallengeChecker:
         self.thresholds = {kind: per_kind.get(kind, self.threshold) for kind in KINDS}
         self._local = threading.local()
 
+    def load_decoder(self) -> None:
+        """Load this thread's pocketsphinx decoder now rather than on the first recording."""
+        self._decoder()
+
     def _decoder(self) -> _Decoder:
         dec = getattr(self._local, "decoder", None)
         if dec is None:
@@ -489,15 +479,24 @@ class ChallengeChecker:
         if unknown:
             raise ConfigError("words not in the pronunciation dictionary: " + ", ".join(unknown))
         out: list[float | SampleError] = []
+        # one recording scored against several challenges in a batch (the benchmark's wrong
+        # phrases) is checked and decoded through the phone loop once
+        prepared: dict[int, tuple[bytes, np.ndarray] | SampleError] = {}
         for (audio, _), words in zip(items, expected):
-            try:
-                pcm = self._pcm(audio)
-            except SampleError as exc:
-                out.append(exc)
-                continue
             dec = self._decoder()
             try:
-                out.append(dec.score(pcm, words))
+                ready = prepared.get(id(audio))
+                if ready is None:
+                    try:
+                        pcm = self._pcm(audio)
+                        ready = (pcm, dec.phone_loop(pcm))
+                    except SampleError as exc:
+                        ready = exc
+                    prepared[id(audio)] = ready
+                if isinstance(ready, SampleError):
+                    out.append(ready)
+                    continue
+                out.append(dec.score(ready[0], words, ready[1]))
             except RuntimeError:
                 # pocketsphinx refused this recording mid-way; its decoder state is not to
                 # be trusted any more: start this thread afresh with a new one.

@@ -55,7 +55,9 @@ def build_config(args: argparse.Namespace, **overrides) -> EngineConfig:
 
     phrases: tuple[str, ...] = ()
     if getattr(args, "phrases", None):
-        phrases = tuple(line.strip() for line in Path(args.phrases).read_text().splitlines() if line.strip())
+        from .challenge import load_phrases
+
+        phrases = load_phrases(Path(args.phrases).read_text().splitlines())
     kw = dict(
         data_dir=args.data,
         store_url=args.store,

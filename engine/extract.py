@@ -60,6 +60,11 @@ def _init_challenge_worker() -> None:
     from .challenge import ChallengeChecker
 
     _checker = ChallengeChecker()
+    _checker.load_decoder()  # the pocketsphinx model, before the first recording arrives
+
+
+def _ready() -> bool:
+    return _checker is not None
 
 
 def _score_in_worker(items: list) -> list:
@@ -101,9 +106,9 @@ class ChallengePool:
         return [f.result()[0] for f in futures]
 
     def warmup(self) -> None:
-        silence = np.zeros(16000, dtype=np.float32)
-        futures = [self._pool.submit(_score_in_worker, [(silence, "123456")]) for _ in range(self.processes)]
-        for f in futures:
+        """Wait until the workers have started and loaded their decoders (each worker loads
+        its own in its initializer, so a few tasks bring up the whole pool)."""
+        for f in [self._pool.submit(_ready) for _ in range(self.processes)]:
             f.result()
 
     def close(self) -> None:

@@ -25,6 +25,7 @@ import trio
 
 from . import protocol as P
 from .batcher import Batcher
+from .calibration import voice_templates
 from .config import EngineConfig
 from .crypto import EngineKeys, TemplateCipher, device_box_key, seal, sha256, verify_signature
 from .errors import (
@@ -248,13 +249,8 @@ class Engine:
     def _match(self, cred: Credential, face: np.ndarray, voice: np.ndarray) -> tuple[float, float, Any]:
         """Face: best cosine over the enrolled faces. Voice: as calibrated (centroid or best), AS-normalised."""
         f = float(self.face_index.compare(cred.credential_id, face[None, :])[0])
-        enrolled = self.voice_index.vectors_of(cred.credential_id)
-        if self.scores.voice_template == "centroid":
-            centroid = enrolled.mean(axis=0)
-            enrolled = (centroid / np.linalg.norm(centroid))[None, :]
-            v_raw = float(enrolled[0] @ voice)
-        else:
-            v_raw = float(self.voice_index.compare(cred.credential_id, voice[None, :])[0])
+        enrolled = voice_templates(self.voice_index.vectors_of(cred.credential_id), self.scores.voice_template)
+        v_raw = float((enrolled @ voice).max())
         v = float(self.scores.normalise_voice(voice, enrolled, v_raw))
         return f, v, self.scores.decide(f, v)
 
@@ -347,10 +343,8 @@ class Engine:
                 )
                 f, v, decision = await self._match_current(cred, face, voice)
                 # The card may have been reported lost while the models ran: check again.
-                latest = await self._db(self.store.get_credential, cred.credential_id)
-                _raise_unless_active(latest)
-                if not hmac.compare_digest(latest.device_key, req.device_key):
-                    raise CredentialDeleted()  # rebound to a new phone while the models ran
+                # (a rebind to a new phone meanwhile retires this key: credential_deleted)
+                await self._active_credential(cred.credential_id, req.device_key)
             except (Overloaded, DeadlineExceeded):
                 raise  # the engine's fault, not the holder's: the session stays usable
             except EngineError as exc:

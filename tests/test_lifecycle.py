@@ -110,6 +110,7 @@ async def engine_env(tmp_path: Path, nursery: trio.Nursery, *, people=PEOPLE, na
     cfg = EngineConfig(
         data_dir=data,
         port=0,
+        voice_wait_with_challenge=0.0,  # the fake recogniser is instant: nothing to wait behind
         limits=limits or LimitsConfig(max_in_flight=16, session_ttl=30.0, max_frame=64 * 1024),
         challenge=ChallengeSettings(kind="digits", length=6),
     )
@@ -684,7 +685,7 @@ async def test_audit_records_every_transition_and_outcome_without_biometrics(env
     for row in rows:
         text = "\x1f".join(row).encode()
         assert not any(f in text for f in forbidden), row
-        assert not any(vec[:4].tobytes() in text for vec in embeddings)
+        assert not any(repr(float(vec[0])).encode() in text for vec in embeddings)
         detail = json.loads(row[4])
         for v in detail.values():
             assert isinstance(v, (str, int, float)) and len(str(v)) <= 256
@@ -741,7 +742,7 @@ async def test_cli_relying_parties_acceptance_points_cards_and_audit(env, capsys
     assert await cli("audit", "--data", data, "--subject", "C1") == 0
     entries = json_lines(capsys.readouterr().out)
     assert [(e["action"], e["actor"]) for e in entries] == [("card.lost", "operator")]
-    assert await cli("audit", "--data", data, "--subject", cred) == 0
+    assert await cli("audit", "--data", data, f"--subject={cred}") == 0  # an id may start with "-"
     assert [e["action"] for e in json_lines(capsys.readouterr().out)] == ["credential.issue", "verify", "credential.level", "credential.suspend"]
     assert await cli("audit", "--data", data, "--limit", "3") == 0
     three = json_lines(capsys.readouterr().out)

@@ -61,6 +61,7 @@ async def start_engine(nursery, tmp_path, *, extractors, limits: LimitsConfig | 
         data_dir=tmp_path / "data",
         port=0,
         metrics_port=0,
+        voice_wait_with_challenge=0.0,  # the fake recogniser is instant: nothing to wait behind
         limits=limits or LimitsConfig(),
         challenge=ChallengeSettings(kind="digits", length=6),
         face_batch=BatcherConfig(max_batch=4, max_wait=0.002, queue_size=64),
@@ -89,6 +90,20 @@ async def enroll_all(port: int) -> dict[str, tuple[str, nacl.signing.SigningKey]
     return out
 
 
+async def verify_answer(port: int, cred: str, key, session, *, face: bytes, voice) -> str:
+    """One verification from the holder's phone: its outcome, or the code of the error that
+    answered it (``connection_lost`` if the engine went away first). ``voice`` makes the
+    recording from the session's challenge."""
+    async with open_holder("127.0.0.1", port, device_key=key) as phone:
+        qr = phone.scan(session.qr)
+        try:
+            return (await phone.verify(cred, qr, face=face, voice=voice(qr.challenge))).outcome
+        except E.EngineError as exc:
+            return exc.code
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return "connection_lost"
+
+
 async def verify_many(port: int, rp_keys, creds, n: int, answers: list) -> None:
     """``n`` verifications at once from the residents' phones; every answer (or error code) recorded."""
     async with open_relying_party("127.0.0.1", port, rp_id="hotel", signing_key=rp_keys.signing, box_key=rp_keys.box) as rp:
@@ -97,15 +112,8 @@ async def verify_many(port: int, rp_keys, creds, n: int, answers: list) -> None:
         async def one(k: int) -> None:
             who = PEOPLE[k % len(PEOPLE)]
             cred, key = creds[who]
-            async with open_holder("127.0.0.1", port, device_key=key) as phone:
-                qr = phone.scan(sessions[k].qr)
-                try:
-                    res = await phone.verify(cred, qr, face=face(who, 100 + k), voice=voice(who, qr.challenge, k))
-                    answers.append(res.outcome)
-                except E.EngineError as exc:
-                    answers.append(exc.code)
-                except trio.BrokenResourceError:
-                    answers.append("connection_lost")
+            answers.append(await verify_answer(port, cred, key, sessions[k], face=face(who, 100 + k),
+                                               voice=lambda challenge: voice(who, challenge, k)))
 
         async with trio.open_nursery() as requests:
             for k in range(n):
@@ -254,16 +262,10 @@ async def test_sigterm_drains_a_real_engine(tmp_path):
 
                 async def one(k: int) -> None:
                     p, cred, key = creds[k % len(creds)]
-                    async with open_holder("127.0.0.1", engine.port, device_key=key) as phone:
-                        qr = phone.scan(sessions[k].qr)
-                        live = (SAMPLES / "lfw" / p["face"] / f"{p['face']}_000{4 + k % 3}.jpg").read_bytes()
-                        try:
-                            res = await phone.verify(cred, qr, face=live, voice=voices.say(p["digits_speaker"], qr.challenge, random.Random(k)))
-                            answers.append(res.outcome)
-                        except E.EngineError as exc:
-                            answers.append(exc.code)
-                        except trio.BrokenResourceError:
-                            answers.append("connection_lost")
+                    live = (SAMPLES / "lfw" / p["face"] / f"{p['face']}_000{4 + k % 3}.jpg").read_bytes()
+                    answers.append(await verify_answer(
+                        engine.port, cred, key, sessions[k], face=live,
+                        voice=lambda challenge: voices.say(p["digits_speaker"], challenge, random.Random(k))))
 
                 async with trio.open_nursery() as nursery:
                     for k in range(n):

@@ -44,6 +44,7 @@ async def env(tmp_path, nursery):
     cfg = EngineConfig(
         data_dir=tmp_path / "data",
         port=0,
+        voice_wait_with_challenge=0.0,  # the fake recogniser is instant: nothing to wait behind
         limits=LimitsConfig(max_in_flight=8, session_ttl=30.0, max_frame=64 * 1024),
         challenge=ChallengeSettings(kind="digits", length=6),
     )
