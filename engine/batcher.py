@@ -219,12 +219,23 @@ class Batcher(Generic[In, Out]):
             raise error
         return output  # type: ignore[return-value]
 
+    def _drain_time(self, batches: int, per_batch: float) -> float:
+        return per_batch * batches / self._config.workers
+
+    def queue_wait(self) -> float:
+        """Estimated seconds a job queued now would wait: batches queued x batch time / workers
+        (0 while the queue is empty or no batch has run yet)."""
+        depth = self.depth()
+        if not depth or self._batch_time is None:
+            return 0.0
+        return self._drain_time(math.ceil(depth / self._config.max_batch), self._batch_time)
+
     def retry_after_ms(self) -> int:
-        """Estimated wait before the queue has room: batch time x batches queued."""
+        """Estimated wait before the queue has room: batch time x batches queued (at least one)."""
         cfg = self._config
         per_batch = self._batch_time if self._batch_time is not None else max(cfg.max_wait, 0.001)
         batches = max(1, math.ceil(self.depth() / cfg.max_batch))
-        return max(1, math.ceil(1000.0 * per_batch * batches / cfg.workers))
+        return max(1, math.ceil(1000.0 * self._drain_time(batches, per_batch)))
 
     def _overloaded(self) -> Overloaded:
         if self._metrics is not None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import math
 import secrets
 import time
 from collections.abc import Callable
@@ -561,13 +560,7 @@ class Engine:
 
     def queue_wait(self) -> float:
         """Estimated seconds a new job would wait in the slowest model queue (backlog x batch time)."""
-        worst = 0.0
-        for b in (self.face_batcher, self.voice_batcher, self.challenge_batcher):
-            depth, per_batch = b.depth(), b.batch_time()
-            if depth and per_batch:
-                cfg = b.config
-                worst = max(worst, math.ceil(depth / cfg.max_batch) * per_batch / cfg.workers)
-        return worst
+        return max(b.queue_wait() for b in (self.face_batcher, self.voice_batcher, self.challenge_batcher))
 
     async def dispatch(self, conn: Conn, req: P.Request) -> msgspec.Struct:
         handler = getattr(self, self.HANDLERS[type(req)])
