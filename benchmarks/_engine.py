@@ -147,9 +147,12 @@ class EngineProcess:
             return -9
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        """SIGKILL (if it still runs) and reap; :meth:`start` may start it again."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait()
+        self.wait()
 
     def __enter__(self) -> EngineProcess:
         return self.start()

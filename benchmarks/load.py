@@ -409,6 +409,12 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         limit_rps = limit["limit_rps"] if limit else None
 
         seconds = args.seconds or (12.0 if args.quick else 30.0)
+        if args.generator_nice:
+            # From here on the generator yields the cores to the engine, as clients on other
+            # machines would. On Linux a nice value belongs to a thread: this lowers the
+            # thread that drives the load (and any thread or process it starts later); the
+            # engine and the limit, started before, keep the default priority.
+            os.nice(args.generator_nice)
         rows: list[dict[str, Any]] = []
         async with trio.open_nursery() as routers:
             await _connect_all(gen)
@@ -421,6 +427,10 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             else:
                 if not limit_rps:
                     raise SystemExit("a capacity search needs the limit (drop --no-limit, or give --limit-rps or --rps)")
+                if args.warmup > 0:
+                    # the engine's first busy seconds (caches, allocator, the recogniser's
+                    # processes) are not its steady state; this step is reported, not summarised
+                    rows.append(await _do_step(gen, Step("warm-up", limit_rps, args.warmup), args.seed + 100))
                 sat = await _do_step(gen, Step("saturation", 1.25 * limit_rps, seconds), args.seed)
                 rows.append(sat)
                 capacity = max(sat["throughput_rps"], 0.05)
@@ -475,6 +485,7 @@ def _summary(rows: list[dict[str, Any]], limit: dict[str, Any] | None, gen: Gene
         "relying_parties": len(gen.rps),
         "challenge_check": challenge,
         "generator_cpu_share_max": max(gen_share) if gen_share else None,
+        "generator_nice": args.generator_nice,
     }
     if limit and "best" in limit:
         # CPU per verification does not depend on how much of the shared machine each got
@@ -525,7 +536,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     # x: the arrival rate the step really produced (Poisson: near the nominal rate, not equal)
-    rows = sorted(summary["steps"], key=lambda r: r["arrived_rps"])
+    rows = sorted((r for r in summary["steps"] if r["step"] != "warm-up"), key=lambda r: r["arrived_rps"])
     x = [r["arrived_rps"] for r in rows]
     fig, (a, b) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
     a.plot(x, [r["throughput_rps"] for r in rows], "o-", label="throughput (answered verifications/s)")
@@ -565,6 +576,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=5)
     p.add_argument("--answer-timeout", type=float, default=20.0, help="seconds after which a request counts as unanswered")
     p.add_argument("--no-challenge-check", action="store_true", help="engine without the spoken-challenge check, limit without the recogniser")
+    p.add_argument("--warmup", type=float, default=10.0, metavar="SECONDS",
+                   help="capacity search: a step at the limit's rate before saturation, not summarised (0: none)")
+    p.add_argument("--generator-nice", type=int, default=10, metavar="N",
+                   help="run the load steps at this nice increment, so that the engine has the cores first (0: off)")
     p.add_argument("--no-limit", action="store_true", help="do not measure the limit")
     p.add_argument("--limit-rps", type=float, default=None, help="use this limit instead of measuring it")
     p.add_argument("--limit-layout", action="append", default=[], metavar="B,T,I[,P]", help="limit layouts to measure (default: the limit's quick search)")

@@ -28,24 +28,31 @@ get the same ratio over all their frames together. The challenge score is
     mean over the expected words of the word ratio
     + silence_weight * min(0, silence ratio)
 
-in pocketsphinx score units per frame (log base 1.0001 shifted by 10 bits: one unit is
-about 0.1 nat). Higher means more likely that the recording says the expected words;
+(:class:`ScoreParts`), with one silence weight per challenge kind, chosen by the benchmark
+on its calibration part, in pocketsphinx score units per frame (log base 1.0001 shifted by
+10 bits: one unit is about 0.1 nat). Higher means more likely that the recording says the expected words;
 a recording of other words scores far below the calibrated threshold because its words
 fit the audio much worse than free phones do, and the speech it pushes into "silence"
 fits that worse still.
 
 Every senone is scored in every frame (``compallsen``), so that both passes share one
-per-frame normalisation and their scores can be subtracted. Cheaper scorings were measured
-(``netid bench challenge``; genuine pass at the calibrated threshold for 0.1 % wrong-phrase
-acceptance on the held-apart part, 300 FSDD strings and 150 speechocean762 utterances, 3,000
-and 1,500 wrong phrases; the same trials for both rows):
+per-frame normalisation and their scores can be subtracted. Variants measured with
+``netid bench challenge`` (genuine pass at each kind's threshold for 0.1 % wrong-phrase
+acceptance, chosen on the calibration part, reported on the held-apart part: 300 FSDD
+strings and 150 speechocean762 utterances, 3,000 and 1,500 wrong phrases; the same trials
+in every row):
 
-=====================================  ==========  ==========  ==================
-scoring                                FSDD        speech      CPU s / audio s
-=====================================  ==========  ==========  ==================
-all senones, every frame (this)        92.3 %      63.3 %      0.11
-all senones, every 2nd frame (ds=2)    87.0 %      64.7 %      0.08
-=====================================  ==========  ==========  ==================
+===============================================  ==========  ==========  ==================
+scoring                                          FSDD        speech      CPU s / audio s
+===============================================  ==========  ==========  ==================
+every frame, no pruning, weight per kind (this)  95.3 %      69.3 %      0.11
+every frame, beam 1e-48, silence weight 1.0      92.3 %      63.3 %      0.11
+every 2nd frame (ds=2), beam 1e-48, weight 1.0   87.0 %      64.7 %      0.08
+===============================================  ==========  ==========  ==================
+
+The silence weight of each kind is chosen on the calibration part with the threshold (2.0
+for digit strings, 0.25 for phrases). At that threshold the held-apart FSDD part let 5 of
+3,000 wrong digit strings through (0.17 %, 95 % bound 0.39 %).
 
 On a smaller part-A comparison (100 recordings per set, 500 wrong phrases), scoring only the
 senones each search keeps active (0.05 s) lost 10 points on both sets, because each pass
@@ -57,7 +64,8 @@ a calibration measured with another.
 The thresholds are read from ``models/challenge.json``, written by ``netid bench challenge
 --write-calibration`` for a target wrong-phrase acceptance: one per challenge kind (digit
 strings and phrases score on different scales), and the stricter of the two for a caller
-that does not say which kind it checks; the file also gives the silence weight.
+that does not say which kind it checks; the file also gives each kind's silence weight and
+the frame step and beam it was measured with.
 
 Silence and noise are not "a low score": a recording whose loudest part stays below
 ``min_level_dbfs`` is :class:`NoSpeech`, one shorter than ``min_seconds`` is
@@ -83,7 +91,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pocketsphinx
@@ -108,6 +116,7 @@ __all__ = [
     "ChallengeConfig",
     "ChallengeCalibration",
     "ChallengeChecker",
+    "ScoreParts",
     "new_challenge",
     "challenge_words",
     "challenge_kind",
@@ -146,12 +155,15 @@ class ChallengeConfig:
     calibration_path: Path = DEFAULT_MODELS_DIR / CALIBRATION_FILE
     #: frames per scored frame (pocketsphinx ``ds``); the calibration records it.
     frame_step: int = 1
-    #: weight of the (negative part of the) silence ratio in the score; ``None``: the
-    #: weight the calibration was measured with (1.0 with an explicit threshold).
+    #: weight of the (negative part of the) silence ratio in the score, for every kind;
+    #: ``None``: the weights the calibration chose per kind (1.0 with an explicit threshold).
     silence_weight: float | None = None
-    #: search beams of the alignment (the same value for every beam: pocketsphinx 5.1.1
-    #: breaks word alignments when the word beam differs from the state beam).
-    beam: float = 1e-48
+    #: search beams of both passes (the same value for every beam: pocketsphinx 5.1.1
+    #: breaks word alignments when the word beam differs from the state beam). Wide enough
+    #: that nothing is pruned: with 1e-48 the aligner lost the right path of slow readers
+    #: and pushed their last words into "silence"; every senone is scored in every frame
+    #: anyway, so the wide beam costs nothing measurable.
+    beam: float = 1e-300
     min_seconds: float = 0.3
     max_seconds: float = 30.0
     #: a recording whose 95th-percentile 30 ms level stays below this is silence.
@@ -194,6 +206,8 @@ class ChallengeCalibration:
     threshold: float
     target_wrong_phrase_acceptance: float
     thresholds: dict[str, float]
+    #: the silence weight each kind's threshold was measured with
+    silence_weights: dict[str, float]
     info: dict[str, Any]
 
 
@@ -207,13 +221,19 @@ def load_calibration(path: Path) -> ChallengeCalibration:
         threshold = float(doc["threshold"])
         target = float(doc["target_wrong_phrase_acceptance"])
         per_kind = {str(k): float(v) for k, v in dict(doc.get("thresholds", {})).items()}
+        weight = float(doc.get("silence_weight", 1.0))
+        weights = {kind: weight for kind in KINDS}
+        weights.update({str(k): float(v) for k, v in dict(doc.get("silence_weights", {})).items()})
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ModelError(f"challenge calibration {path.name} is malformed") from exc
     if not all(math.isfinite(t) for t in (threshold, *per_kind.values())):
         raise ModelError(f"challenge calibration {path.name} has a threshold that is not a number")
-    if any(k not in KINDS for k in per_kind):
+    if not all(0.0 <= w <= 100.0 for w in weights.values()):
+        raise ModelError(f"challenge calibration {path.name} has a silence weight outside 0..100")
+    if any(k not in KINDS for k in (*per_kind, *weights)):
         raise ModelError(f"challenge calibration {path.name} names an unknown challenge kind")
-    return ChallengeCalibration(threshold=threshold, target_wrong_phrase_acceptance=target, thresholds=per_kind, info=doc)
+    return ChallengeCalibration(threshold=threshold, target_wrong_phrase_acceptance=target, thresholds=per_kind,
+                                silence_weights=weights, info=doc)
 
 
 # --------------------------------------------------------------------------- challenges
@@ -311,6 +331,19 @@ def load_phrases(phrases: Iterable[str], *, config: ChallengeConfig = ChallengeC
 # --------------------------------------------------------------------------- the checker
 
 
+class ScoreParts(NamedTuple):
+    """The two measurements a challenge score combines, in score units per frame."""
+
+    #: mean over the expected words of each word's log-likelihood ratio per frame
+    words: float
+    #: the same ratio over all the silences the aligner inserted, together (0.0: none)
+    silence: float
+
+    def score(self, silence_weight: float) -> float:
+        """The challenge score: ``words + silence_weight * min(0, silence)``."""
+        return float(self.words + silence_weight * min(0.0, self.silence))
+
+
 def _is_filler(name: str) -> bool:
     """Silence and noise entries of an alignment (``<sil>``, ``<s>``, ``[NOISE]``, ``+SPN+``)."""
     return name[:1] in ("<", "[", "+")
@@ -319,7 +352,7 @@ def _is_filler(name: str) -> bool:
 class _Decoder:
     """One pocketsphinx decoder with the phone loop added; used by one thread only."""
 
-    def __init__(self, config: ChallengeConfig, silence_weight: float) -> None:
+    def __init__(self, config: ChallengeConfig) -> None:
         beam = config.beam
         try:
             self.ps = pocketsphinx.Decoder(
@@ -341,7 +374,6 @@ class _Decoder:
         except (RuntimeError, ValueError) as exc:
             raise ModelError("the pocketsphinx model could not be loaded") from exc
         self.log_base = math.log(float(self.ps.config["logbase"]))
-        self.silence_weight = silence_weight
 
     def _decode(self, pcm: bytes) -> None:
         # a fresh front end for every pass: its noise tracker would otherwise carry over
@@ -373,16 +405,17 @@ class _Decoder:
             frames[start : min(start + dur, n_frames)] = score / dur
         return frames
 
-    def score(self, pcm: bytes, words: list[str], background: np.ndarray) -> float:
-        """The challenge score of ``words`` on ``pcm``, given its :meth:`phone_loop`."""
+    def parts(self, pcm: bytes, words: list[str], background: np.ndarray) -> ScoreParts | None:
+        """The score parts of ``words`` on ``pcm``, given its :meth:`phone_loop`; ``None``
+        if the words cannot be aligned to the recording at all."""
         ps = self.ps
         ps.set_align_text(" ".join(words))
         self._decode(pcm)
         if ps.hyp() is None:
-            return FAILURE_SCORE
+            return None
         entries = self._segments()
         if not entries:
-            return FAILURE_SCORE
+            return None
         word_ratios: list[float] = []
         sil_sum, sil_frames = 0.0, 0
         for name, start, dur, score in entries:
@@ -393,9 +426,8 @@ class _Decoder:
             else:
                 word_ratios.append(ratio_sum / dur)
         if not word_ratios:
-            return FAILURE_SCORE
-        silence = sil_sum / sil_frames if sil_frames else 0.0
-        return float(np.mean(word_ratios) + self.silence_weight * min(0.0, silence))
+            return None
+        return ScoreParts(words=float(np.mean(word_ratios)), silence=sil_sum / sil_frames if sil_frames else 0.0)
 
 
 class ChallengeChecker:
@@ -419,16 +451,19 @@ class ChallengeChecker:
             name = Path(config.calibration_path).name
             if int(measured.get("frame_step", 1)) != config.frame_step:
                 raise ModelError(f"challenge calibration {name} was not measured with frame_step={config.frame_step}")
-            weight = float(measured.get("silence_weight", 1.0))
-            if config.silence_weight is not None and config.silence_weight != weight:
-                raise ModelError(f"challenge calibration {name} was measured with silence_weight={weight:g}")
+            if float(measured.get("beam", config.beam)) != config.beam:
+                raise ModelError(f"challenge calibration {name} was not measured with beam={config.beam:g}")
+            weights = dict(self.calibration.silence_weights)
+            if config.silence_weight is not None and any(w != config.silence_weight for w in weights.values()):
+                measured_with = ", ".join(f"{k} {w:g}" for k, w in weights.items())
+                raise ModelError(f"challenge calibration {name} was measured with silence_weight {measured_with}")
             threshold = self.calibration.threshold
             per_kind = dict(self.calibration.thresholds)
         else:
             self.calibration = None
-            weight = 1.0 if config.silence_weight is None else config.silence_weight
-        #: the weight of the silence ratio in the score
-        self.silence_weight = weight
+            weights = {kind: 1.0 if config.silence_weight is None else config.silence_weight for kind in KINDS}
+        #: the weight of the silence ratio in the score, per challenge kind
+        self.silence_weights = weights
         if not math.isfinite(threshold):
             raise ConfigError("the challenge threshold must be a finite number")
         self.threshold = float(threshold)
@@ -443,7 +478,7 @@ class ChallengeChecker:
     def _decoder(self) -> _Decoder:
         dec = getattr(self._local, "decoder", None)
         if dec is None:
-            dec = _Decoder(self.config, self.silence_weight)
+            dec = _Decoder(self.config)
             self._local.decoder = dec
         return dec
 
@@ -470,15 +505,29 @@ class ChallengeChecker:
     def score_batch(self, items: Sequence[tuple[np.ndarray, str]]) -> list[float | SampleError]:
         """One score per (float32 mono 16 kHz audio, expected challenge), in order.
 
-        A recording that cannot be used gives its :class:`SampleError` in its place. An
-        expected challenge with words outside the dictionary is a :class:`ConfigError` for
-        the whole batch (phrase lists are checked by :func:`load_phrases` when loaded).
+        A recording that cannot be used gives its :class:`SampleError` in its place; one
+        the expected words cannot be aligned to scores :data:`FAILURE_SCORE`. An expected
+        challenge with words outside the dictionary is a :class:`ConfigError` for the whole
+        batch (phrase lists are checked by :func:`load_phrases` when loaded).
         """
+        out: list[float | SampleError] = []
+        for (_, challenge), parts in zip(items, self.parts_batch(items)):
+            if isinstance(parts, SampleError):
+                out.append(parts)
+            elif parts is None:
+                out.append(FAILURE_SCORE)
+            else:
+                out.append(parts.score(self.silence_weights[challenge_kind(challenge)]))
+        return out
+
+    def parts_batch(self, items: Sequence[tuple[np.ndarray, str]]) -> list[ScoreParts | None | SampleError]:
+        """Like :meth:`score_batch`, but the :class:`ScoreParts` of each score (``None``:
+        not aligned), for a benchmark that weighs them itself."""
         expected = [challenge_words(challenge) for _, challenge in items]
         unknown = _unknown_words((w for words in expected for w in words), self.config)
         if unknown:
             raise ConfigError("words not in the pronunciation dictionary: " + ", ".join(unknown))
-        out: list[float | SampleError] = []
+        out: list[ScoreParts | None | SampleError] = []
         # one recording scored against several challenges in a batch (the benchmark's wrong
         # phrases) is checked and decoded through the phone loop once
         prepared: dict[int, tuple[bytes, np.ndarray] | SampleError] = {}
@@ -496,12 +545,12 @@ class ChallengeChecker:
                 if isinstance(ready, SampleError):
                     out.append(ready)
                     continue
-                out.append(dec.score(ready[0], words, ready[1]))
+                out.append(dec.parts(ready[0], words, ready[1]))
             except RuntimeError:
                 # pocketsphinx refused this recording mid-way; its decoder state is not to
                 # be trusted any more: start this thread afresh with a new one.
                 self._local.decoder = None
-                out.append(FAILURE_SCORE)
+                out.append(None)
         return out
 
     def threshold_for(self, challenge: str) -> float:

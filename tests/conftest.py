@@ -38,6 +38,27 @@ class FixedScores:
         return _Decision(True, "match")
 
 
+# ---- samples the fake extractors understand, and a clock the test moves -----------------------
+def face(who: str, n: int = 0) -> bytes:
+    """A face "image" of ``who`` for the fake extractor (``n``: another photo of them)."""
+    return f"FACE:{who}:{n}".encode()
+
+
+def voice(who: str, said: str = "", n: int = 0) -> bytes:
+    """A "recording" of ``who`` saying ``said`` for the fake extractor."""
+    return f"VOICE:{who}:{said}:{n}".encode()
+
+
+class Clock:
+    """The engine's wall clock, moved forward by the test instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
 @dataclass
 class RPKeys:
     rp_id: str

@@ -24,6 +24,7 @@ from engine.challenge import (
     FAILURE_SCORE,
     ChallengeChecker,
     ChallengeConfig,
+    ScoreParts,
     challenge_words,
     load_calibration,
     load_phrases,
@@ -151,15 +152,29 @@ def test_each_challenge_kind_has_its_own_threshold(tmp_path: Path) -> None:
 
 
 def test_the_score_is_computed_as_it_was_calibrated(tmp_path: Path) -> None:
-    """The silence weight comes from the calibration, and a calibration measured on other
-    frames is refused."""
-    config = _calibration(tmp_path, -10.0, measured={"silence_weight": 0.5, "frame_step": 1})
-    assert ChallengeChecker(config=config).silence_weight == 0.5
+    """Each kind's silence weight comes from the calibration, and a calibration measured on
+    other frames or with another beam is refused."""
+    measured = {"silence_weights": {"digits": 1.5, "phrase": 0.25}, "frame_step": 1, "beam": ChallengeConfig().beam}
+    config = _calibration(tmp_path, -10.0, measured=measured)
+    checker = ChallengeChecker(config=config)
+    assert checker.silence_weights == {"digits": 1.5, "phrase": 0.25}
     with pytest.raises(ModelError, match="silence_weight"):
-        ChallengeChecker(config=dataclasses.replace(config, silence_weight=2.0))
+        ChallengeChecker(config=dataclasses.replace(config, silence_weight=1.5))
     with pytest.raises(ModelError, match="frame_step"):
         ChallengeChecker(config=dataclasses.replace(config, frame_step=2))
-    assert ChallengeChecker(threshold=0.0).silence_weight == 1.0
+    with pytest.raises(ModelError, match="beam"):
+        ChallengeChecker(config=dataclasses.replace(config, beam=1e-48))
+    # an older calibration with one weight for every kind
+    one = _calibration(tmp_path, -10.0, measured={"silence_weight": 0.5, "frame_step": 1})
+    assert ChallengeChecker(config=one).silence_weights == {"digits": 0.5, "phrase": 0.5}
+    assert ChallengeChecker(config=dataclasses.replace(one, silence_weight=0.5)).silence_weights["digits"] == 0.5
+    assert ChallengeChecker(threshold=0.0).silence_weights == {"digits": 1.0, "phrase": 1.0}
+
+
+def test_score_parts_weigh_only_silence_that_fits_worse_than_free_phones() -> None:
+    assert ScoreParts(words=-20.0, silence=-10.0).score(1.5) == -35.0
+    assert ScoreParts(words=-20.0, silence=4.0).score(1.5) == -20.0
+    assert ScoreParts(words=-20.0, silence=-10.0).score(0.0) == -20.0
 
 
 def test_shipped_calibration_is_the_default() -> None:
@@ -168,8 +183,9 @@ def test_shipped_calibration_is_the_default() -> None:
         pytest.skip("models/challenge.json not written yet (netid bench challenge --write-calibration)")
     doc = json.loads(path.read_text())
     assert doc["frame_step"] == ChallengeConfig().frame_step
+    assert doc["beam"] == ChallengeConfig().beam
     checker = ChallengeChecker()
-    assert checker.silence_weight == doc["silence_weight"]
+    assert checker.silence_weights == doc["silence_weights"]
     assert checker.threshold == doc["threshold"]
     assert doc["target_wrong_phrase_acceptance"] == 0.001
     assert checker.accept(doc["threshold"]) and not checker.accept(doc["threshold"] - 0.01)
@@ -182,7 +198,9 @@ def test_missing_or_broken_calibration(tmp_path: Path) -> None:
         ChallengeChecker(config=ChallengeConfig(calibration_path=tmp_path / "absent.json"))
     bad = tmp_path / "bad.json"
     for text in ('{"threshold": "high"}', '{"threshold": 1, "target_wrong_phrase_acceptance": 0.001, "thresholds": {"emoji": 1}}',
-                 '{"threshold": 1, "target_wrong_phrase_acceptance": 0.001, "thresholds": {"digits": NaN}}', "not json"):
+                 '{"threshold": 1, "target_wrong_phrase_acceptance": 0.001, "thresholds": {"digits": NaN}}',
+                 '{"threshold": 1, "target_wrong_phrase_acceptance": 0.001, "silence_weights": {"digits": -1}}',
+                 '{"threshold": 1, "target_wrong_phrase_acceptance": 0.001, "silence_weights": {"emoji": 1}}', "not json"):
         bad.write_text(text)
         with pytest.raises(ModelError):
             load_calibration(bad)

@@ -12,7 +12,6 @@ search finds an enrolled face; an untouched credential verifies).
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import sqlite3
@@ -26,6 +25,7 @@ import nacl.signing
 import pytest
 import trio
 
+from benchmarks._engine import EngineProcess
 from engine import errors as E
 from engine.client import open_holder, open_relying_party
 from engine.demo import DigitVoices
@@ -85,44 +85,10 @@ def people_for(rng: random.Random) -> list[Person]:
     return [Person(f"K-{i:03d}", n, SPEAKERS[i % len(SPEAKERS)]) for i, n in enumerate(names[: N_EARLY + N_FRESH])]
 
 
-class Engine:
-    """A ``netid serve`` subprocess on a data directory."""
-
-    def __init__(self, data: Path, log: Path) -> None:
-        self.data, self.log = data, log
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
-        self.engine_key = b""
-
-    async def start(self) -> None:
-        with self.log.open("ab") as err:
-            self.proc = subprocess.Popen(
-                netid("--log-level", "warning", "serve", "--data", str(self.data), "--port", "0", "--no-challenge-check"),
-                stdout=subprocess.PIPE,
-                stderr=err,
-                cwd=ROOT,
-            )
-        with trio.fail_after(60):
-            line = await trio.to_thread.run_sync(self.proc.stdout.readline)
-        assert line, f"the engine did not start: {self.log.read_text()[-2000:]}"
-        ready = json.loads(line)
-        assert ready["event"] == "ready"
-        self.port, self.engine_key = ready["port"], bytes.fromhex(ready["engine_key"])
-
-    def kill(self) -> None:
-        assert self.proc is not None and self.proc.poll() is None, "the engine died on its own"
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-        assert self.proc.returncode == -signal.SIGKILL
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+def sigkill(engine: EngineProcess) -> None:
+    assert engine.proc is not None and engine.proc.poll() is None, "the engine died on its own"
+    engine.kill()
+    assert engine.proc.returncode == -signal.SIGKILL
 
 
 def run(*args: str) -> dict:
@@ -166,9 +132,9 @@ async def test_sigkill_during_transitions_leaves_each_credential_before_or_after
     assert len(people) >= N_EARLY + N_FRESH - 2, imported
     run("rp", "add", "--id", "hotel", "--name", "Hotel", "--max-level", "basic", "--keys-out", str(keys), "--data", str(data))
 
-    engine = Engine(data, tmp_path / "engine.log")
+    engine = EngineProcess(data, serve_args=["--no-challenge-check"], log_path=tmp_path / "engine.log", ready_timeout=60.0)
     try:
-        await engine.start()
+        await trio.to_thread.run_sync(engine.start)
         # ---- before: the bystander and the early half are enrolled --------------------------------
         bystander.credential, bystander.version = await enroll(engine.port, bystander, bystander.key, rng, samples=2), 1
         early = people[:N_EARLY]
@@ -212,12 +178,12 @@ async def test_sigkill_during_transitions_leaves_each_credential_before_or_after
                     for _ in range(kill_after):
                         await answered.acquire()
                     await trio.sleep(rng.uniform(0.0, 0.05))  # land anywhere, the store's commits included
-                    engine.kill()
+                    sigkill(engine)
             print(f"killed after {kill_after} answers:", [(t.kind, "answered" if t.answered else t.error) for t in transitions])
             cut_short += any(t.error and t.error.startswith("connection") for t in transitions)
 
             # ---- after: restart on the same data directory -----------------------------------------
-            await engine.start()
+            await trio.to_thread.run_sync(engine.start)
             with sqlite3.connect(data / "engine.db") as db:
                 check_store(db, transitions, bystander)
             with trio.fail_after(120):
@@ -286,7 +252,7 @@ def check_store(db: sqlite3.Connection, transitions: list[Transition], bystander
     print("after the restart:", [(t.kind, "after" if t.after else "before") for t in transitions])
 
 
-async def check_serving(engine: Engine, transitions: list[Transition], bystander: Person) -> None:
+async def check_serving(engine: EngineProcess, transitions: list[Transition], bystander: Person) -> None:
     """The restarted engine knows every binding: current keys, and old ones told to delete."""
     port = engine.port
     for p in [bystander, *(t.person for t in transitions)]:
@@ -304,7 +270,7 @@ async def check_serving(engine: Engine, transitions: list[Transition], bystander
                 assert (await old_phone.status(t.old_credential)).status == "voided"
 
 
-async def check_indexes(engine: Engine, bystander: Person, alias: Person, keys: Path, rng: random.Random) -> None:
+async def check_indexes(engine: EngineProcess, bystander: Person, alias: Person, keys: Path, rng: random.Random) -> None:
     """The template indexes were rebuilt from the store."""
     port = engine.port
     # 1:N: the bystander's face is found when someone enrolls it under another card
@@ -312,10 +278,11 @@ async def check_indexes(engine: Engine, bystander: Person, alias: Person, keys: 
         with pytest.raises(E.DuplicateIdentity):
             await phone.enroll(alias.card, [img(alias.face, 5)], [ENROLL_VOICES.say(alias.speaker, "13572468", rng)])
     # 1:1: the untouched credential verifies against its templates
+    engine_key = bytes.fromhex(engine.ready["engine_key"])
     rp_keys = dict(signing_key=nacl.signing.SigningKey((keys / "hotel.sign.key").read_bytes()), box_key=nacl.public.PrivateKey((keys / "hotel.box.key").read_bytes()))
-    async with open_relying_party("127.0.0.1", port, rp_id="hotel", engine_key=engine.engine_key, **rp_keys) as rp:
+    async with open_relying_party("127.0.0.1", port, rp_id="hotel", engine_key=engine_key, **rp_keys) as rp:
         opened = await rp.open_session()
-        async with open_holder("127.0.0.1", port, device_key=bystander.key, engine_key=engine.engine_key) as phone:
+        async with open_holder("127.0.0.1", port, device_key=bystander.key, engine_key=engine_key) as phone:
             qr = phone.scan(opened.qr_text)
             mine = await phone.verify(bystander.credential, qr, face=img(bystander.face, 4), voice=PROBE_VOICES.say(bystander.speaker, qr.challenge, rng))
         pushed = await rp.results().__anext__()

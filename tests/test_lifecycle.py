@@ -35,31 +35,13 @@ from engine.registry import seal_card_template
 from engine.service import Engine
 from engine.store import AcceptancePoint, CardRecord
 
-from .conftest import FixedScores, RPKeys, make_rp
+from .conftest import Clock, FixedScores, RPKeys, face, make_rp, voice
 
 PEOPLE = {"C1": "alice", "C2": "bob", "C3": "carol"}
 NAMES = {"C1": "Alice Example", "C2": "Bob Example", "C3": "Carol Example"}
 
 
-# ---- samples and clock -------------------------------------------------------------------------------
-def face(who: str, n: int = 0) -> bytes:
-    return f"FACE:{who}:{n}".encode()
-
-
-def voice(who: str, said: str = "", n: int = 0) -> bytes:
-    return f"VOICE:{who}:{said}:{n}".encode()
-
-
-class Clock:
-    """The engine's wall clock, moved forward by the test instead of sleeping."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-
+# ---- scores ------------------------------------------------------------------------------------------
 class RecordingScores(FixedScores):
     """FixedScores that remembers every score it was asked to decide on."""
 

@@ -27,18 +27,10 @@ from engine.extract import _identity_vector, fake_extractors
 from engine.registry import seal_card_template
 from engine.store import CardRecord
 
-from .conftest import FixedScores, make_rp
+from .conftest import FixedScores, face, make_rp, voice
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 PEOPLE = ("alice", "bob", "carol", "dave")
-
-
-def face(who: str, n: int = 0) -> bytes:
-    return f"FACE:{who}:{n}".encode()
-
-
-def voice(who: str, said: str = "", n: int = 0) -> bytes:
-    return f"VOICE:{who}:{said}:{n}".encode()
 
 
 def slow(fn, seconds: float):

@@ -20,23 +20,7 @@ from engine.extract import _identity_vector, fake_extractors
 from engine.registry import seal_card_template
 from engine.store import CardRecord
 
-from .conftest import FixedScores, make_rp
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-
-def face(who: str, n: int = 0) -> bytes:
-    return f"FACE:{who}:{n}".encode()
-
-
-def voice(who: str, said: str = "", n: int = 0) -> bytes:
-    return f"VOICE:{who}:{said}:{n}".encode()
+from .conftest import Clock, FixedScores, face, make_rp, voice
 
 
 @pytest.fixture
