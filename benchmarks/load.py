@@ -8,7 +8,8 @@ What it does, in one run:
    parties with ``netid rp add``, and enrolls every resident from its own phone over TCP.
 2. **The limit.** Runs ``benchmarks.limit`` (the same extraction work straight on the
    models, no server) while the engine idles, so both figures come from the same minutes
-   of the same machine.
+   of the same machine; after the load steps it runs again with the layout found, and the
+   ratio uses the mean of the two (both are reported).
 3. **Load steps.** Poisson arrivals at a given rate: each arrival is a relying party
    opening a session and a holder's phone answering it with a live face and a recording
    of the session's digits (genuine holders, another person's face, another speaker's
@@ -339,19 +340,18 @@ async def _route_pushes(gen: Generator, rp: RelyingParty) -> None:
         gen.pushed[result.session_id] = result.outcome
 
 
-def measure_limit(args: argparse.Namespace, challenge: bool) -> dict[str, Any]:
+def measure_limit(args: argparse.Namespace, challenge: bool, layouts: list[str] | None = None) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "benchmarks.limit", "--samples", "48"]
     if args.data:
         cmd += ["--data", str(args.data)]
     if not challenge:
         cmd.append("--no-challenge")
-    if args.limit_layout:
-        for layout in args.limit_layout:
-            cmd += ["--layout", layout]
-    elif args.limit_search:
-        pass  # the limit's full search (several minutes)
-    else:
-        cmd += ["--quick", "--seconds", "8" if args.quick else "12"]
+    layouts = layouts or args.limit_layout
+    seconds = ["--seconds", "8" if args.quick else "12"]
+    if layouts:
+        cmd += [arg for layout in layouts for arg in ("--layout", layout)] + seconds
+    elif not args.limit_search:  # (with --limit-search: the limit's full search, several minutes)
+        cmd += ["--quick", *seconds]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
         raise RuntimeError(f"benchmarks.limit failed: {out.stderr[-2000:]}")
@@ -409,12 +409,6 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         limit_rps = limit["limit_rps"] if limit else None
 
         seconds = args.seconds or (12.0 if args.quick else 30.0)
-        if args.generator_nice:
-            # From here on the generator yields the cores to the engine, as clients on other
-            # machines would. On Linux a nice value belongs to a thread: this lowers the
-            # thread that drives the load (and any thread or process it starts later); the
-            # engine and the limit, started before, keep the default priority.
-            os.nice(args.generator_nice)
         rows: list[dict[str, Any]] = []
         async with trio.open_nursery() as routers:
             await _connect_all(gen)
@@ -427,10 +421,6 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             else:
                 if not limit_rps:
                     raise SystemExit("a capacity search needs the limit (drop --no-limit, or give --limit-rps or --rps)")
-                if args.warmup > 0:
-                    # the engine's first busy seconds (caches, allocator, the recogniser's
-                    # processes) are not its steady state; this step is reported, not summarised
-                    rows.append(await _do_step(gen, Step("warm-up", limit_rps, args.warmup), args.seed + 100))
                 sat = await _do_step(gen, Step("saturation", 1.25 * limit_rps, seconds), args.seed)
                 rows.append(sat)
                 capacity = max(sat["throughput_rps"], 0.05)
@@ -438,6 +428,14 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     rows.append(await _do_step(gen, Step(name, factor * capacity, seconds), args.seed + 1 + k))
             await gen.connections.aclose()
             routers.cancel_scope.cancel()
+        if limit is not None and "best" in limit:
+            # the limit again, with the layout found before, now that the engine idles again:
+            # the ratio uses the mean of the two, so that a machine that got faster or slower
+            # during the steps does not tilt it
+            b = limit["best"]
+            layout = f"{b['batch']},{b['threads']},{b['intra']}" + (f",{b['processes']}" if b.get("processes") else "")
+            after = await trio.to_thread.run_sync(measure_limit, args, challenge, [layout])
+            limit = bracket_limit(limit, after)
         summary = _summary(rows, limit, gen, challenge, args)
     finally:
         if gen.engine is not None:
@@ -460,6 +458,19 @@ async def _do_step(gen: Generator, step: Step, seed: int) -> dict[str, Any]:
     return row
 
 
+def bracket_limit(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The limit measured before and after the load steps, as one: the mean of the two."""
+    out = dict(before)
+    out["limit_rps_before"], out["limit_rps_after"] = before["limit_rps"], after["limit_rps"]
+    out["limit_rps"] = round((before["limit_rps"] + after["limit_rps"]) / 2, 3)
+    best = dict(before["best"])
+    for key in ("cpu_ms_per_verification", "cpu_share"):
+        if best.get(key) is not None and after["best"].get(key) is not None:
+            best[key] = round((best[key] + after["best"][key]) / 2, 4)
+    out["best"] = best
+    return out
+
+
 def _summary(rows: list[dict[str, Any]], limit: dict[str, Any] | None, gen: Generator, challenge: bool, args: argparse.Namespace) -> dict[str, Any]:
     limit_rps = limit["limit_rps"] if limit else None
     named = {r["step"]: r for r in rows}
@@ -474,6 +485,7 @@ def _summary(rows: list[dict[str, Any]], limit: dict[str, Any] | None, gen: Gene
         "throughput_rps": throughput,
         "limit_rps": limit_rps,
         "ratio": round(throughput / limit_rps, 3) if limit_rps else None,
+        "limit_rps_before_after": [limit.get("limit_rps_before"), limit.get("limit_rps_after")] if limit and "limit_rps_after" in limit else None,
         "offered_rps": named["saturation"]["offered_rps"] if "saturation" in named else best["offered_rps"],
         "p50_ms": at80["p50_ms"],
         "p99_ms": at80["p99_ms"],
@@ -485,7 +497,6 @@ def _summary(rows: list[dict[str, Any]], limit: dict[str, Any] | None, gen: Gene
         "relying_parties": len(gen.rps),
         "challenge_check": challenge,
         "generator_cpu_share_max": max(gen_share) if gen_share else None,
-        "generator_nice": args.generator_nice,
     }
     if limit and "best" in limit:
         # CPU per verification does not depend on how much of the shared machine each got
@@ -536,7 +547,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     # x: the arrival rate the step really produced (Poisson: near the nominal rate, not equal)
-    rows = sorted((r for r in summary["steps"] if r["step"] != "warm-up"), key=lambda r: r["arrived_rps"])
+    rows = sorted(summary["steps"], key=lambda r: r["arrived_rps"])
     x = [r["arrived_rps"] for r in rows]
     fig, (a, b) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
     a.plot(x, [r["throughput_rps"] for r in rows], "o-", label="throughput (answered verifications/s)")
@@ -576,10 +587,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=5)
     p.add_argument("--answer-timeout", type=float, default=20.0, help="seconds after which a request counts as unanswered")
     p.add_argument("--no-challenge-check", action="store_true", help="engine without the spoken-challenge check, limit without the recogniser")
-    p.add_argument("--warmup", type=float, default=10.0, metavar="SECONDS",
-                   help="capacity search: a step at the limit's rate before saturation, not summarised (0: none)")
-    p.add_argument("--generator-nice", type=int, default=10, metavar="N",
-                   help="run the load steps at this nice increment, so that the engine has the cores first (0: off)")
     p.add_argument("--no-limit", action="store_true", help="do not measure the limit")
     p.add_argument("--limit-rps", type=float, default=None, help="use this limit instead of measuring it")
     p.add_argument("--limit-layout", action="append", default=[], metavar="B,T,I[,P]", help="limit layouts to measure (default: the limit's quick search)")
@@ -613,7 +620,8 @@ def main(argv: list[str] | None = None) -> int:
 def _human(s: dict[str, Any]) -> None:
     print(
         f"LOAD throughput {s['throughput_rps']:.2f}/s {'at saturation' if 'checks' in s else 'at the best step'} (offered {s['offered_rps']:.2f}/s); "
-        f"limit {s['limit_rps'] if s['limit_rps'] is None else format(s['limit_rps'], '.2f')}/s; ratio {s['ratio']}; "
+        f"limit {s['limit_rps'] if s['limit_rps'] is None else format(s['limit_rps'], '.2f')}/s"
+        f"{' (before/after: {} / {})'.format(*s['limit_rps_before_after']) if s.get('limit_rps_before_after') else ''}; ratio {s['ratio']}; "
         f"p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms at {s['latency_at']}; overloaded {s['overloaded']}; "
         f"unanswered {s['unanswered']}; errors {s['errors']}; generator CPU at most {100 * (s['generator_cpu_share_max'] or 0):.1f} % of the machine"
     )
