@@ -435,6 +435,14 @@ def main(argv: list[str] | None = None) -> int:
             nm_thr = own["threshold"] if own is not None else operating
             row["near_miss_accept"] = {"threshold": nm_thr, **_rate(int((nm >= nm_thr).sum()), int(nm.size))}
             row["near_miss"] = _dist(nm)
+            # six speakers with four accents: where the misses come from
+            by_speaker: dict[str, list[float]] = defaultdict(list)
+            for r in results:
+                if r.task.set == s and r.task.part == "B":
+                    by_speaker[r.task.group] += [x for x, lab in zip(r.scores, r.task.labels) if lab == "genuine"]
+            row["genuine_pass_by_speaker"] = {
+                spk: _rate(sum(x >= nm_thr for x in xs), len(xs)) for spk, xs in sorted(by_speaker.items())
+            }
         if s == "speech":
             # the corpus's speakers 96xx read markedly slower and less fluently (their
             # utterances average 6.2 s against 3.8 s for the others)
@@ -530,6 +538,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"median genuine score {pf['median_full_band']:.1f} -> {pf['median_8k']:.1f} at 8 kHz", file=out)
         if "near_miss_accept" in row:
             print(f"  {'':9s} one digit changed (information), at its kind's threshold: accepted {_fmt(row['near_miss_accept'])}", file=out)
+        if "genuine_pass_by_speaker" in row:
+            per = ", ".join(f"{spk} {v['k']}/{v['n']}" for spk, v in row["genuine_pass_by_speaker"].items())
+            print(f"  {'':9s} genuine pass by speaker, at its kind's threshold: {per}", file=out)
         if "speakers_96xx" in row:
             print(f"  {'':9s} genuine pass, speakers 96xx {_fmt(row['speakers_96xx'])}; others {_fmt(row['other_speakers'])}", file=out)
         d = row["diagnostic_zero_wrong_on_B"]
