@@ -59,6 +59,7 @@ class EngineProcess:
         self.proc: subprocess.Popen | None = None
         self.ready: dict[str, Any] = {}
         self._log = None
+        self._reader: threading.Thread | None = None
 
     @property
     def pid(self) -> int:
@@ -102,10 +103,13 @@ class EngineProcess:
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
+        self._reader = reader
         deadline = time.monotonic() + self.ready_timeout
         while not found:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the engine exited with {self.proc.returncode} before it was ready: {self._last_log_line()} (log: {self.log_path})")
+                why = f"the engine exited with {self.proc.returncode} before it was ready: {self._last_log_line()} (log: {self.log_path})"
+                self.wait()
+                raise RuntimeError(why)
             if time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError("the engine did not become ready in time")
@@ -130,12 +134,16 @@ class EngineProcess:
             self.proc.send_signal(signal.SIGTERM)
 
     def wait(self, timeout: float = 60.0) -> int:
+        """Wait for the process to end; then close its log and its output pipe."""
         assert self.proc is not None
-        try:
-            return self.proc.wait(timeout=timeout)
-        finally:
-            if self._log not in (None, subprocess.DEVNULL):
-                self._log.close()  # type: ignore[union-attr]
+        code = self.proc.wait(timeout=timeout)
+        if self._reader is not None:
+            self._reader.join(timeout=5.0)  # it reads the pipe to its end
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        if self._log not in (None, subprocess.DEVNULL):
+            self._log.close()  # type: ignore[union-attr]
+        return code
 
     def stop(self, timeout: float = 60.0) -> int:
         """Drain (SIGTERM) and wait; kill if it takes longer than ``timeout``."""

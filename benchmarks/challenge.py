@@ -259,7 +259,9 @@ def apply_weight(results: list[Result], set_: str, weight: float) -> None:
 def choose_weight(results: list[Result], set_: str, target: float) -> tuple[float, list[dict[str, Any]]]:
     """The silence weight that lets most part-A genuine trials through at part A's own
     threshold for ``target`` (the smaller weight on a tie), and the whole grid."""
-    grid = []
+    grid: list[dict[str, Any]] = []
+    if not any(r.task.set == set_ and r.task.part == "A" and "genuine" in r.task.labels for r in results):
+        return 1.0, grid  # nothing to choose on
     for w in SILENCE_WEIGHTS:
         apply_weight(results, set_, w)
         wa, ga = _scores(results, set_, "A", "wrong"), _scores(results, set_, "A", "genuine")
@@ -352,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="cap utterances and strings per part")
     p.add_argument("--write-calibration", action="store_true", help=f"write the operating point to models/{CALIBRATION_FILE}")
     p.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR, help="where --write-calibration writes")
-    p.add_argument("--save-scores", type=Path, default=None, help="also write every trial's score here (JSON lines)")
+    p.add_argument("--save-scores", type=Path, default=None, help="also write every trial's score parts (mean word ratio, silence ratio; JSON lines) here")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
     if args.quick:
@@ -450,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                 g = np.asarray([x for r in results if r.task.set == s and r.task.part == "B"
                                 and (r.task.group.startswith("96") == (prefix == "96"))
                                 for x, lab in zip(r.scores, r.task.labels) if lab == "genuine"])
-                row[name] = _rate(int((g >= operating).sum()), int(g.size))
+                row[name] = _rate(int((g >= own["threshold"]).sum()), int(g.size))
         if s == "speech-8k" and "speech" in per_set:
             full = {r.task.audio[1]: r.scores[0] for r in results if r.task.set == "speech" and r.task.part == "B"}
             pairs = [(full[r.task.audio[1]], r.scores[0]) for r in results if r.task.set == s and r.task.audio[1] in full]

@@ -340,18 +340,26 @@ async def _route_pushes(gen: Generator, rp: RelyingParty) -> None:
         gen.pushed[result.session_id] = result.outcome
 
 
+def _limit_seconds(args: argparse.Namespace) -> list[str]:
+    """Seconds per layout: the quick search's 12 (8 with --quick); the limit's own default
+    with --limit-layout or --limit-search."""
+    return [] if args.limit_layout or args.limit_search else ["--seconds", "8" if args.quick else "12"]
+
+
 def measure_limit(args: argparse.Namespace, challenge: bool, layouts: list[str] | None = None) -> dict[str, Any]:
+    """Run ``benchmarks.limit``: the layouts given, else ``--limit-layout``, else its full
+    search (``--limit-search``) or its quick one; every time with the same seconds per layout."""
     cmd = [sys.executable, "-m", "benchmarks.limit", "--samples", "48"]
     if args.data:
         cmd += ["--data", str(args.data)]
     if not challenge:
         cmd.append("--no-challenge")
     layouts = layouts or args.limit_layout
-    seconds = ["--seconds", "8" if args.quick else "12"]
     if layouts:
-        cmd += [arg for layout in layouts for arg in ("--layout", layout)] + seconds
-    elif not args.limit_search:  # (with --limit-search: the limit's full search, several minutes)
-        cmd += ["--quick", *seconds]
+        cmd += [arg for layout in layouts for arg in ("--layout", layout)]
+    elif not args.limit_search:
+        cmd.append("--quick")
+    cmd += _limit_seconds(args)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
         raise RuntimeError(f"benchmarks.limit failed: {out.stderr[-2000:]}")
@@ -434,8 +442,13 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             # during the steps does not tilt it
             b = limit["best"]
             layout = f"{b['batch']},{b['threads']},{b['intra']}" + (f",{b['processes']}" if b.get("processes") else "")
-            after = await trio.to_thread.run_sync(measure_limit, args, challenge, [layout])
-            limit = bracket_limit(limit, after)
+            try:
+                after = await trio.to_thread.run_sync(measure_limit, args, challenge, [layout])
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                stderr(f"the limit after the steps could not be measured ({exc}); the ratio uses the one before")
+                limit = {**limit, "limit_rps_before": limit["limit_rps"], "limit_rps_after": None}
+            else:
+                limit = bracket_limit(limit, after)
         summary = _summary(rows, limit, gen, challenge, args)
     finally:
         if gen.engine is not None:
@@ -464,9 +477,10 @@ def bracket_limit(before: dict[str, Any], after: dict[str, Any]) -> dict[str, An
     out["limit_rps_before"], out["limit_rps_after"] = before["limit_rps"], after["limit_rps"]
     out["limit_rps"] = round((before["limit_rps"] + after["limit_rps"]) / 2, 3)
     best = dict(before["best"])
-    for key in ("cpu_ms_per_verification", "cpu_share"):
+    for key in ("rps", "cpu_ms_per_verification", "cpu_share"):
         if best.get(key) is not None and after["best"].get(key) is not None:
             best[key] = round((best[key] + after["best"][key]) / 2, 4)
+    best["before"], best["after"] = before["best"], after["best"]
     out["best"] = best
     return out
 
@@ -485,7 +499,7 @@ def _summary(rows: list[dict[str, Any]], limit: dict[str, Any] | None, gen: Gene
         "throughput_rps": throughput,
         "limit_rps": limit_rps,
         "ratio": round(throughput / limit_rps, 3) if limit_rps else None,
-        "limit_rps_before_after": [limit.get("limit_rps_before"), limit.get("limit_rps_after")] if limit and "limit_rps_after" in limit else None,
+        "limit_rps_before_after": [limit["limit_rps_before"], limit["limit_rps_after"]] if limit and "limit_rps_before" in limit else None,
         "offered_rps": named["saturation"]["offered_rps"] if "saturation" in named else best["offered_rps"],
         "p50_ms": at80["p50_ms"],
         "p99_ms": at80["p99_ms"],

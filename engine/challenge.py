@@ -140,6 +140,7 @@ _WORD_RE = re.compile(r"[a-z']+")
 _PHONE_LOOP = "challenge_phone_loop"
 _NULL = "(NULL)"  # the grammar's empty transitions, one frame long, in an alignment
 _LEVEL_WINDOW = 480  # 30 ms
+_EARLIER_BEAM = 1e-48  # the beam of calibrations that do not record theirs
 
 
 # --------------------------------------------------------------------------- configuration
@@ -221,9 +222,11 @@ def load_calibration(path: Path) -> ChallengeCalibration:
         threshold = float(doc["threshold"])
         target = float(doc["target_wrong_phrase_acceptance"])
         per_kind = {str(k): float(v) for k, v in dict(doc.get("thresholds", {})).items()}
-        weight = float(doc.get("silence_weight", 1.0))
-        weights = {kind: weight for kind in KINDS}
-        weights.update({str(k): float(v) for k, v in dict(doc.get("silence_weights", {})).items()})
+        per_kind_weights = doc.get("silence_weights")
+        if per_kind_weights is None:  # one weight for every kind
+            weights = {kind: float(doc.get("silence_weight", 1.0)) for kind in KINDS}
+        else:
+            weights = {str(k): float(v) for k, v in dict(per_kind_weights).items()}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ModelError(f"challenge calibration {path.name} is malformed") from exc
     if not all(math.isfinite(t) for t in (threshold, *per_kind.values())):
@@ -232,6 +235,16 @@ def load_calibration(path: Path) -> ChallengeCalibration:
         raise ModelError(f"challenge calibration {path.name} has a silence weight outside 0..100")
     if any(k not in KINDS for k in (*per_kind, *weights)):
         raise ModelError(f"challenge calibration {path.name} names an unknown challenge kind")
+    if any(k not in weights for k in per_kind):
+        raise ModelError(f"challenge calibration {path.name} has a threshold without its silence weight")
+    missing = [k for k in KINDS if k not in weights]
+    if missing:
+        if not per_kind:
+            raise ModelError(f"challenge calibration {path.name} gives no silence weight for " + ", ".join(missing))
+        # a kind without its own calibration is checked against the highest threshold: score
+        # it as the kind that threshold was measured on
+        strictest = max(per_kind, key=lambda k: per_kind[k])
+        weights.update({k: weights[strictest] for k in missing})
     return ChallengeCalibration(threshold=threshold, target_wrong_phrase_acceptance=target, thresholds=per_kind,
                                 silence_weights=weights, info=doc)
 
@@ -451,7 +464,8 @@ class ChallengeChecker:
             name = Path(config.calibration_path).name
             if int(measured.get("frame_step", 1)) != config.frame_step:
                 raise ModelError(f"challenge calibration {name} was not measured with frame_step={config.frame_step}")
-            if float(measured.get("beam", config.beam)) != config.beam:
+            # before the file recorded its beam, every calibration was measured with 1e-48
+            if float(measured.get("beam", _EARLIER_BEAM)) != config.beam:
                 raise ModelError(f"challenge calibration {name} was not measured with beam={config.beam:g}")
             weights = dict(self.calibration.silence_weights)
             if config.silence_weight is not None and any(w != config.silence_weight for w in weights.values()):

@@ -123,7 +123,8 @@ def test_config_is_validated() -> None:
 
 def _calibration(tmp_path: Path, threshold: float, *, measured: dict | None = None, **per_kind: float) -> ChallengeConfig:
     path = tmp_path / "challenge.json"
-    doc = {"threshold": threshold, "target_wrong_phrase_acceptance": 0.001, "frame_step": 1, **(measured or {})}
+    doc = {"threshold": threshold, "target_wrong_phrase_acceptance": 0.001, "frame_step": 1, "beam": ChallengeConfig().beam,
+           **(measured or {})}
     if per_kind:
         doc["thresholds"] = per_kind
     path.write_text(json.dumps(doc))
@@ -164,11 +165,35 @@ def test_the_score_is_computed_as_it_was_calibrated(tmp_path: Path) -> None:
         ChallengeChecker(config=dataclasses.replace(config, frame_step=2))
     with pytest.raises(ModelError, match="beam"):
         ChallengeChecker(config=dataclasses.replace(config, beam=1e-48))
-    # an older calibration with one weight for every kind
+    # an older calibration: one weight for every kind, and no beam recorded (it was 1e-48)
     one = _calibration(tmp_path, -10.0, measured={"silence_weight": 0.5, "frame_step": 1})
-    assert ChallengeChecker(config=one).silence_weights == {"digits": 0.5, "phrase": 0.5}
-    assert ChallengeChecker(config=dataclasses.replace(one, silence_weight=0.5)).silence_weights["digits"] == 0.5
+    doc = json.loads(one.calibration_path.read_text())
+    del doc["beam"]
+    one.calibration_path.write_text(json.dumps(doc))
+    with pytest.raises(ModelError, match="beam"):
+        ChallengeChecker(config=one)
+    older = dataclasses.replace(one, beam=1e-48)
+    assert ChallengeChecker(config=older).silence_weights == {"digits": 0.5, "phrase": 0.5}
+    assert ChallengeChecker(config=dataclasses.replace(older, silence_weight=0.5)).silence_weights["digits"] == 0.5
     assert ChallengeChecker(threshold=0.0).silence_weights == {"digits": 1.0, "phrase": 1.0}
+
+
+def test_a_kind_without_its_own_calibration_is_scored_like_the_strictest(tmp_path: Path) -> None:
+    config = _calibration(tmp_path, -20.0, measured={"silence_weights": {"digits": 2.0}}, digits=-20.0)
+    checker = ChallengeChecker(config=config)
+    assert checker.silence_weights == {"digits": 2.0, "phrase": 2.0}
+    assert checker.thresholds == {"digits": -20.0, "phrase": -20.0}
+
+
+def test_score_batch_weighs_silence_by_the_challenge_kind(tmp_path: Path) -> None:
+    measured = {"silence_weights": {"digits": 2.0, "phrase": 0.25}}
+    checker = ChallengeChecker(config=_calibration(tmp_path, -10.0, measured=measured, digits=-40.0, phrase=-10.0))
+    parts = [ScoreParts(words=-10.0, silence=-10.0), ScoreParts(words=-10.0, silence=-10.0), None, NoSpeech()]
+    checker.parts_batch = lambda items: parts  # type: ignore[method-assign]
+    wav = np.zeros(SR, dtype=np.float32)
+    out = checker.score_batch([(wav, "409172"), (wav, "open the door"), (wav, "409172"), (wav, "409172")])
+    assert out[:3] == [-30.0, -12.5, FAILURE_SCORE]
+    assert isinstance(out[3], NoSpeech)
 
 
 def test_score_parts_weigh_only_silence_that_fits_worse_than_free_phones() -> None:
@@ -200,7 +225,10 @@ def test_missing_or_broken_calibration(tmp_path: Path) -> None:
     for text in ('{"threshold": "high"}', '{"threshold": 1, "target_wrong_phrase_acceptance": 0.001, "thresholds": {"emoji": 1}}',
                  '{"threshold": 1, "target_wrong_phrase_acceptance": 0.001, "thresholds": {"digits": NaN}}',
                  '{"threshold": 1, "target_wrong_phrase_acceptance": 0.001, "silence_weights": {"digits": -1}}',
-                 '{"threshold": 1, "target_wrong_phrase_acceptance": 0.001, "silence_weights": {"emoji": 1}}', "not json"):
+                 '{"threshold": 1, "target_wrong_phrase_acceptance": 0.001, "silence_weights": {"emoji": 1}}',
+                 '{"threshold": 1, "target_wrong_phrase_acceptance": 0.001, "thresholds": {"digits": 1, "phrase": 0},'
+                 ' "silence_weights": {"digits": 2}}',
+                 '{"threshold": 1, "target_wrong_phrase_acceptance": 0.001, "silence_weights": {"digits": 2}}', "not json"):
         bad.write_text(text)
         with pytest.raises(ModelError):
             load_calibration(bad)

@@ -307,10 +307,11 @@ def test_load_summary_counts_every_answer():
 def test_load_limit_is_the_mean_of_before_and_after():
     from benchmarks.load import bracket_limit
 
-    before = {"limit_rps": 4.0, "best": {"batch": 2, "cpu_ms_per_verification": 500.0, "cpu_share": 0.98}}
-    after = {"limit_rps": 3.6, "best": {"batch": 2, "cpu_ms_per_verification": 540.0, "cpu_share": 1.0}}
+    before = {"limit_rps": 4.0, "best": {"batch": 2, "rps": 4.0, "cpu_ms_per_verification": 500.0, "cpu_share": 0.98}}
+    after = {"limit_rps": 3.6, "best": {"batch": 2, "rps": 3.6, "cpu_ms_per_verification": 540.0, "cpu_share": 1.0}}
     limit = bracket_limit(before, after)
-    assert limit["limit_rps"] == pytest.approx(3.8)
+    assert limit["limit_rps"] == pytest.approx(3.8) and limit["best"]["rps"] == pytest.approx(3.8)
+    assert limit["best"]["after"]["rps"] == 3.6
     assert (limit["limit_rps_before"], limit["limit_rps_after"]) == (4.0, 3.6)
     assert limit["best"]["cpu_ms_per_verification"] == pytest.approx(520.0)
     assert before["limit_rps"] == 4.0 and before["best"]["cpu_ms_per_verification"] == 500.0  # not changed in place
