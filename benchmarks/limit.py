@@ -32,6 +32,7 @@ import argparse
 import itertools
 import multiprocessing as mp
 import os
+import queue
 import sys
 import threading
 import time
@@ -218,7 +219,18 @@ def _measure_processes(verifs: list[Verification], layout: Layout, *, seconds: f
     procs = [ctx.Process(target=_proc_worker, args=(verifs, layout, seconds, challenge, barrier, out)) for _ in range(layout.processes)]
     for p in procs:
         p.start()
-    parts = [out.get(timeout=seconds + 600) for _ in procs]
+    parts: list[Any] = []
+    deadline = time.monotonic() + seconds + 600
+    while len(parts) < len(procs):
+        try:
+            parts.append(out.get(timeout=1.0))
+        except queue.Empty:
+            # a worker that died (killed, out of memory) never reports: fail now, not at the deadline
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead or time.monotonic() > deadline:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"limit worker processes failed (exit codes {dead})" if dead else "limit workers timed out") from None
     for p in procs:
         p.join()
     count = sum(p[0] for p in parts)
