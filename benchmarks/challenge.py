@@ -15,8 +15,9 @@ Two real sets, each split into a calibration part (A) and a reporting part (B):
 
 On A, for a target wrong-phrase acceptance (default 0.1 %) on each set, the benchmark
 first chooses the silence weight of the score (from ``SILENCE_WEIGHTS``, the one passing
-most genuine A trials at A's own threshold), then the threshold at that weight: it is the threshold of that challenge kind (speech: phrases, digits: digit
-strings) in ``models/challenge.json``, which also holds the higher of the two for a
+most genuine A trials at A's own threshold), then the threshold at that weight: it is the
+threshold of that challenge kind (speech: phrases, digits: digit strings) in
+``models/challenge.json``, which also holds the higher of the two for a
 caller that does not name the kind. Part B reports the genuine pass rate and the
 wrong-phrase acceptance with their trial counts and 95 % Clopper-Pearson bounds (rule of
 three when nothing was accepted), and the recogniser's CPU cost per second of audio.
@@ -296,6 +297,15 @@ def run_tasks(tasks: list[Task], config: ChallengeConfig, workers: int, progress
 # --------------------------------------------------------------------------- figures
 
 
+def _genuine_by_group(results: list[Result], set_: str, part: str) -> dict[str, list[float]]:
+    """Genuine scores of one set and part, by speaker."""
+    out: dict[str, list[float]] = defaultdict(list)
+    for r in results:
+        if r.task.set == set_ and r.task.part == part:
+            out[r.task.group] += [x for x, lab in zip(r.scores, r.task.labels) if lab == "genuine"]
+    return out
+
+
 def _scores(results: list[Result], set_: str, part: str, label: str) -> np.ndarray:
     out = [s for r in results if r.task.set == set_ and r.task.part == part
            for s, lab in zip(r.scores, r.task.labels) if lab == label]
@@ -438,21 +448,16 @@ def main(argv: list[str] | None = None) -> int:
             row["near_miss_accept"] = {"threshold": nm_thr, **_rate(int((nm >= nm_thr).sum()), int(nm.size))}
             row["near_miss"] = _dist(nm)
             # six speakers with four accents: where the misses come from
-            by_speaker: dict[str, list[float]] = defaultdict(list)
-            for r in results:
-                if r.task.set == s and r.task.part == "B":
-                    by_speaker[r.task.group] += [x for x, lab in zip(r.scores, r.task.labels) if lab == "genuine"]
             row["genuine_pass_by_speaker"] = {
-                spk: _rate(sum(x >= nm_thr for x in xs), len(xs)) for spk, xs in sorted(by_speaker.items())
+                spk: _rate(sum(x >= nm_thr for x in xs), len(xs)) for spk, xs in sorted(_genuine_by_group(results, s, "B").items())
             }
         if s == "speech":
             # the corpus's speakers 96xx read markedly slower and less fluently (their
             # utterances average 6.2 s against 3.8 s for the others)
-            for name, prefix in (("speakers_96xx", "96"), ("other_speakers", "")):
-                g = np.asarray([x for r in results if r.task.set == s and r.task.part == "B"
-                                and (r.task.group.startswith("96") == (prefix == "96"))
-                                for x, lab in zip(r.scores, r.task.labels) if lab == "genuine"])
-                row[name] = _rate(int((g >= own["threshold"]).sum()), int(g.size))
+            by_speaker = _genuine_by_group(results, s, "B")
+            for name, slow in (("speakers_96xx", True), ("other_speakers", False)):
+                g = [x for spk, xs in by_speaker.items() if spk.startswith("96") == slow for x in xs]
+                row[name] = _rate(sum(x >= own["threshold"] for x in g), len(g))
         if s == "speech-8k" and "speech" in per_set:
             full = {r.task.audio[1]: r.scores[0] for r in results if r.task.set == "speech" and r.task.part == "B"}
             pairs = [(full[r.task.audio[1]], r.scores[0]) for r in results if r.task.set == s and r.task.audio[1] in full]

@@ -440,8 +440,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             # the limit again, with the layout found before, now that the engine idles again:
             # the ratio uses the mean of the two, so that a machine that got faster or slower
             # during the steps does not tilt it
-            b = limit["best"]
-            layout = f"{b['batch']},{b['threads']},{b['intra']}" + (f",{b['processes']}" if b.get("processes") else "")
+            layout = ",".join(str(limit["best"][k]) for k in ("batch", "threads", "intra", "processes"))
             try:
                 after = await trio.to_thread.run_sync(measure_limit, args, challenge, [layout])
             except (RuntimeError, subprocess.TimeoutExpired) as exc:

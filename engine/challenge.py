@@ -548,24 +548,24 @@ class ChallengeChecker:
         for (audio, _), words in zip(items, expected):
             dec = self._decoder()
             try:
-                ready = prepared.get(id(audio))
-                if ready is None:
-                    try:
-                        pcm = self._pcm(audio)
-                        ready = (pcm, dec.phone_loop(pcm))
-                    except SampleError as exc:
-                        ready = exc
-                    prepared[id(audio)] = ready
-                if isinstance(ready, SampleError):
-                    out.append(ready)
-                    continue
-                out.append(dec.parts(ready[0], words, ready[1]))
+                if id(audio) not in prepared:
+                    prepared[id(audio)] = self._prepare(dec, audio)
+                ready = prepared[id(audio)]
+                out.append(ready if isinstance(ready, SampleError) else dec.parts(ready[0], words, ready[1]))
             except RuntimeError:
                 # pocketsphinx refused this recording mid-way; its decoder state is not to
                 # be trusted any more: start this thread afresh with a new one.
                 self._local.decoder = None
                 out.append(None)
         return out
+
+    def _prepare(self, dec: _Decoder, audio: Any) -> tuple[bytes, np.ndarray] | SampleError:
+        """A recording as PCM with its phone-loop background, or why it cannot be used."""
+        try:
+            pcm = self._pcm(audio)
+        except SampleError as exc:
+            return exc
+        return pcm, dec.phone_loop(pcm)
 
     def threshold_for(self, challenge: str) -> float:
         """The threshold calibrated for this challenge's kind (digits or phrase)."""

@@ -127,7 +127,7 @@ async def test_genuine_passes_impostors_fail(env, seed):
         cred, key = await enroll(running.port, "alice", rng)
         face, spk = PEOPLE["alice"]
         # the session's digits come from the engine's own randomness, and a genuine attempt
-        # fails now and then (FSDD genuine pass ~92 %): up to three attempts, as a holder would
+        # fails now and then (FSDD genuine pass ~95 %): up to three attempts, as a holder would
         for _attempt in range(3):
             ok = await attempt(running, rp, cred, key, face=img(face, 4), speaker=spk, rng=rng)
             if ok.outcome == "pass":
@@ -149,7 +149,7 @@ async def test_session_rules_and_keys(env, seed):
             # a recording from an earlier session does not answer this one. Challenges come
             # from the engine's own randomness, so take a pair that differs in every digit (a
             # one-digit near miss is the recogniser's known weak spot, measured separately);
-            # a genuine attempt fails now and then (FSDD genuine pass ~92 %, speaker FNMR),
+            # a genuine attempt fails now and then (FSDD genuine pass ~95 %, speaker FNMR),
             # so the recording may answer its own session at the second or third attempt.
             async with open_holder("127.0.0.1", running.port, device_key=key) as phone:
                 for _attempt in range(3):
