@@ -87,7 +87,7 @@ import math
 import re
 import secrets
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -117,6 +117,7 @@ __all__ = [
     "ChallengeCalibration",
     "ChallengeChecker",
     "ScoreParts",
+    "Pass",
     "new_challenge",
     "challenge_words",
     "challenge_kind",
@@ -418,29 +419,41 @@ class _Decoder:
             frames[start : min(start + dur, n_frames)] = score / dur
         return frames
 
-    def parts(self, pcm: bytes, words: list[str], background: np.ndarray) -> ScoreParts | None:
-        """The score parts of ``words`` on ``pcm``, given its :meth:`phone_loop`; ``None``
-        if the words cannot be aligned to the recording at all."""
-        ps = self.ps
-        ps.set_align_text(" ".join(words))
+    def align(self, pcm: bytes, words: list[str]) -> list[tuple[str, int, int, float]] | None:
+        """The alignment of ``words`` to ``pcm`` as :meth:`_segments`; ``None`` if they
+        cannot be aligned to the recording at all."""
+        self.ps.set_align_text(" ".join(words))
         self._decode(pcm)
-        if ps.hyp() is None:
+        if self.ps.hyp() is None:
             return None
-        entries = self._segments()
-        if not entries:
-            return None
-        word_ratios: list[float] = []
-        sil_sum, sil_frames = 0.0, 0
-        for name, start, dur, score in entries:
-            ratio_sum = score - float(background[start : start + dur].sum())
-            if _is_filler(name):
-                sil_sum += ratio_sum
-                sil_frames += dur
-            else:
-                word_ratios.append(ratio_sum / dur)
-        if not word_ratios:
-            return None
-        return ScoreParts(words=float(np.mean(word_ratios)), silence=sil_sum / sil_frames if sil_frames else 0.0)
+        return self._segments() or None
+
+
+def _score_parts(entries: Sequence[tuple[str, int, int, float]], background: np.ndarray) -> ScoreParts | None:
+    """The score parts of an alignment (:meth:`_Decoder.align`) against the phone-loop
+    background of the same recording (:meth:`_Decoder.phone_loop`)."""
+    word_ratios: list[float] = []
+    sil_sum, sil_frames = 0.0, 0
+    for name, start, dur, score in entries:
+        ratio_sum = score - float(background[start : start + dur].sum())
+        if _is_filler(name):
+            sil_sum += ratio_sum
+            sil_frames += dur
+        else:
+            word_ratios.append(ratio_sum / dur)
+    if not word_ratios:
+        return None
+    return ScoreParts(words=float(np.mean(word_ratios)), silence=sil_sum / sil_frames if sil_frames else 0.0)
+
+
+class Pass(NamedTuple):
+    """One decoding pass over a recording: ``"loop"`` (the phone-loop background) or
+    ``"align"`` (the expected ``words``). The two passes of a check are independent, so
+    they can run at the same time on two cores (:meth:`ChallengeChecker.run_passes`)."""
+
+    kind: str
+    pcm: bytes
+    words: tuple[str, ...] = ()
 
 
 class ChallengeChecker:
@@ -516,7 +529,9 @@ class ChallengeChecker:
             raise NoSpeech("no speech found in the recording")
         return (np.clip(wav, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
 
-    def score_batch(self, items: Sequence[tuple[np.ndarray, str]]) -> list[float | SampleError]:
+    def score_batch(
+        self, items: Sequence[tuple[np.ndarray, str]], *, run_passes: Callable[[list[Pass]], list[Any]] | None = None
+    ) -> list[float | SampleError]:
         """One score per (float32 mono 16 kHz audio, expected challenge), in order.
 
         A recording that cannot be used gives its :class:`SampleError` in its place; one
@@ -525,7 +540,7 @@ class ChallengeChecker:
         batch (phrase lists are checked by :func:`load_phrases` when loaded).
         """
         out: list[float | SampleError] = []
-        for (_, challenge), parts in zip(items, self.parts_batch(items)):
+        for (_, challenge), parts in zip(items, self.parts_batch(items, run_passes=run_passes)):
             if isinstance(parts, SampleError):
                 out.append(parts)
             elif parts is None:
@@ -534,38 +549,64 @@ class ChallengeChecker:
                 out.append(parts.score(self.silence_weights[challenge_kind(challenge)]))
         return out
 
-    def parts_batch(self, items: Sequence[tuple[np.ndarray, str]]) -> list[ScoreParts | None | SampleError]:
+    def parts_batch(
+        self, items: Sequence[tuple[np.ndarray, str]], *, run_passes: Callable[[list[Pass]], list[Any]] | None = None
+    ) -> list[ScoreParts | None | SampleError]:
         """Like :meth:`score_batch`, but the :class:`ScoreParts` of each score (``None``:
-        not aligned), for a benchmark that weighs them itself."""
+        not aligned), for a benchmark that weighs them itself.
+
+        The decoding passes run through ``run_passes`` (default: :meth:`run_passes`, one
+        after the other in this thread); a pool of worker processes passes its own, which
+        runs them side by side.
+        """
         expected = [challenge_words(challenge) for _, challenge in items]
         unknown = _unknown_words((w for words in expected for w in words), self.config)
         if unknown:
             raise ConfigError("words not in the pronunciation dictionary: " + ", ".join(unknown))
-        out: list[ScoreParts | None | SampleError] = []
+        passes: list[Pass] = []
         # one recording scored against several challenges in a batch (the benchmark's wrong
         # phrases) is checked and decoded through the phone loop once
-        prepared: dict[int, tuple[bytes, np.ndarray] | SampleError] = {}
+        loops: dict[int, tuple[bytes, int] | SampleError] = {}
+        plan: list[tuple[int, int] | SampleError] = []  # per item: (its loop pass, its align pass)
         for (audio, _), words in zip(items, expected):
+            if id(audio) not in loops:
+                try:
+                    pcm = self._pcm(audio)
+                except SampleError as exc:
+                    loops[id(audio)] = exc
+                else:
+                    loops[id(audio)] = (pcm, len(passes))
+                    passes.append(Pass("loop", pcm))
+            loop = loops[id(audio)]
+            if isinstance(loop, SampleError):
+                plan.append(loop)
+            else:
+                plan.append((loop[1], len(passes)))
+                passes.append(Pass("align", loop[0], tuple(words)))
+        done = (run_passes or self.run_passes)(passes) if passes else []
+        out: list[ScoreParts | None | SampleError] = []
+        for step in plan:
+            if isinstance(step, SampleError):
+                out.append(step)
+                continue
+            background, alignment = done[step[0]], done[step[1]]
+            out.append(None if background is None or alignment is None else _score_parts(alignment, background))
+        return out
+
+    def run_passes(self, passes: Sequence[Pass]) -> list[Any]:
+        """Run decoding passes in this thread, in order: a phone-loop background array or
+        an alignment (``None``: not aligned, or refused by the decoder) per pass."""
+        out: list[Any] = []
+        for p in passes:
             dec = self._decoder()
             try:
-                if id(audio) not in prepared:
-                    prepared[id(audio)] = self._prepare(dec, audio)
-                ready = prepared[id(audio)]
-                out.append(ready if isinstance(ready, SampleError) else dec.parts(ready[0], words, ready[1]))
+                out.append(dec.phone_loop(p.pcm) if p.kind == "loop" else dec.align(p.pcm, list(p.words)))
             except RuntimeError:
                 # pocketsphinx refused this recording mid-way; its decoder state is not to
                 # be trusted any more: start this thread afresh with a new one.
                 self._local.decoder = None
                 out.append(None)
         return out
-
-    def _prepare(self, dec: _Decoder, audio: Any) -> tuple[bytes, np.ndarray] | SampleError:
-        """A recording as PCM with its phone-loop background, or why it cannot be used."""
-        try:
-            pcm = self._pcm(audio)
-        except SampleError as exc:
-            return exc
-        return pcm, dec.phone_loop(pcm)
 
     def threshold_for(self, challenge: str) -> float:
         """The threshold calibrated for this challenge's kind (digits or phrase)."""

@@ -59,7 +59,8 @@ def _init_challenge_worker() -> None:
     global _checker
     from .challenge import ChallengeChecker
 
-    _checker = ChallengeChecker()
+    # a worker only decodes; the threshold is applied by the checker in the engine's process
+    _checker = ChallengeChecker(threshold=0.0)
     _checker.load_decoder()  # the pocketsphinx model, before the first recording arrives
 
 
@@ -67,17 +68,25 @@ def _ready() -> bool:
     return _checker is not None
 
 
-def _score_in_worker(items: list) -> list:
-    return _checker.score_batch(items)
+def _pass_in_worker(p: Any) -> Any:
+    return _checker.run_passes([p])[0]
 
 
 class ChallengePool:
-    """``score_batch`` run in a pool of worker processes (called from a batcher thread)."""
+    """A :class:`~engine.challenge.ChallengeChecker`'s ``score_batch``, with its decoding
+    passes run in a pool of worker processes (called from a batcher thread).
 
-    def __init__(self, processes: int) -> None:
+    Each recording is checked in two independent passes (the phone-loop background and the
+    alignment of the expected words), and each pass is one task: the two passes of one
+    recording run side by side on two cores, so one check takes about half the time of
+    both passes in a row, and a single queued recording keeps both processes busy.
+    """
+
+    def __init__(self, checker: Any, processes: int) -> None:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
+        self.checker = checker
         self.processes = processes
         self._lock = threading.Lock()
         self._new = lambda: ProcessPoolExecutor(
@@ -86,24 +95,26 @@ class ChallengePool:
         self._pool = self._new()
 
     def score_batch(self, items: list) -> list:
-        """Score a batch, one recording per task, so that its recordings spread over the
-        processes (a recording is decoded on one core; a batch of two takes two)."""
+        """Score a batch: the recordings are checked here, their passes decoded in the pool."""
+        return self.checker.score_batch(items, run_passes=self._run_passes)
+
+    def _run_passes(self, passes: list) -> list:
         from concurrent.futures.process import BrokenProcessPool
 
         pool = self._pool
         try:
-            return self._map(pool, items)
+            return self._map(pool, passes)
         except BrokenProcessPool:  # a worker died (killed, out of memory): start a fresh pool, once
             log.error("challenge worker pool broke; restarting it")
             with self._lock:
                 if self._pool is pool:
                     self._pool = self._new()
-            return self._map(self._pool, items)
+            return self._map(self._pool, passes)
 
     @staticmethod
-    def _map(pool: Any, items: list) -> list:
-        futures = [pool.submit(_score_in_worker, [item]) for item in items]
-        return [f.result()[0] for f in futures]
+    def _map(pool: Any, passes: list) -> list:
+        futures = [pool.submit(_pass_in_worker, p) for p in passes]
+        return [f.result() for f in futures]
 
     def warmup(self) -> None:
         """Wait until the workers have started and loaded their decoders (each worker loads
@@ -128,7 +139,7 @@ def onnx_extractors(models_dir: Path, *, intra_op_threads: int = 1, check_challe
         from .challenge import ChallengeChecker
 
         checker = ChallengeChecker()  # the calibrated threshold; decoding happens in the pool
-        pool = ChallengePool(challenge_processes)
+        pool = ChallengePool(checker, challenge_processes)
         challenge_batch = pool.score_batch
         challenge_accept = checker.accept
         close = pool.close

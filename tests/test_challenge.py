@@ -189,7 +189,7 @@ def test_score_batch_weighs_silence_by_the_challenge_kind(tmp_path: Path) -> Non
     measured = {"silence_weights": {"digits": 2.0, "phrase": 0.25}}
     checker = ChallengeChecker(config=_calibration(tmp_path, -10.0, measured=measured, digits=-40.0, phrase=-10.0))
     parts = [ScoreParts(words=-10.0, silence=-10.0), ScoreParts(words=-10.0, silence=-10.0), None, NoSpeech()]
-    checker.parts_batch = lambda items: parts  # type: ignore[method-assign]
+    checker.parts_batch = lambda items, run_passes=None: parts  # type: ignore[method-assign]
     wav = np.zeros(SR, dtype=np.float32)
     out = checker.score_batch([(wav, "409172"), (wav, "open the door"), (wav, "409172"), (wav, "409172")])
     assert out[:3] == [-30.0, -12.5, FAILURE_SCORE]
