@@ -191,18 +191,24 @@ def _run_threads(
     for th in threads:
         th.start()
     try:
-        if barrier is not None:  # several processes start together
-            barrier.wait()
-        ready.wait()
-    except threading.BrokenBarrierError:
-        pass
-    start = deadline[0]
-    for th in threads:
-        th.join()
+        try:
+            if barrier is not None:  # several processes start together
+                barrier.wait()
+            ready.wait()
+        except threading.BrokenBarrierError:
+            pass
+        start = deadline[0]
+        for th in threads:
+            th.join()
+        elapsed = time.perf_counter() - start
+        cpu = _process_tree_cpu() - cpu0[0]  # while the recogniser's worker processes live
+    finally:
+        # the recogniser's worker pools: a pool left open in a process that exits waits
+        # for its workers while they wait for it
+        for x in xs:
+            x.close()
     if errors:
         raise errors[0]
-    elapsed = time.perf_counter() - start
-    cpu = _process_tree_cpu() - cpu0[0]
     return sum(counts), elapsed, cpu, {st: sum(c[st] for c in cpus) for st in STAGES}
 
 
@@ -256,15 +262,16 @@ def measure_stages(verifs: list[Verification], *, batches: list[int], intras: li
             for b in batches:
                 fn(pairs[:b])
                 n, i = 0, 0
-                w0, c0 = time.perf_counter(), time.process_time()
+                w0, c0 = time.perf_counter(), _process_tree_cpu()  # the recogniser runs in worker processes
                 while time.perf_counter() - w0 < seconds or n == 0:
                     fn([pairs[(i + j) % len(pairs)] for j in range(b)])
                     i += b
                     n += b
-                wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+                wall, cpu = time.perf_counter() - w0, _process_tree_cpu() - c0
                 row = {"stage": name, "intra": intra, "batch": b, "items": n, "wall_ms_per_item": round(1000 * wall / n, 2), "cpu_ms_per_item": round(1000 * cpu / n, 2)}
                 emit({"limit_stage": row})
                 rows.append(row)
+        x.close()
     return rows
 
 
