@@ -10,7 +10,8 @@ What it does, in one run:
    models, no server) while the engine idles, so both figures come from the same minutes
    of the same machine; after the load steps it runs again with the layout found, and the
    ratio uses the mean of the two (both are reported).
-3. **Load steps.** Poisson arrivals at a given rate: each arrival is a relying party
+3. **Load steps.** Poisson arrivals at a given rate (exactly rate x seconds of them, at
+   random times: :func:`arrival_times`): each arrival is a relying party
    opening a session and a holder's phone answering it with a live face and a recording
    of the session's digits (genuine holders, another person's face, another speaker's
    voice, the wrong digits). With ``--search`` (the default) the steps are: saturation
@@ -213,8 +214,22 @@ async def verification(gen: Generator, rp: RelyingParty, r: Resident, kind: str,
         o.done = trio.current_time()
 
 
+def arrival_times(rate: float, seconds: float, rng: random.Random) -> list[float]:
+    """Poisson arrivals at ``rate`` over ``seconds``, conditioned on their expected count.
+
+    Given its count, a Poisson process's arrival times are independent and uniform over the
+    interval, so the step keeps Poisson's bursts and gaps; fixing the count to ``rate *
+    seconds`` makes the step offer the load it names. Drawn freely, the count of a 30 s
+    step is off by ±11 % (one standard deviation) at 2.7/s, and a seeded run repeats the
+    same draw: the 80 % step of every run offered 1.2 x its rate, about capacity.
+    """
+    count = round(rate * seconds)
+    return sorted(rng.uniform(0.0, seconds) for _ in range(count))
+
+
 async def run_step(gen: Generator, step: Step, seed: int) -> dict[str, Any]:
-    """Poisson arrivals at ``step.offered_rps`` for ``step.seconds``; wait for every answer."""
+    """Poisson arrivals (:func:`arrival_times`) at ``step.offered_rps`` for ``step.seconds``;
+    wait for every answer."""
     from engine.top import Snapshot
 
     rng = random.Random(seed)
@@ -223,18 +238,13 @@ async def run_step(gen: Generator, step: Step, seed: int) -> dict[str, Any]:
     clock = CpuClock(other_pid=gen.engine.pid if gen.engine else gen.args.engine_pid)
     clock.start()
     t0 = trio.current_time()
-    end = t0 + step.seconds
     async with trio.open_nursery() as nursery:
-        t, i = t0, 0
-        while True:
-            t += rng.expovariate(step.offered_rps)
-            if t >= end:
-                break
+        for i, offset in enumerate(arrival_times(step.offered_rps, step.seconds, rng)):
+            t = t0 + offset
             await trio.sleep_until(t)
             r = rng.choice(gen.residents)
             kind = rng.choices(gen.kinds, gen.weights)[0]
             nursery.start_soon(verification, gen, gen.rps[i % len(gen.rps)], r, kind, t, random.Random(rng.random()), outcomes)
-            i += 1
     cpu = clock.stop()
     await trio.sleep(0.2)  # let the last pushes arrive
     after = await _scrape(gen)

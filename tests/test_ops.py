@@ -317,6 +317,18 @@ def test_load_limit_is_the_mean_of_before_and_after():
     assert before["limit_rps"] == 4.0 and before["best"]["cpu_ms_per_verification"] == 500.0  # not changed in place
 
 
+def test_load_steps_offer_the_rate_they_name():
+    from benchmarks.load import arrival_times
+
+    times = arrival_times(2.7, 30.0, random.Random(2))
+    assert len(times) == 81 and times == sorted(times)
+    assert 0.0 <= times[0] and times[-1] < 30.0
+    assert times == arrival_times(2.7, 30.0, random.Random(2))  # seeded: the same step again
+    # the gaps stay random (Poisson-like), not evenly spaced
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert max(gaps) > 3 * (30.0 / 81) > 0.1 * (30.0 / 81) > min(gaps)
+
+
 def test_engine_config_overrides():
     from benchmarks._engine import apply_overrides
 
