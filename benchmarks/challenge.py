@@ -55,6 +55,7 @@ from engine.audio import decode_audio
 from engine.challenge import (
     CALIBRATION_FILE,
     FAILURE_SCORE,
+    VARIANTS_VERSION,
     ChallengeChecker,
     ChallengeConfig,
     ScoreParts,
@@ -359,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--silence-weight", type=float, default=None,
                    help="weight of the silence ratio for both sets (default: chosen per set on part A)")
     p.add_argument("--frame-step", type=int, default=ChallengeConfig().frame_step, help="frames per scored frame (pocketsphinx ds)")
+    p.add_argument("--variant-kinds", default=",".join(ChallengeConfig().variant_kinds), metavar="KINDS",
+                   help="challenge kinds aligned with pronunciation variants too (comma-separated; '' for none; default %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="scoring processes (pocketsphinx holds the GIL)")
     p.add_argument("--quick", action="store_true", help="small run: 12 utterances, 12 strings per part, 3 wrong each")
     p.add_argument("--limit", type=int, default=None, help="cap utterances and strings per part")
@@ -378,7 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_calibration and (args.quick or args.limit is not None or min(args.speech_utts, args.digit_strings) <= 0):
         p.error("--write-calibration needs both sets at full size (no --quick, --limit or empty set)")
     command = "netid bench challenge " + shlex.join(argv if argv is not None else sys.argv[1:])
-    config = ChallengeConfig(silence_weight=args.silence_weight, frame_step=args.frame_step)
+    try:
+        config = ChallengeConfig(silence_weight=args.silence_weight, frame_step=args.frame_step,
+                                 variant_kinds=tuple(k for k in args.variant_kinds.split(",") if k))
+    except ConfigError as exc:
+        p.error(str(exc))
     rng = np.random.default_rng(args.seed)
     wall0 = time.perf_counter()
 
@@ -495,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                 errors[e] += 1
     emit({"figure": "run", "command": command, "seed": args.seed, "wall_s": wall, "workers": args.workers,
           "sample_errors": dict(errors), "data": info, "silence_weights": weights,
-          "frame_step": config.frame_step, "beam": config.beam})
+          "frame_step": config.frame_step, "beam": config.beam, "variant_kinds": list(config.variant_kinds)})
 
     if args.write_calibration:
         path = Path(args.models) / CALIBRATION_FILE
@@ -509,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
             "silence_weights": {KIND_OF_SET[s]: weights[s] for s in sets},
             "frame_step": config.frame_step,
             "beam": config.beam,
+            "pronunciation_variants": VARIANTS_VERSION if config.variant_kinds else 0,
+            "variant_kinds": list(config.variant_kinds),
             "recogniser": f"pocketsphinx {importlib.metadata.version('pocketsphinx')}, en-us acoustic model and cmudict from the wheel",
             "rule": "per challenge kind, on part A of its set: the silence weight passing most genuine trials at "
                     "the target, then its threshold; threshold: the highest of them",

@@ -16,10 +16,17 @@ decoding passes over the same audio:
 
 1. **word alignment**: a grammar holding only the expected words, in order, with
    optional silences between them (``Decoder.set_align_text``), gives each word's frames
-   and acoustic log-likelihood. A recording that cannot be aligned to the expected words
-   at all scores :data:`FAILURE_SCORE`;
+   and acoustic log-likelihood. Each word may be said with any of its dictionary
+   pronunciations and, for the kinds in ``ChallengeConfig.variant_kinds`` (phrases), with
+   the :func:`~engine.pronunciation.pronunciation_variants` of its first one that speakers
+   whose first language is not English often use (TH said as S, a final consonant dropped
+   or followed by a vowel, ...). A recording that cannot be aligned to the expected words at all
+   scores :data:`FAILURE_SCORE`;
 2. **free phone loop** (pocketsphinx's ``allphone`` search, uniform phone transitions):
    the background, the best any phone sequence does on the same frames.
+
+The two passes are independent: :meth:`ChallengeChecker.run_passes` runs them one after
+the other; the engine's worker pool runs them side by side (:class:`Pass`).
 
 For each expected word, its log-likelihood ratio per frame is ``(aligned score -
 phone-loop score over the word's frames) / frames``; the silences the aligner inserted
@@ -42,17 +49,22 @@ acceptance, chosen on the calibration part, reported on the held-apart part: 300
 strings and 150 speechocean762 utterances, 3,000 and 1,500 wrong phrases; the same trials
 in every row):
 
-===============================================  ==========  ==========  ==================
-scoring                                          FSDD        speech      CPU s / audio s
-===============================================  ==========  ==========  ==================
-every frame, no pruning, weight per kind (this)  95.3 %      69.3 %      0.11
-every frame, beam 1e-48, silence weight 1.0      92.3 %      63.3 %      0.11
-every 2nd frame (ds=2), beam 1e-48, weight 1.0   87.0 %      64.7 %      0.08
-===============================================  ==========  ==========  ==================
+=================================================  ==========  ==========  ================
+scoring                                            FSDD        speech      CPU s / audio s
+=================================================  ==========  ==========  ================
+as below, variants for phrases (this)              95.3 %      86.7 %      0.11
+as below, variants for both kinds                  91.7 %      86.7 %      0.11
+every frame, no pruning, weight per kind           95.3 %      69.3 %      0.11
+every frame, beam 1e-48, silence weight 1.0        92.3 %      63.3 %      0.11
+every 2nd frame (ds=2), beam 1e-48, weight 1.0     87.0 %      64.7 %      0.08
+=================================================  ==========  ==========  ================
 
 The silence weight of each kind is chosen on the calibration part with the threshold (2.0
-for digit strings, 0.25 for phrases). At that threshold the held-apart FSDD part let 5 of
-3,000 wrong digit strings through (0.17 %, 95 % bound 0.39 %).
+for digit strings, 0.5 for phrases), and so are the kinds aligned with pronunciation
+variants (``ChallengeConfig.variant_kinds``: phrases; on the calibration part they raised
+sentences from 83 % to 92 % and lowered digit strings from 98 % to 94 %). At its threshold
+the held-apart FSDD part let 5 of 3,000 wrong digit strings through (0.17 %, 95 % bound
+0.39 %); the speech part none of 1,500 wrong sentences.
 
 On a smaller part-A comparison (100 recordings per set, 500 wrong phrases), scoring only the
 senones each search keeps active (0.05 s) lost 10 points on both sets, because each pass
@@ -64,8 +76,8 @@ a calibration measured with another.
 The thresholds are read from ``models/challenge.json``, written by ``netid bench challenge
 --write-calibration`` for a target wrong-phrase acceptance: one per challenge kind (digit
 strings and phrases score on different scales), and the stricter of the two for a caller
-that does not say which kind it checks; the file also gives each kind's silence weight and
-the frame step and beam it was measured with.
+that does not say which kind it checks; the file also gives each kind's silence weight, the
+frame step and beam it was measured with, and the kinds it aligned with variants.
 
 Silence and noise are not "a low score": a recording whose loudest part stays below
 ``min_level_dbfs`` is :class:`NoSpeech`, one shorter than ``min_seconds`` is
@@ -74,7 +86,7 @@ Silence and noise are not "a low score": a recording whose loudest part stays be
 Threads and cost
 ----------------
 pocketsphinx ``Decoder`` objects are not thread-safe, so each thread gets its own
-(:class:`threading.local`). The decoder holds the GIL while it decodes: threads calling
+(:class:`threading.local`; two, with and without pronunciation variants). The decoder holds the GIL while it decodes: threads calling
 :meth:`ChallengeChecker.score_batch` run one after the other, and parallel scoring needs
 processes. Measured cost (``netid bench challenge``): about 0.11 s of CPU per second of
 audio.
@@ -91,7 +103,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pocketsphinx
@@ -107,6 +119,7 @@ from .errors import (
     UndecodableSample,
 )
 from .models import DEFAULT_MODELS_DIR
+from .pronunciation import VARIANTS_VERSION, pronunciation_variants
 
 __all__ = [
     "KINDS",
@@ -118,6 +131,8 @@ __all__ = [
     "ChallengeChecker",
     "ScoreParts",
     "Pass",
+    "VARIANTS_VERSION",
+    "pronunciation_variants",
     "new_challenge",
     "challenge_words",
     "challenge_kind",
@@ -166,6 +181,11 @@ class ChallengeConfig:
     #: and pushed their last words into "silence"; every senone is scored in every frame
     #: anyway, so the wide beam costs nothing measurable.
     beam: float = 1e-300
+    #: the challenge kinds whose expected words are aligned with the pronunciations
+    #: non-native speakers often use as well as the dictionary's
+    #: (:func:`pronunciation_variants`); the calibration records them. Chosen on the
+    #: benchmark's calibration part: they help read sentences, and cost digit strings.
+    variant_kinds: tuple[str, ...] = ("phrase",)
     min_seconds: float = 0.3
     max_seconds: float = 30.0
     #: a recording whose 95th-percentile 30 ms level stays below this is silence.
@@ -186,6 +206,8 @@ class ChallengeConfig:
             raise ConfigError("min_level_dbfs must be between -120 and 0")
         if self.max_phrase_words < 1:
             raise ConfigError("max_phrase_words must be positive")
+        if not set(self.variant_kinds) <= set(KINDS):
+            raise ConfigError("variant_kinds must name challenge kinds: " + ", ".join(KINDS))
 
     @property
     def acoustic_model(self) -> Path:
@@ -211,6 +233,10 @@ class ChallengeCalibration:
     #: the silence weight each kind's threshold was measured with
     silence_weights: dict[str, float]
     info: dict[str, Any]
+    #: the version of the pronunciation-variant rules it was measured with (0: none) and
+    #: the kinds it applied them to
+    variants_version: int = 0
+    variant_kinds: frozenset[str] = frozenset()
 
 
 def load_calibration(path: Path) -> ChallengeCalibration:
@@ -228,13 +254,19 @@ def load_calibration(path: Path) -> ChallengeCalibration:
             weights = {kind: float(doc.get("silence_weight", 1.0)) for kind in KINDS}
         else:
             weights = {str(k): float(v) for k, v in dict(per_kind_weights).items()}
+        # before the file recorded them, no kind was aligned with variants
+        version = int(doc.get("pronunciation_variants", 0))
+        variant_kinds = doc.get("variant_kinds", [])
+        if not isinstance(variant_kinds, list) or version < 0 or (version > 0) != bool(variant_kinds):
+            raise ValueError("pronunciation_variants and variant_kinds disagree")
+        variant_kinds = frozenset(str(k) for k in variant_kinds)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ModelError(f"challenge calibration {path.name} is malformed") from exc
     if not all(math.isfinite(t) for t in (threshold, *per_kind.values())):
         raise ModelError(f"challenge calibration {path.name} has a threshold that is not a number")
     if not all(0.0 <= w <= 100.0 for w in weights.values()):
         raise ModelError(f"challenge calibration {path.name} has a silence weight outside 0..100")
-    if any(k not in KINDS for k in (*per_kind, *weights)):
+    if any(k not in KINDS for k in (*per_kind, *weights, *variant_kinds)):
         raise ModelError(f"challenge calibration {path.name} names an unknown challenge kind")
     if any(k not in weights for k in per_kind):
         raise ModelError(f"challenge calibration {path.name} has a threshold without its silence weight")
@@ -247,7 +279,7 @@ def load_calibration(path: Path) -> ChallengeCalibration:
         strictest = max(per_kind, key=lambda k: per_kind[k])
         weights.update({k: weights[strictest] for k in missing})
     return ChallengeCalibration(threshold=threshold, target_wrong_phrase_acceptance=target, thresholds=per_kind,
-                                silence_weights=weights, info=doc)
+                                silence_weights=weights, info=doc, variants_version=version, variant_kinds=variant_kinds)
 
 
 # --------------------------------------------------------------------------- challenges
@@ -364,9 +396,11 @@ def _is_filler(name: str) -> bool:
 
 
 class _Decoder:
-    """One pocketsphinx decoder with the phone loop added; used by one thread only."""
+    """One pocketsphinx decoder with the phone loop added; used by one thread only. With
+    ``variants``, it aligns words with their :func:`pronunciation_variants` too (added to
+    its own dictionary as they come)."""
 
-    def __init__(self, config: ChallengeConfig) -> None:
+    def __init__(self, config: ChallengeConfig, *, variants: bool = False) -> None:
         beam = config.beam
         try:
             self.ps = pocketsphinx.Decoder(
@@ -388,6 +422,26 @@ class _Decoder:
         except (RuntimeError, ValueError) as exc:
             raise ModelError("the pocketsphinx model could not be loaded") from exc
         self.log_base = math.log(float(self.ps.config["logbase"]))
+        self.variants = variants
+        self._extended: set[str] = set()  # words whose variants are in the dictionary
+
+    def _extend(self, words: Iterable[str]) -> None:
+        """Add the :func:`pronunciation_variants` of each word not extended yet, as further
+        alternative pronunciations (``word(3)``, ...) that the alignment may choose."""
+        for word in words:
+            if word in self._extended:
+                continue
+            have: list[tuple[str, ...]] = []  # the dictionary's: word, word(2), ...
+            name = word
+            while (phones := self.ps.lookup_word(name)) is not None:
+                have.append(tuple(phones.split()))
+                name = f"{word}({len(have) + 1})"
+            k = len(have)
+            for variant in pronunciation_variants(have[0]) if have else []:
+                if variant not in have:
+                    k += 1
+                    self.ps.add_word(f"{word}({k})", " ".join(variant), True)
+            self._extended.add(word)
 
     def _decode(self, pcm: bytes) -> None:
         # a fresh front end for every pass: its noise tracker would otherwise carry over
@@ -422,6 +476,8 @@ class _Decoder:
     def align(self, pcm: bytes, words: list[str]) -> list[tuple[str, int, int, float]] | None:
         """The alignment of ``words`` to ``pcm`` as :meth:`_segments`; ``None`` if they
         cannot be aligned to the recording at all."""
+        if self.variants:
+            self._extend(words)
         self.ps.set_align_text(" ".join(words))
         self._decode(pcm)
         if self.ps.hyp() is None:
@@ -451,9 +507,11 @@ class Pass(NamedTuple):
     ``"align"`` (the expected ``words``). The two passes of a check are independent, so
     they can run at the same time on two cores (:meth:`ChallengeChecker.run_passes`)."""
 
-    kind: str
+    kind: Literal["loop", "align"]
     pcm: bytes
     words: tuple[str, ...] = ()
+    #: align with the words' pronunciation variants too
+    variants: bool = False
 
 
 class ChallengeChecker:
@@ -480,6 +538,10 @@ class ChallengeChecker:
             # before the file recorded its beam, every calibration was measured with 1e-48
             if float(measured.get("beam", _EARLIER_BEAM)) != config.beam:
                 raise ModelError(f"challenge calibration {name} was not measured with beam={config.beam:g}")
+            cal = self.calibration
+            if cal.variant_kinds != set(config.variant_kinds) or (cal.variant_kinds and cal.variants_version != VARIANTS_VERSION):
+                wanted = ", ".join(config.variant_kinds) or "none"
+                raise ModelError(f"challenge calibration {name} was not measured with pronunciation variants for {wanted}")
             weights = dict(self.calibration.silence_weights)
             if config.silence_weight is not None and any(w != config.silence_weight for w in weights.values()):
                 measured_with = ", ".join(f"{k} {w:g}" for k, w in weights.items())
@@ -499,14 +561,18 @@ class ChallengeChecker:
         self._local = threading.local()
 
     def load_decoder(self) -> None:
-        """Load this thread's pocketsphinx decoder now rather than on the first recording."""
-        self._decoder()
+        """Load this thread's pocketsphinx decoders now rather than on the first recording."""
+        self._decoder(False)
+        if self.config.variant_kinds:
+            self._decoder(True)
 
-    def _decoder(self) -> _Decoder:
-        dec = getattr(self._local, "decoder", None)
+    def _decoder(self, variants: bool) -> _Decoder:
+        """This thread's decoder, with or without pronunciation variants (two decoders, so
+        that words extended for one kind of challenge stay as they are for the other)."""
+        decoders = self._local.__dict__.setdefault("decoders", {})
+        dec = decoders.get(variants)
         if dec is None:
-            dec = _Decoder(self.config)
-            self._local.decoder = dec
+            dec = decoders[variants] = _Decoder(self.config, variants=variants)
         return dec
 
     def _pcm(self, audio: Any) -> bytes:
@@ -568,7 +634,7 @@ class ChallengeChecker:
         # phrases) is checked and decoded through the phone loop once
         loops: dict[int, tuple[bytes, int] | SampleError] = {}
         plan: list[tuple[int, int] | SampleError] = []  # per item: (its loop pass, its align pass)
-        for (audio, _), words in zip(items, expected):
+        for (audio, challenge), words in zip(items, expected):
             if id(audio) not in loops:
                 try:
                     pcm = self._pcm(audio)
@@ -582,7 +648,8 @@ class ChallengeChecker:
                 plan.append(loop)
             else:
                 plan.append((loop[1], len(passes)))
-                passes.append(Pass("align", loop[0], tuple(words)))
+                variants = challenge_kind(challenge) in self.config.variant_kinds
+                passes.append(Pass("align", loop[0], tuple(words), variants))
         done = (run_passes or self.run_passes)(passes) if passes else []
         out: list[ScoreParts | None | SampleError] = []
         for step in plan:
@@ -598,13 +665,18 @@ class ChallengeChecker:
         an alignment (``None``: not aligned, or refused by the decoder) per pass."""
         out: list[Any] = []
         for p in passes:
-            dec = self._decoder()
+            dec = self._decoder(p.variants)
             try:
-                out.append(dec.phone_loop(p.pcm) if p.kind == "loop" else dec.align(p.pcm, list(p.words)))
+                if p.kind == "loop":
+                    out.append(dec.phone_loop(p.pcm))
+                elif p.kind == "align":
+                    out.append(dec.align(p.pcm, list(p.words)))
+                else:
+                    raise ValueError(f"unknown decoding pass {p.kind!r}")
             except RuntimeError:
                 # pocketsphinx refused this recording mid-way; its decoder state is not to
                 # be trusted any more: start this thread afresh with a new one.
-                self._local.decoder = None
+                self._local.decoders.pop(p.variants, None)
                 out.append(None)
         return out
 

@@ -22,13 +22,16 @@ from hypothesis import strategies as st
 from engine.challenge import (
     DIGIT_WORDS,
     FAILURE_SCORE,
+    VARIANTS_VERSION,
     ChallengeChecker,
     ChallengeConfig,
     ScoreParts,
+    _Decoder,
     challenge_words,
     load_calibration,
     load_phrases,
     new_challenge,
+    pronunciation_variants,
 )
 from engine.errors import (
     ConfigError,
@@ -124,7 +127,7 @@ def test_config_is_validated() -> None:
 def _calibration(tmp_path: Path, threshold: float, *, measured: dict | None = None, **per_kind: float) -> ChallengeConfig:
     path = tmp_path / "challenge.json"
     doc = {"threshold": threshold, "target_wrong_phrase_acceptance": 0.001, "frame_step": 1, "beam": ChallengeConfig().beam,
-           **(measured or {})}
+           "pronunciation_variants": VARIANTS_VERSION, "variant_kinds": ["phrase"], **(measured or {})}
     if per_kind:
         doc["thresholds"] = per_kind
     path.write_text(json.dumps(doc))
@@ -165,14 +168,33 @@ def test_the_score_is_computed_as_it_was_calibrated(tmp_path: Path) -> None:
         ChallengeChecker(config=dataclasses.replace(config, frame_step=2))
     with pytest.raises(ModelError, match="beam"):
         ChallengeChecker(config=dataclasses.replace(config, beam=1e-48))
-    # an older calibration: one weight for every kind, and no beam recorded (it was 1e-48)
+    for kinds in ((), ("digits", "phrase")):
+        with pytest.raises(ModelError, match="variants"):
+            ChallengeChecker(config=dataclasses.replace(config, variant_kinds=kinds))
+    # an older calibration: one weight for every kind, and neither beam (it was 1e-48) nor
+    # pronunciation variants recorded (there were none)
     one = _calibration(tmp_path, -10.0, measured={"silence_weight": 0.5, "frame_step": 1})
     doc = json.loads(one.calibration_path.read_text())
-    del doc["beam"]
+    del doc["beam"], doc["pronunciation_variants"], doc["variant_kinds"]
     one.calibration_path.write_text(json.dumps(doc))
     with pytest.raises(ModelError, match="beam"):
         ChallengeChecker(config=one)
-    older = dataclasses.replace(one, beam=1e-48)
+    with pytest.raises(ModelError, match="variants"):
+        ChallengeChecker(config=dataclasses.replace(one, beam=1e-48))
+    # variants recorded without the kinds they applied to, or kinds without a version
+    for fields in ({"pronunciation_variants": 1}, {"variant_kinds": ["phrase"]}, {"pronunciation_variants": 1, "variant_kinds": "phrase"},
+                   {"pronunciation_variants": 1, "variant_kinds": ["sentences"]}):
+        (tmp_path / "bad").mkdir(exist_ok=True)
+        bad = _calibration(tmp_path / "bad", -10.0, measured=fields)
+        doc = json.loads(bad.calibration_path.read_text())
+        for key in ("pronunciation_variants", "variant_kinds"):
+            if key not in fields:
+                del doc[key]
+        bad.calibration_path.write_text(json.dumps(doc))
+        for kinds in ((), ("phrase",)):
+            with pytest.raises(ModelError, match="malformed|unknown"):
+                ChallengeChecker(config=dataclasses.replace(bad, variant_kinds=kinds))
+    older = dataclasses.replace(one, beam=1e-48, variant_kinds=())
     assert ChallengeChecker(config=older).silence_weights == {"digits": 0.5, "phrase": 0.5}
     assert ChallengeChecker(config=dataclasses.replace(older, silence_weight=0.5)).silence_weights["digits"] == 0.5
     assert ChallengeChecker(threshold=0.0).silence_weights == {"digits": 1.0, "phrase": 1.0}
@@ -196,6 +218,59 @@ def test_score_batch_weighs_silence_by_the_challenge_kind(tmp_path: Path) -> Non
     assert isinstance(out[3], NoSpeech)
 
 
+def test_pronunciation_variants_each_rule_alone() -> None:
+    assert pronunciation_variants("TH R IY".split()) == [("S", "R", "IY"), ("TH", "R", "IH")]
+    # a devoiced final consonant, the final consonant dropped, a vowel added after it
+    assert pronunciation_variants("D AA G Z".split()) == [("D", "AA", "G", "S"), ("D", "AA", "G"), ("D", "AA", "G", "Z", "AH")]
+    assert pronunciation_variants("V EH R IY".split()) == [("W", "EH", "R", "IY"), ("V", "EH", "R", "IH")]
+    assert pronunciation_variants("DH AH".split()) == [("D", "AH")]
+    assert pronunciation_variants(["AH"]) == [] and pronunciation_variants([]) == []
+
+
+def test_the_decoder_adds_each_words_variants_once() -> None:
+    dec = _Decoder(ChallengeConfig(), variants=True)
+    ps = dec.ps
+    added: list[str] = []
+
+    class Counting:  # the decoder's dictionary, with its additions counted
+        def __getattr__(self, name: str):
+            return getattr(ps, name)
+
+        def add_word(self, word: str, phones: str, update: bool = True) -> int:
+            added.append(word)
+            return ps.add_word(word, phones, update)
+
+    dec.ps = Counting()  # type: ignore[assignment]
+    assert ps.lookup_word("the(2)") == "DH IY" and ps.lookup_word("the(3)") is None
+    dec._extend(["the", "three", "the"])
+    dec._extend(["three"])
+    assert added == ["the(3)", "three(2)", "three(3)"]
+    assert [ps.lookup_word(w) for w in ("the(3)", "three(2)", "three(3)", "three(4)")] == ["D AH", "S R IY", "TH R IH", None]
+    assert ps.lookup_word("the") == "DH AH" and ps.lookup_word("three") == "TH R IY"  # the dictionary's own come first
+    plain = _Decoder(ChallengeConfig())
+    pcm = (np.sin(np.arange(SR) / 7.0) * 8000).astype("<i2").tobytes()
+    plain.align(pcm, ["three"])
+    assert plain.ps.lookup_word("three(2)") is None
+
+
+def test_only_the_configured_kinds_are_aligned_with_variants() -> None:
+    """Phrases are aligned with pronunciation variants, digit strings (by default) not: each
+    on its own decoder, so a digit word in a phrase does not change how digits are scored."""
+    checker = ChallengeChecker(threshold=0.0)
+    seen: list = []
+    checker.run_passes = lambda passes: seen.extend(passes) or [np.zeros(200) if p.kind == "loop" else None for p in passes]  # type: ignore[method-assign]
+    wav = np.sin(np.arange(SR, dtype=np.float32) / 7.0) * 0.3
+    checker.parts_batch([(wav, "409172"), (wav, "one two three")])
+    assert [(p.kind, p.variants) for p in seen] == [("loop", False), ("align", False), ("align", True)]
+    # decoded for real: "three" said in a phrase gains its variants on one decoder only
+    real = ChallengeChecker(threshold=0.0)
+    real.parts_batch([(wav, "one two three"), (wav, "333")])
+    assert real._decoder(True).ps.lookup_word("three(2)") == "S R IY"
+    assert real._decoder(False).ps.lookup_word("three(2)") is None
+    with pytest.raises(ConfigError):
+        ChallengeConfig(variant_kinds=("sentences",))
+
+
 def test_score_parts_weigh_only_silence_that_fits_worse_than_free_phones() -> None:
     assert ScoreParts(words=-20.0, silence=-10.0).score(1.5) == -35.0
     assert ScoreParts(words=-20.0, silence=4.0).score(1.5) == -20.0
@@ -209,6 +284,7 @@ def test_shipped_calibration_is_the_default() -> None:
     doc = json.loads(path.read_text())
     assert doc["frame_step"] == ChallengeConfig().frame_step
     assert doc["beam"] == ChallengeConfig().beam
+    assert doc["variant_kinds"] == list(ChallengeConfig().variant_kinds) and doc["pronunciation_variants"] == VARIANTS_VERSION
     checker = ChallengeChecker()
     assert checker.silence_weights == doc["silence_weights"]
     assert checker.threshold == doc["threshold"]
