@@ -147,8 +147,8 @@ def _process_tree_cpu() -> float:
 
 
 def _result(layout: Layout, n: int, elapsed: float, cpu: float, stage_cpu: dict[str, float]) -> LimitResult:
-    # per stage: CPU time of the calling threads (onnxruntime's own pool threads, intra > 1, are
-    # only in the process total)
+    # per stage: CPU time of the calling threads (onnxruntime's own pool threads, intra > 1,
+    # and the recogniser's worker processes are only in the process-tree total)
     stage = {s: 1000.0 * stage_cpu[s] / max(n, 1) for s in STAGES}
     return LimitResult(layout, n / elapsed, n, elapsed, cpu / (elapsed * (os.cpu_count() or 1)), 1000.0 * cpu / max(n, 1), stage)
 
@@ -157,7 +157,14 @@ def _run_threads(
     verifs: list[Verification], layout: Layout, *, seconds: float, challenge: bool, models_dir: Path | None = None, barrier: Any = None
 ) -> tuple[int, float, float, dict[str, float]]:
     """(verifications, seconds, CPU seconds of the process, CPU seconds by stage) of ``layout.threads`` pipelines."""
-    xs = [_extractors(layout.intra, challenge, models_dir) for _ in range(layout.threads)]
+    xs: list[Any] = []
+    try:
+        for _ in range(layout.threads):
+            xs.append(_extractors(layout.intra, challenge, models_dir))
+    except BaseException:
+        for x in xs:
+            x.close()
+        raise
     counts = [0] * layout.threads
     cpus = [dict.fromkeys(STAGES, 0.0) for _ in range(layout.threads)]
     deadline = [0.0, 0.0]  # start, end: set by the barrier as every thread is ready
@@ -247,31 +254,39 @@ def _measure_processes(verifs: list[Verification], layout: Layout, *, seconds: f
 # ---- per-stage figures (tuning) -----------------------------------------------------------------
 def measure_stages(verifs: list[Verification], *, batches: list[int], intras: list[int], seconds: float, challenge: bool) -> list[dict[str, Any]]:
     """CPU and wall ms per item of each stage alone, by batch size and intra-op threads (one thread)."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for intra in intras:
         x = _extractors(intra, challenge, None)
-        pcms = [x.decode_audio(v.voice, "auto") for v in verifs]
-        stages: dict[str, Any] = {
-            "face": lambda items: x.face_batch([v.face for v, _ in items]),
-            "voice": lambda items: x.voice_batch([p for _, p in items]),
-        }
-        if challenge:
-            stages["challenge"] = lambda items: x.challenge_batch([(p, v.challenge) for v, p in items])
-        pairs = list(zip(verifs, pcms, strict=True))
-        for name, fn in stages.items():
-            for b in batches:
-                fn(pairs[:b])
-                n, i = 0, 0
-                w0, c0 = time.perf_counter(), _process_tree_cpu()  # the recogniser runs in worker processes
-                while time.perf_counter() - w0 < seconds or n == 0:
-                    fn([pairs[(i + j) % len(pairs)] for j in range(b)])
-                    i += b
-                    n += b
-                wall, cpu = time.perf_counter() - w0, _process_tree_cpu() - c0
-                row = {"stage": name, "intra": intra, "batch": b, "items": n, "wall_ms_per_item": round(1000 * wall / n, 2), "cpu_ms_per_item": round(1000 * cpu / n, 2)}
-                emit({"limit_stage": row})
-                rows.append(row)
-        x.close()
+        try:
+            rows += _stage_rows(x, verifs, batches=batches, intra=intra, seconds=seconds, challenge=challenge)
+        finally:
+            x.close()
+    return rows
+
+
+def _stage_rows(x: Any, verifs: list[Verification], *, batches: list[int], intra: int, seconds: float, challenge: bool) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    pcms = [x.decode_audio(v.voice, "auto") for v in verifs]
+    stages: dict[str, Any] = {
+        "face": lambda items: x.face_batch([v.face for v, _ in items]),
+        "voice": lambda items: x.voice_batch([p for _, p in items]),
+    }
+    if challenge:
+        stages["challenge"] = lambda items: x.challenge_batch([(p, v.challenge) for v, p in items])
+    pairs = list(zip(verifs, pcms, strict=True))
+    for name, fn in stages.items():
+        for b in batches:
+            fn(pairs[:b])
+            n, i = 0, 0
+            w0, c0 = time.perf_counter(), _process_tree_cpu()  # the recogniser runs in worker processes
+            while time.perf_counter() - w0 < seconds or n == 0:
+                fn([pairs[(i + j) % len(pairs)] for j in range(b)])
+                i += b
+                n += b
+            wall, cpu = time.perf_counter() - w0, _process_tree_cpu() - c0
+            row = {"stage": name, "intra": intra, "batch": b, "items": n, "wall_ms_per_item": round(1000 * wall / n, 2), "cpu_ms_per_item": round(1000 * cpu / n, 2)}
+            emit({"limit_stage": row})
+            rows.append(row)
     return rows
 
 
