@@ -55,7 +55,6 @@ from engine.audio import decode_audio
 from engine.challenge import (
     CALIBRATION_FILE,
     FAILURE_SCORE,
-    VARIANTS_VERSION,
     ChallengeChecker,
     ChallengeConfig,
     ScoreParts,
@@ -64,6 +63,7 @@ from engine.challenge import (
 )
 from engine.errors import ConfigError, SampleError
 from engine.models import DEFAULT_MODELS_DIR
+from engine.pronunciation import VARIANTS_VERSION
 
 __all__ = ["main"]
 

@@ -29,6 +29,7 @@ Output: one JSON line per configuration measured, a summary JSON line with ``lim
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import multiprocessing as mp
 import os
@@ -157,14 +158,17 @@ def _run_threads(
     verifs: list[Verification], layout: Layout, *, seconds: float, challenge: bool, models_dir: Path | None = None, barrier: Any = None
 ) -> tuple[int, float, float, dict[str, float]]:
     """(verifications, seconds, CPU seconds of the process, CPU seconds by stage) of ``layout.threads`` pipelines."""
-    xs: list[Any] = []
-    try:
+    # the recogniser's worker pools are closed whatever happens: a pool left open in a
+    # process that exits waits for its workers while they wait for it
+    with contextlib.ExitStack() as pools:
+        xs = []
         for _ in range(layout.threads):
             xs.append(_extractors(layout.intra, challenge, models_dir))
-    except BaseException:
-        for x in xs:
-            x.close()
-        raise
+            pools.callback(xs[-1].close)
+        return _run_pipelines(xs, verifs, layout, seconds=seconds, challenge=challenge, barrier=barrier)
+
+
+def _run_pipelines(xs: list[Any], verifs: list[Verification], layout: Layout, *, seconds: float, challenge: bool, barrier: Any) -> tuple[int, float, float, dict[str, float]]:
     counts = [0] * layout.threads
     cpus = [dict.fromkeys(STAGES, 0.0) for _ in range(layout.threads)]
     deadline = [0.0, 0.0]  # start, end: set by the barrier as every thread is ready
@@ -198,22 +202,16 @@ def _run_threads(
     for th in threads:
         th.start()
     try:
-        try:
-            if barrier is not None:  # several processes start together
-                barrier.wait()
-            ready.wait()
-        except threading.BrokenBarrierError:
-            pass
-        start = deadline[0]
-        for th in threads:
-            th.join()
-        elapsed = time.perf_counter() - start
-        cpu = _process_tree_cpu() - cpu0[0]  # while the recogniser's worker processes live
-    finally:
-        # the recogniser's worker pools: a pool left open in a process that exits waits
-        # for its workers while they wait for it
-        for x in xs:
-            x.close()
+        if barrier is not None:  # several processes start together
+            barrier.wait()
+        ready.wait()
+    except threading.BrokenBarrierError:
+        pass
+    start = deadline[0]
+    for th in threads:
+        th.join()
+    elapsed = time.perf_counter() - start
+    cpu = _process_tree_cpu() - cpu0[0]  # while the recogniser's worker processes live
     if errors:
         raise errors[0]
     return sum(counts), elapsed, cpu, {st: sum(c[st] for c in cpus) for st in STAGES}

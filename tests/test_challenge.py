@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 from engine.challenge import (
     DIGIT_WORDS,
     FAILURE_SCORE,
-    VARIANTS_VERSION,
     ChallengeChecker,
     ChallengeConfig,
     ScoreParts,
@@ -31,7 +30,6 @@ from engine.challenge import (
     load_calibration,
     load_phrases,
     new_challenge,
-    pronunciation_variants,
 )
 from engine.errors import (
     ConfigError,
@@ -43,6 +41,7 @@ from engine.errors import (
     TooLittleSpeech,
     UndecodableSample,
 )
+from engine.pronunciation import VARIANTS_VERSION, pronunciation_variants
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 SPEECH = DATA / "speech"
