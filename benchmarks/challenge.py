@@ -57,7 +57,9 @@ from engine.challenge import (
     FAILURE_SCORE,
     ChallengeChecker,
     ChallengeConfig,
+    Pass,
     ScoreParts,
+    Screen,
     challenge_words,
     load_phrases,
 )
@@ -102,7 +104,13 @@ class Result:
     scores: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     genuine_cpu_s: float = 0.0
+    #: the genuine check's CPU by decoding pass ("align", "loop")
+    pass_cpu_s: dict[str, float] = field(default_factory=dict)
     audio_s: float = 0.0
+    #: per expected challenge, the engine's decision with the screen (filled in by ``main``)
+    passed: list[bool] = field(default_factory=list)
+    #: per expected challenge, whether the screen decided it without the phone loop
+    screened: list[bool] = field(default_factory=list)
 
 
 def _speech_root(root: Path) -> Path:
@@ -237,9 +245,20 @@ def score_task(task: Task) -> Result:
     assert _checker is not None
     wav = load_audio(task.audio)
     res = Result(task, audio_s=wav.size / _SR)
+    cpu: dict[str, float] = defaultdict(float)
+
+    def timed(passes: list[Pass]) -> list[Any]:
+        out = []
+        for p in passes:
+            t = time.process_time()
+            out += _checker.run_passes([p])
+            cpu[p.kind] += time.process_time() - t
+        return out
+
     t0 = time.process_time()
-    first = _checker.parts_batch([(wav, task.expected[0])])
+    first = _checker.parts_batch([(wav, task.expected[0])], run_passes=timed)
     res.genuine_cpu_s = time.process_time() - t0
+    res.pass_cpu_s = dict(cpu)
     rest = _checker.parts_batch([(wav, e) for e in task.expected[1:]]) if len(task.expected) > 1 else []
     for r in first + rest:
         if isinstance(r, SampleError):
@@ -271,6 +290,53 @@ def choose_weight(results: list[Result], set_: str, target: float) -> tuple[floa
         grid.append({"silence_weight": w, "threshold": thr, "genuine_pass_A": float((ga >= thr).mean()) if ga.size else math.nan})
     best = max(grid, key=lambda g: (g["genuine_pass_A"], -g["silence_weight"]))
     return best["silence_weight"], grid
+
+
+def _screen_scores(results: list[Result], set_: str, part: str, label: str, weight: float) -> np.ndarray:
+    out = [FAILURE_SCORE if p is None else p.screen_score(weight) for r in results if r.task.set == set_ and r.task.part == part
+           for p, lab in zip(r.parts, r.task.labels) if lab == label]
+    return np.asarray(out, dtype=np.float64)
+
+
+def choose_screen(results: list[Result], set_: str, threshold: float) -> tuple[Screen | None, list[dict[str, Any]]]:
+    """The screen of one set, on part A: for each silence weight, ``accept`` just above
+    every wrong phrase's screen score (so the screen lets no wrong phrase of A through) and
+    ``reject`` just below every genuine recording of A that the check passes (so it fails
+    none of them); the weight leaving fewest genuine recordings of A to the phone loop
+    wins (the smaller weight on a tie). ``None`` if part A has no trials."""
+    grid: list[dict[str, Any]] = []
+    for w in SILENCE_WEIGHTS:
+        wrong, genuine = _screen_scores(results, set_, "A", "wrong", w), _screen_scores(results, set_, "A", "genuine", w)
+        full = _scores(results, set_, "A", "genuine")
+        if not wrong.size or not genuine.size:
+            return None, grid
+        accept = float(wrong.max()) + 1e-6
+        passing = genuine[(genuine >= accept) | (full >= threshold)]
+        reject = min(accept, float(passing.min()) - 1e-6) if passing.size else accept
+        grid.append({"silence_weight": w, "accept": accept, "reject": reject,
+                     "genuine_to_loop_A": float(((genuine >= reject) & (genuine < accept)).mean())})
+    best = min(grid, key=lambda g: (g["genuine_to_loop_A"], g["silence_weight"]))
+    return Screen(silence_weight=best["silence_weight"], accept=best["accept"], reject=best["reject"]), grid
+
+
+def apply_screen(results: list[Result], set_: str, screen: Screen | None, weight: float, threshold: float) -> None:
+    """The engine's decision on each trial of a set: the screen where it is clear, else
+    the challenge score (at ``weight``) against ``threshold``."""
+    for r in results:
+        if r.task.set != set_:
+            continue
+        r.passed, r.screened = [], []
+        for p in r.parts:
+            decided = None if p is None or screen is None else screen.decide(p.screen_score(screen.silence_weight))
+            r.screened.append(decided is not None or p is None)
+            r.passed.append(bool(decided) if decided is not None else p is not None and p.score(weight) >= threshold)
+
+
+def _decisions(results: list[Result], set_: str, part: str, label: str) -> tuple[np.ndarray, np.ndarray]:
+    """The engine's decisions on one set, part and label, and whether the screen took them."""
+    rows = [(ok, sc) for r in results if r.task.set == set_ and r.task.part == part
+            for ok, sc, lab in zip(r.passed, r.screened, r.task.labels) if lab == label]
+    return np.asarray([a for a, _ in rows], dtype=bool), np.asarray([b for _, b in rows], dtype=bool)
 
 
 def run_tasks(tasks: list[Task], config: ChallengeConfig, workers: int, progress: bool) -> list[Result]:
@@ -360,8 +426,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--silence-weight", type=float, default=None,
                    help="weight of the silence ratio for both sets (default: chosen per set on part A)")
     p.add_argument("--frame-step", type=int, default=ChallengeConfig().frame_step, help="frames per scored frame (pocketsphinx ds)")
+    p.add_argument("--top-gaussians", type=int, default=ChallengeConfig().top_gaussians,
+                   help="Gaussians per codebook each senone is scored from (pocketsphinx topn; default %(default)s)")
     p.add_argument("--variant-kinds", default=",".join(ChallengeConfig().variant_kinds), metavar="KINDS",
                    help="challenge kinds aligned with pronunciation variants too (comma-separated; '' for none; default %(default)s)")
+    p.add_argument("--no-screen", action="store_true",
+                   help="no screen on the alignment alone: every check decodes the phone loop too")
     p.add_argument("--workers", type=int, default=2, help="scoring processes (pocketsphinx holds the GIL)")
     p.add_argument("--quick", action="store_true", help="small run: 12 utterances, 12 strings per part, 3 wrong each")
     p.add_argument("--limit", type=int, default=None, help="cap utterances and strings per part")
@@ -382,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--write-calibration needs both sets at full size (no --quick, --limit or empty set)")
     command = "netid bench challenge " + shlex.join(argv if argv is not None else sys.argv[1:])
     try:
-        config = ChallengeConfig(silence_weight=args.silence_weight, frame_step=args.frame_step,
+        config = ChallengeConfig(silence_weight=args.silence_weight, frame_step=args.frame_step, top_gaussians=args.top_gaussians,
                                  variant_kinds=tuple(k for k in args.variant_kinds.split(",") if k))
     except ConfigError as exc:
         p.error(str(exc))
@@ -435,6 +505,16 @@ def main(argv: list[str] | None = None) -> int:
                       "genuine_pass": _rate(int((ga >= thr).sum()), int(ga.size))}
         emit({"figure": "challenge_calibration", "set": s, "part": "A", "target_wrong_phrase_acceptance": args.target,
               **per_set[s], "genuine": _dist(ga), "wrong": _dist(wa)})
+    # ---- the screen of each set, on part A, at its threshold
+    screens: dict[str, Screen | None] = {}
+    for s in sets:
+        screens[s], grid = (None, []) if args.no_screen else choose_screen(results, s, per_set[s]["threshold"])
+        apply_screen(results, s, screens[s], weights[s], per_set[s]["threshold"])
+        if screens[s] is not None:
+            emit({"figure": "challenge_screen", "set": s, "part": "A", "chosen": {
+                "silence_weight": screens[s].silence_weight, "accept": screens[s].accept, "reject": screens[s].reject}, "grid": grid})
+    if "speech" in per_set:
+        apply_screen(results, "speech-8k", screens["speech"], weights["speech"], per_set["speech"]["threshold"])
     operating = max(v["threshold"] for v in per_set.values())
     emit({"figure": "challenge_operating_point", "threshold": operating, "rule": "highest of the per-set thresholds",
           "per_set": {s: v["threshold"] for s, v in per_set.items()}})
@@ -448,11 +528,20 @@ def main(argv: list[str] | None = None) -> int:
         own = per_set.get(s if s != "speech-8k" else "speech")
         if own is not None:
             row["at_kind_threshold"] = rates(gb, wb, own["threshold"])
+            # what the engine decides: the screen where it is clear, else the kind's threshold
+            (gp, gs), (wp, ws) = _decisions(results, s, "B", "genuine"), _decisions(results, s, "B", "wrong")
+            row["engine"] = {"threshold": own["threshold"], "screen": screens.get(s if s != "speech-8k" else "speech") is not None,
+                             "genuine_pass": _rate(int(gp.sum()), int(gp.size)), "wrong_accept": _rate(int(wp.sum()), int(wp.size)),
+                             "to_phone_loop": {"genuine": float(1 - gs.mean()) if gs.size else math.nan,
+                                               "wrong": float(1 - ws.mean()) if ws.size else math.nan}}
         if s == "digits":
             nm = _scores(results, s, "B", "near_miss")
             # at the threshold the engine uses for digit strings
             nm_thr = own["threshold"] if own is not None else operating
             row["near_miss_accept"] = {"threshold": nm_thr, **_rate(int((nm >= nm_thr).sum()), int(nm.size))}
+            nmp, _ = _decisions(results, s, "B", "near_miss")
+            if "engine" in row:
+                row["engine"]["near_miss_accept"] = _rate(int(nmp.sum()), int(nmp.size))
             row["near_miss"] = _dist(nm)
             # six speakers with four accents: where the misses come from
             row["genuine_pass_by_speaker"] = {
@@ -491,10 +580,16 @@ def main(argv: list[str] | None = None) -> int:
     for s in sets + (["speech-8k"] if "speech-8k" in report else []):
         rs = [r for r in results if r.task.set == s]
         cpu, audio = sum(r.genuine_cpu_s for r in rs), sum(r.audio_s for r in rs)
+        # the engine decodes the phone loop only where the screen leaves the genuine check open
+        screened = sum(r.pass_cpu_s.get("align", 0.0) + (0.0 if r.screened and r.screened[0] else r.pass_cpu_s.get("loop", 0.0)) for r in rs)
         cost[s] = {"cpu_s": cpu, "audio_s": audio, "cpu_s_per_audio_s": cpu / audio if audio else math.nan,
+                   "engine_cpu_s_per_audio_s": screened / audio if audio else math.nan,
+                   "align_cpu_s_per_audio_s": sum(r.pass_cpu_s.get("align", 0.0) for r in rs) / audio if audio else math.nan,
+                   "loop_cpu_s_per_audio_s": sum(r.pass_cpu_s.get("loop", 0.0) for r in rs) / audio if audio else math.nan,
                    "recordings": len(rs), "mean_audio_s": audio / len(rs) if rs else math.nan}
-    emit({"figure": "challenge_cost", "what": "CPU seconds of one check (expected challenge, 2 decoding passes) per second of audio",
-          **cost})
+    emit({"figure": "challenge_cost", "what": "CPU seconds per second of audio of one check: both decoding passes "
+          "(cpu_s_per_audio_s), and as the engine runs it, the phone loop only where the screen leaves it open "
+          "(engine_cpu_s_per_audio_s)", **cost})
     errors = defaultdict(int)
     for r in results:
         for e in r.errors:
@@ -502,7 +597,9 @@ def main(argv: list[str] | None = None) -> int:
                 errors[e] += 1
     emit({"figure": "run", "command": command, "seed": args.seed, "wall_s": wall, "workers": args.workers,
           "sample_errors": dict(errors), "data": info, "silence_weights": weights,
-          "frame_step": config.frame_step, "beam": config.beam, "variant_kinds": list(config.variant_kinds)})
+          "screens": {s: None if v is None else {"silence_weight": v.silence_weight, "accept": v.accept, "reject": v.reject}
+                      for s, v in screens.items()},
+          "frame_step": config.frame_step, "top_gaussians": config.top_gaussians, "beam": config.beam, "variant_kinds": list(config.variant_kinds)})
 
     if args.write_calibration:
         path = Path(args.models) / CALIBRATION_FILE
@@ -515,15 +612,20 @@ def main(argv: list[str] | None = None) -> int:
                      "+ silence_weight * min(0, silence ratio); engine/challenge.py",
             "silence_weights": {KIND_OF_SET[s]: weights[s] for s in sets},
             "frame_step": config.frame_step,
+            "top_gaussians": config.top_gaussians,
             "beam": config.beam,
+            "screens": {KIND_OF_SET[s]: {"silence_weight": v.silence_weight, "accept": v.accept, "reject": v.reject}
+                        for s, v in screens.items() if v is not None},
             "pronunciation_variants": VARIANTS_VERSION if config.variant_kinds else 0,
             "variant_kinds": list(config.variant_kinds),
             "recogniser": f"pocketsphinx {importlib.metadata.version('pocketsphinx')}, en-us acoustic model and cmudict from the wheel",
             "rule": "per challenge kind, on part A of its set: the silence weight passing most genuine trials at "
-                    "the target, then its threshold; threshold: the highest of them",
+                    "the target, then its threshold; threshold: the highest of them; screen: accept above every wrong "
+                    "phrase's alignment-only score, reject below every passing genuine one, the weight leaving fewest "
+                    "genuine trials to the phone loop",
             "measured_on": {s: {"part": "A", **{k: v for k, v in per_set[s].items() if k != "genuine_pass"},
                                 "genuine_pass_at_own_threshold": per_set[s]["genuine_pass"]["rate"]} for s in sets},
-            "reported_on_B": {s: {"at_kind_threshold": report[s]["at_kind_threshold"],
+            "reported_on_B": {s: {"engine": report[s]["engine"], "at_kind_threshold": report[s]["at_kind_threshold"],
                                   "at_threshold": report[s]["at_operating_point"]} for s in sets},
             "data": {"speech": "speechocean762 (speech/), speakers split by benchmarks.datasets.split_of",
                      "digits": "Free Spoken Digit Dataset (digits/), 6-digit strings, recordings split by hash"},
@@ -543,7 +645,13 @@ def main(argv: list[str] | None = None) -> int:
         # the engine checks each challenge against its own kind's threshold
         own, op = row.get("at_kind_threshold"), row["at_operating_point"]
         first = own if own is not None else op
-        print(f"  {s:9s} part B, at {first['threshold']:.2f}: genuine pass {_fmt(first['genuine_pass'])}   "
+        if "engine" in row:
+            e = row["engine"]
+            how = (f"screen, then {e['threshold']:.2f} for the {100 * e['to_phone_loop']['genuine']:.0f} % of genuine and "
+                   f"{100 * e['to_phone_loop']['wrong']:.1f} % of wrong left to the phone loop") if e["screen"] else f"at {e['threshold']:.2f}"
+            print(f"  {s:9s} part B, as the engine decides ({how}): genuine pass {_fmt(e['genuine_pass'])}   "
+                  f"wrong phrase accepted {_fmt(e['wrong_accept'])}", file=out)
+        print(f"  {s if 'engine' not in row else '':9s} part B, both passes always, at {first['threshold']:.2f}: genuine pass {_fmt(first['genuine_pass'])}   "
               f"wrong phrase accepted {_fmt(first['wrong_accept'])}", file=out)
         if own is not None and op["threshold"] != own["threshold"]:
             print(f"  {'':9s} at the threshold for any kind {op['threshold']:.2f}: genuine {_fmt(op['genuine_pass'])}   "
@@ -553,7 +661,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {'':9s} the same utterances at full band: genuine {_fmt(pf['genuine_pass'])}; "
                   f"median genuine score {pf['median_full_band']:.1f} -> {pf['median_8k']:.1f} at 8 kHz", file=out)
         if "near_miss_accept" in row:
-            print(f"  {'':9s} one digit changed (information), at its kind's threshold: accepted {_fmt(row['near_miss_accept'])}", file=out)
+            print(f"  {'':9s} one digit changed (information), at its kind's threshold: accepted {_fmt(row['near_miss_accept'])}"
+                  + (f"; as the engine decides: {_fmt(row['engine']['near_miss_accept'])}" if "near_miss_accept" in row.get("engine", {}) else ""), file=out)
         if "genuine_pass_by_speaker" in row:
             per = ", ".join(f"{spk} {v['k']}/{v['n']}" for spk, v in row["genuine_pass_by_speaker"].items())
             print(f"  {'':9s} genuine pass by speaker, at its kind's threshold: {per}", file=out)
@@ -562,7 +671,8 @@ def main(argv: list[str] | None = None) -> int:
         d = row["diagnostic_zero_wrong_on_B"]
         print(f"  {'':9s} (diagnostic) no wrong phrase accepted on B at {d['threshold']:.2f}: genuine {_fmt(d['genuine_pass'])}", file=out)
     for s, c in cost.items():
-        print(f"  cost {s:9s}: {c['cpu_s_per_audio_s']:.3f} CPU s per audio s ({c['recordings']} recordings, mean {c['mean_audio_s']:.1f} s)", file=out)
+        print(f"  cost {s:9s}: {c['engine_cpu_s_per_audio_s']:.3f} CPU s per audio s as the engine checks (both passes always "
+              f"{c['cpu_s_per_audio_s']:.3f}; {c['recordings']} recordings, mean {c['mean_audio_s']:.1f} s)", file=out)
     print(f"  wall {wall:.0f} s with {args.workers} worker(s); command: {command}", file=out)
     return 0
 

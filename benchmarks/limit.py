@@ -95,12 +95,12 @@ def _extractors(intra: int, challenge: bool, models_dir: Path | None):
     except ModelMissing:
         if not challenge:
             raise
-        # No calibrated challenge threshold yet: the threshold does not change the work, so
-        # measure the same recogniser with a placeholder one.
+        # No calibrated challenge threshold yet: measure the recogniser with a placeholder
+        # one (and without a screen, both passes for every recording, as the engine would).
         from engine.challenge import ChallengeChecker
 
         x = onnx_extractors(models_dir or DEFAULT_MODELS_DIR, intra_op_threads=intra, check_challenge=False)
-        x = dataclasses.replace(x, challenge_batch=ChallengeChecker(threshold=0.0).score_batch)
+        x = dataclasses.replace(x, challenge_batch=ChallengeChecker(threshold=0.0).check_batch)
     x.warmup()
     return x
 

@@ -28,6 +28,19 @@ decoding passes over the same audio:
 The two passes are independent: :meth:`ChallengeChecker.run_passes` runs them one after
 the other; the engine's worker pool runs them side by side (:class:`Pass`).
 
+The screen
+----------
+Every senone is scored in every frame, so the alignment's own score per frame is already
+measured against the best senone of each frame; for most recordings it alone says clearly
+whether the expected words were said. :meth:`ChallengeChecker.check_batch` therefore
+aligns first and, for a kind the calibration gives a :class:`Screen`, passes a recording
+whose alignment-only score (the same ratios against no background) is above every wrong
+phrase of the calibration part, and fails one below every genuine recording there that the
+full check passes; only recordings in between (about one in six genuine ones, 1 % of wrong
+phrases) are decoded through the phone loop and decided by the challenge score. This
+halves the recogniser's work per verification with the same decisions on the calibration
+part (``ChallengeConfig.screen = False`` decodes both passes for every recording).
+
 For each expected word, its log-likelihood ratio per frame is ``(aligned score -
 phone-loop score over the word's frames) / frames``; the silences the aligner inserted
 get the same ratio over all their frames together. The challenge score is
@@ -89,7 +102,7 @@ pocketsphinx ``Decoder`` objects are not thread-safe, so each thread gets its ow
 (:class:`threading.local`; two, with and without pronunciation variants). The decoder holds the GIL while it decodes: threads calling
 :meth:`ChallengeChecker.score_batch` run one after the other, and parallel scoring needs
 processes. Measured cost (``netid bench challenge``): about 0.11 s of CPU per second of
-audio.
+audio for both passes, half of it each; with the screen, about 0.055 s.
 """
 
 from __future__ import annotations
@@ -100,7 +113,7 @@ import re
 import secrets
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -130,6 +143,8 @@ __all__ = [
     "ChallengeCalibration",
     "ChallengeChecker",
     "ScoreParts",
+    "Screen",
+    "Verdict",
     "Pass",
     "new_challenge",
     "challenge_words",
@@ -155,6 +170,8 @@ _PHONE_LOOP = "challenge_phone_loop"
 _NULL = "(NULL)"  # the grammar's empty transitions, one frame long, in an alignment
 _LEVEL_WINDOW = 480  # 30 ms
 _EARLIER_BEAM = 1e-48  # the beam of calibrations that do not record theirs
+_EARLIER_TOP_GAUSSIANS = 4  # pocketsphinx's default: calibrations that do not record theirs
+TOP_GAUSSIANS = 4
 
 
 # --------------------------------------------------------------------------- configuration
@@ -170,6 +187,9 @@ class ChallengeConfig:
     calibration_path: Path = DEFAULT_MODELS_DIR / CALIBRATION_FILE
     #: frames per scored frame (pocketsphinx ``ds``); the calibration records it.
     frame_step: int = 1
+    #: Gaussians of each codebook that a senone's score is computed from, the best ones in
+    #: each frame (pocketsphinx ``topn``; its default is 4); the calibration records it.
+    top_gaussians: int = TOP_GAUSSIANS
     #: weight of the (negative part of the) silence ratio in the score, for every kind;
     #: ``None``: the weights the calibration chose per kind (1.0 with an explicit threshold).
     silence_weight: float | None = None
@@ -179,6 +199,10 @@ class ChallengeConfig:
     #: and pushed their last words into "silence"; every senone is scored in every frame
     #: anyway, so the wide beam costs nothing measurable.
     beam: float = 1e-300
+    #: decide a recording from its alignment alone where the calibration's screen for its
+    #: kind is clear (:class:`Screen`), and decode the phone-loop background only for the
+    #: rest; ``False``: always both passes.
+    screen: bool = True
     #: the challenge kinds whose expected words are aligned with the pronunciations
     #: non-native speakers often use as well as the dictionary's
     #: (:func:`pronunciation_variants`); the calibration records them. Chosen on the
@@ -196,6 +220,8 @@ class ChallengeConfig:
             raise ConfigError("silence_weight must be between 0 and 100")
         if not 1 <= self.frame_step <= 4:
             raise ConfigError("frame_step must be 1..4")
+        if not 1 <= self.top_gaussians <= 16:
+            raise ConfigError("top_gaussians must be 1..16")
         if not 0.0 < self.beam < 1.0:
             raise ConfigError("beam must be in (0, 1)")
         if not 0.0 < self.min_seconds < self.max_seconds <= 600.0:
@@ -235,6 +261,36 @@ class ChallengeCalibration:
     #: the kinds it applied them to
     variants_version: int = 0
     variant_kinds: frozenset[str] = frozenset()
+    #: per challenge kind, the screen on the alignment alone (none: every check decodes both passes)
+    screens: dict[str, Screen] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Screen:
+    """The first stage of a check, on the alignment pass alone: its score (the same word
+    and silence ratios as the challenge score, against no background) at or above
+    ``accept`` passes and below ``reject`` fails, both without the phone loop; in between,
+    the phone loop is decoded and the challenge score decides. Calibrated per kind on the
+    benchmark's calibration part: ``accept`` above every wrong phrase there, ``reject``
+    below every genuine recording there that the check passes."""
+
+    silence_weight: float
+    accept: float
+    reject: float
+
+    def __post_init__(self) -> None:
+        if not all(math.isfinite(x) for x in (self.silence_weight, self.accept, self.reject)):
+            raise ValueError("screen values must be numbers")
+        if not 0.0 <= self.silence_weight <= 100.0 or self.reject > self.accept:
+            raise ValueError("need a silence weight in 0..100 and reject <= accept")
+
+    def decide(self, score: float) -> bool | None:
+        """Pass (True), fail (False), or not clear from the alignment alone (None)."""
+        if score >= self.accept:
+            return True
+        if score < self.reject:
+            return False
+        return None
 
 
 def load_calibration(path: Path) -> ChallengeCalibration:
@@ -258,16 +314,22 @@ def load_calibration(path: Path) -> ChallengeCalibration:
         if not isinstance(variant_kinds, list) or version < 0 or (version > 0) != bool(variant_kinds):
             raise ValueError("pronunciation_variants and variant_kinds disagree")
         variant_kinds = frozenset(str(k) for k in variant_kinds)
+        screens = {
+            str(k): Screen(silence_weight=float(v["silence_weight"]), accept=float(v["accept"]), reject=float(v["reject"]))
+            for k, v in dict(doc.get("screens", {})).items()
+        }
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ModelError(f"challenge calibration {path.name} is malformed") from exc
     if not all(math.isfinite(t) for t in (threshold, *per_kind.values())):
         raise ModelError(f"challenge calibration {path.name} has a threshold that is not a number")
     if not all(0.0 <= w <= 100.0 for w in weights.values()):
         raise ModelError(f"challenge calibration {path.name} has a silence weight outside 0..100")
-    if any(k not in KINDS for k in (*per_kind, *weights, *variant_kinds)):
+    if any(k not in KINDS for k in (*per_kind, *weights, *variant_kinds, *screens)):
         raise ModelError(f"challenge calibration {path.name} names an unknown challenge kind")
     if any(k not in weights for k in per_kind):
         raise ModelError(f"challenge calibration {path.name} has a threshold without its silence weight")
+    if any(k not in per_kind for k in screens):
+        raise ModelError(f"challenge calibration {path.name} has a screen for a kind without its own threshold")
     missing = [k for k in KINDS if k not in weights]
     if missing:
         if not per_kind:
@@ -277,7 +339,8 @@ def load_calibration(path: Path) -> ChallengeCalibration:
         strictest = max(per_kind, key=lambda k: per_kind[k])
         weights.update({k: weights[strictest] for k in missing})
     return ChallengeCalibration(threshold=threshold, target_wrong_phrase_acceptance=target, thresholds=per_kind,
-                                silence_weights=weights, info=doc, variants_version=version, variant_kinds=variant_kinds)
+                                silence_weights=weights, info=doc, variants_version=version, variant_kinds=variant_kinds,
+                                screens=screens)
 
 
 # --------------------------------------------------------------------------- challenges
@@ -382,10 +445,28 @@ class ScoreParts(NamedTuple):
     words: float
     #: the same ratio over all the silences the aligner inserted, together (0.0: none)
     silence: float
+    #: ``words`` and ``silence`` of the alignment alone, against no background: what the
+    #: :class:`Screen` decides on
+    aligned_words: float = math.nan
+    aligned_silence: float = 0.0
 
     def score(self, silence_weight: float) -> float:
         """The challenge score: ``words + silence_weight * min(0, silence)``."""
         return float(self.words + silence_weight * min(0.0, self.silence))
+
+    def screen_score(self, silence_weight: float) -> float:
+        """The score of the alignment alone: ``aligned_words + silence_weight * min(0, aligned_silence)``."""
+        return float(self.aligned_words + silence_weight * min(0.0, self.aligned_silence))
+
+
+class Verdict(NamedTuple):
+    """The outcome of one check (:meth:`ChallengeChecker.check_batch`)."""
+
+    passed: bool
+    #: the score it was decided on: the challenge score, or the screen's score
+    score: float
+    #: ``"screen"``: decided on the alignment alone; ``"background"``: against the phone loop too
+    stage: Literal["screen", "background"]
 
 
 def _is_filler(name: str) -> bool:
@@ -410,6 +491,7 @@ class _Decoder:
                 bestpath=False,
                 compallsen=True,
                 ds=config.frame_step,
+                topn=config.top_gaussians,
                 beam=beam,
                 wbeam=beam,
                 pbeam=beam,
@@ -483,13 +565,14 @@ class _Decoder:
         return self._segments() or None
 
 
-def _score_parts(entries: Sequence[tuple[str, int, int, float]], background: np.ndarray) -> ScoreParts | None:
-    """The score parts of an alignment (:meth:`_Decoder.align`) against the phone-loop
-    background of the same recording (:meth:`_Decoder.phone_loop`)."""
+def _ratios(entries: Sequence[tuple[str, int, int, float]], background: np.ndarray | None) -> tuple[float, float] | None:
+    """The mean word ratio and the silence ratio of an alignment (:meth:`_Decoder.align`)
+    against a phone-loop background of the same recording (:meth:`_Decoder.phone_loop`),
+    or against none (``None``); ``None`` if it holds no word."""
     word_ratios: list[float] = []
     sil_sum, sil_frames = 0.0, 0
     for name, start, dur, score in entries:
-        ratio_sum = score - float(background[start : start + dur].sum())
+        ratio_sum = score - (0.0 if background is None else float(background[start : start + dur].sum()))
         if _is_filler(name):
             sil_sum += ratio_sum
             sil_frames += dur
@@ -497,7 +580,16 @@ def _score_parts(entries: Sequence[tuple[str, int, int, float]], background: np.
             word_ratios.append(ratio_sum / dur)
     if not word_ratios:
         return None
-    return ScoreParts(words=float(np.mean(word_ratios)), silence=sil_sum / sil_frames if sil_frames else 0.0)
+    return float(np.mean(word_ratios)), sil_sum / sil_frames if sil_frames else 0.0
+
+
+def _score_parts(entries: Sequence[tuple[str, int, int, float]], background: np.ndarray) -> ScoreParts | None:
+    """The score parts of an alignment against the phone-loop background of the same
+    recording, and against none."""
+    full, alone = _ratios(entries, background), _ratios(entries, None)
+    if full is None or alone is None:
+        return None
+    return ScoreParts(words=full[0], silence=full[1], aligned_words=alone[0], aligned_silence=alone[1])
 
 
 class Pass(NamedTuple):
@@ -536,6 +628,8 @@ class ChallengeChecker:
             # before the file recorded its beam, every calibration was measured with 1e-48
             if float(measured.get("beam", _EARLIER_BEAM)) != config.beam:
                 raise ModelError(f"challenge calibration {name} was not measured with beam={config.beam:g}")
+            if int(measured.get("top_gaussians", _EARLIER_TOP_GAUSSIANS)) != config.top_gaussians:
+                raise ModelError(f"challenge calibration {name} was not measured with top_gaussians={config.top_gaussians}")
             cal = self.calibration
             if cal.variant_kinds != set(config.variant_kinds) or (cal.variant_kinds and cal.variants_version != VARIANTS_VERSION):
                 wanted = ", ".join(config.variant_kinds) or "none"
@@ -546,9 +640,13 @@ class ChallengeChecker:
                 raise ModelError(f"challenge calibration {name} was measured with silence_weight {measured_with}")
             threshold = self.calibration.threshold
             per_kind = dict(self.calibration.thresholds)
+            screens = dict(self.calibration.screens) if config.screen and config.silence_weight is None else {}
         else:
             self.calibration = None
             weights = {kind: 1.0 if config.silence_weight is None else config.silence_weight for kind in KINDS}
+            screens = {}
+        #: per challenge kind, the first stage of :meth:`check_batch` (none: both passes always)
+        self.screens: dict[str, Screen] = screens
         #: the weight of the silence ratio in the score, per challenge kind
         self.silence_weights = weights
         if not math.isfinite(threshold):
@@ -614,6 +712,86 @@ class ChallengeChecker:
                 out.append(parts.score(self.silence_weights[challenge_kind(challenge)]))
         return out
 
+    def check_batch(
+        self, items: Sequence[tuple[np.ndarray, str]], *, run_passes: Callable[[list[Pass]], list[Any]] | None = None
+    ) -> list[Verdict | SampleError]:
+        """Check each (float32 mono 16 kHz audio, expected challenge): a :class:`Verdict`,
+        or the recording's :class:`SampleError`.
+
+        First every recording is aligned to its expected words; for a kind with a
+        :class:`Screen` (from the calibration), a clear screen score decides at once, and
+        only the others are decoded through the phone loop and decided by the challenge
+        score against their kind's threshold. A kind without a screen decodes both passes
+        side by side from the start. Passes run through ``run_passes`` as in
+        :meth:`parts_batch`. Unknown words are a :class:`ConfigError`, as there.
+        """
+        run = run_passes or self.run_passes
+        expected = self._expected(items)
+        pcms = self._pcms(items)
+        out: list[Verdict | SampleError | None] = [None] * len(items)
+        alignments: dict[int, Any] = {}  # item -> its alignment
+        backgrounds: dict[int, Any] = {}  # id(audio) -> its phone-loop background
+        pending: list[int] = []
+
+        def stage(want_align: Sequence[int], want_loop: Sequence[int]) -> None:
+            passes: list[Pass] = []
+            for i in want_align:
+                challenge = items[i][1]
+                passes.append(Pass("align", pcms[id(items[i][0])], tuple(expected[i]),
+                                   challenge_kind(challenge) in self.config.variant_kinds))  # type: ignore[arg-type]
+            loops = list(dict.fromkeys(id(items[i][0]) for i in want_loop if id(items[i][0]) not in backgrounds))
+            passes += [Pass("loop", pcms[a]) for a in loops]  # type: ignore[arg-type]
+            done = run(passes) if passes else []
+            alignments.update(zip(want_align, done))
+            backgrounds.update(zip(loops, done[len(want_align):]))
+
+        usable = [i for i, (audio, _) in enumerate(items) if not isinstance(pcms[id(audio)], SampleError)]
+        for i, (audio, _) in enumerate(items):
+            if i not in usable:
+                out[i] = pcms[id(audio)]  # type: ignore[assignment]
+        stage(usable, [i for i in usable if challenge_kind(items[i][1]) not in self.screens])
+        for i in usable:
+            kind = challenge_kind(items[i][1])
+            screen = self.screens.get(kind)
+            alignment = alignments[i]
+            if alignment is None:
+                out[i] = Verdict(False, FAILURE_SCORE, "screen" if screen is not None else "background")
+                continue
+            if screen is not None:
+                alone = _ratios(alignment, None)
+                score = FAILURE_SCORE if alone is None else alone[0] + screen.silence_weight * min(0.0, alone[1])
+                decided = screen.decide(score)
+                if decided is not None:
+                    out[i] = Verdict(decided, float(score), "screen")
+                    continue
+            pending.append(i)
+        stage([], pending)
+        for i in pending:
+            background, challenge = backgrounds[id(items[i][0])], items[i][1]
+            parts = None if background is None else _score_parts(alignments[i], background)
+            score = FAILURE_SCORE if parts is None else parts.score(self.silence_weights[challenge_kind(challenge)])
+            out[i] = Verdict(self.accept(score, challenge), score, "background")
+        return out  # type: ignore[return-value]
+
+    def _expected(self, items: Sequence[tuple[np.ndarray, str]]) -> list[list[str]]:
+        expected = [challenge_words(challenge) for _, challenge in items]
+        unknown = _unknown_words((w for words in expected for w in words), self.config)
+        if unknown:
+            raise ConfigError("words not in the pronunciation dictionary: " + ", ".join(unknown))
+        return expected
+
+    def _pcms(self, items: Sequence[tuple[np.ndarray, str]]) -> dict[int, bytes | SampleError]:
+        """Each distinct recording (one may be checked against several challenges in a
+        batch: the benchmark's wrong phrases) checked and turned into PCM once."""
+        pcms: dict[int, bytes | SampleError] = {}
+        for audio, _ in items:
+            if id(audio) not in pcms:
+                try:
+                    pcms[id(audio)] = self._pcm(audio)
+                except SampleError as exc:
+                    pcms[id(audio)] = exc
+        return pcms
+
     def parts_batch(
         self, items: Sequence[tuple[np.ndarray, str]], *, run_passes: Callable[[list[Pass]], list[Any]] | None = None
     ) -> list[ScoreParts | None | SampleError]:
@@ -624,21 +802,17 @@ class ChallengeChecker:
         after the other in this thread); a pool of worker processes passes its own, which
         runs them side by side.
         """
-        expected = [challenge_words(challenge) for _, challenge in items]
-        unknown = _unknown_words((w for words in expected for w in words), self.config)
-        if unknown:
-            raise ConfigError("words not in the pronunciation dictionary: " + ", ".join(unknown))
+        expected = self._expected(items)
+        pcms = self._pcms(items)
         passes: list[Pass] = []
-        # one recording scored against several challenges in a batch (the benchmark's wrong
-        # phrases) is checked and decoded through the phone loop once
+        # one recording scored against several challenges is decoded through the phone loop once
         loops: dict[int, tuple[bytes, int] | SampleError] = {}
         plan: list[tuple[int, int] | SampleError] = []  # per item: (its loop pass, its align pass)
         for (audio, challenge), words in zip(items, expected):
             if id(audio) not in loops:
-                try:
-                    pcm = self._pcm(audio)
-                except SampleError as exc:
-                    loops[id(audio)] = exc
+                pcm = pcms[id(audio)]
+                if isinstance(pcm, SampleError):
+                    loops[id(audio)] = pcm
                 else:
                     loops[id(audio)] = (pcm, len(passes))
                     passes.append(Pass("loop", pcm))

@@ -41,10 +41,8 @@ class Extractors:
     decode_audio: Callable[[bytes, str], Pcm]
     #: list[Pcm] -> list[embedding | SampleError]
     voice_batch: Callable[[list[Pcm]], list]
-    #: list[(Pcm, expected challenge)] -> list[score | SampleError]
+    #: list[(Pcm, expected challenge)] -> list[Verdict | SampleError] (engine.challenge.Verdict)
     challenge_batch: Callable[[list[tuple[Pcm, str]]], list]
-    #: (score, challenge) -> accepted? (the threshold may depend on the kind of challenge)
-    challenge_accept: Callable[[float, str], bool]
     warmup: Callable[[], None] = lambda: None
     close: Callable[[], None] = lambda: None
 
@@ -74,14 +72,14 @@ def _pass_in_worker(p: Any) -> Any:
 
 
 class ChallengePool:
-    """A :class:`~engine.challenge.ChallengeChecker`'s ``score_batch``, with its decoding
+    """A :class:`~engine.challenge.ChallengeChecker`'s ``check_batch``, with its decoding
     passes run in a pool of worker processes (called from a batcher thread).
 
-    Each recording is checked in two independent passes (the phone-loop background and the
-    alignment of the expected words), and each pass is one task: the two passes of one
-    recording run side by side on two cores (a 6.5 s recording: 0.41 s against 0.67 s for
-    both passes in a row), and a single queued recording keeps both processes busy. Each
-    pass carries the recording's PCM (~140 kB for 4.5 s), so it crosses to the pool twice.
+    Each decoding pass (the alignment of the expected words; the phone-loop background,
+    for the recordings the screen leaves open) is one task: the recordings of a batch, and
+    both passes of a recording whose kind has no screen, run side by side on two cores,
+    so a single queued recording can keep both processes busy. Each pass carries the
+    recording's PCM (~140 kB for 4.5 s) to the pool.
     """
 
     def __init__(self, checker: Any, processes: int) -> None:
@@ -99,9 +97,9 @@ class ChallengePool:
         )
         self._pool = self._new()
 
-    def score_batch(self, items: list) -> list:
-        """Score a batch: the recordings are checked here, their passes decoded in the pool."""
-        return self.checker.score_batch(items, run_passes=self._run_passes)
+    def check_batch(self, items: list) -> list:
+        """Check a batch: the recordings are checked here, their passes decoded in the pool."""
+        return self.checker.check_batch(items, run_passes=self._run_passes)
 
     def _run_passes(self, passes: list) -> list:
         from concurrent.futures.process import BrokenProcessPool
@@ -143,14 +141,15 @@ def onnx_extractors(models_dir: Path, *, intra_op_threads: int = 1, check_challe
     if check_challenge:
         from .challenge import ChallengeChecker
 
-        checker = ChallengeChecker()  # the calibrated threshold; decoding happens in the pool
+        checker = ChallengeChecker()  # the calibrated thresholds; decoding happens in the pool
         pool = ChallengePool(checker, challenge_processes)
-        challenge_batch = pool.score_batch
-        challenge_accept = checker.accept
+        challenge_batch = pool.check_batch
         close = pool.close
     else:
-        challenge_batch = lambda items: [1.0] * len(items)  # noqa: E731 - check disabled by config
-        challenge_accept = lambda score, challenge: True  # noqa: E731
+        def challenge_batch(items: list) -> list:  # the check is disabled by configuration
+            from .challenge import Verdict
+
+            return [Verdict(True, 0.0, "screen") for _ in items]
 
     def warmup() -> None:
         face.warmup()
@@ -165,7 +164,6 @@ def onnx_extractors(models_dir: Path, *, intra_op_threads: int = 1, check_challe
         decode_audio=lambda data, fmt: decode_audio(data, fmt=fmt),
         voice_batch=voice.embed_pcm_batch,
         challenge_batch=challenge_batch,
-        challenge_accept=challenge_accept,
         warmup=warmup,
         close=close,
     )
@@ -202,10 +200,12 @@ def fake_extractors() -> Extractors:
         return data
 
     def challenge(items: list[tuple[bytes, str]]) -> list:
+        from .challenge import Verdict
+
         out: list = []
         for pcm, expected in items:
             said = pcm.split(b":")[2].decode(errors="replace") if pcm.count(b":") >= 2 else ""
-            out.append(1.0 if said == expected else -1.0)
+            out.append(Verdict(said == expected, 1.0 if said == expected else -1.0, "screen"))
         return out
 
     return Extractors(
@@ -215,5 +215,4 @@ def fake_extractors() -> Extractors:
         decode_audio=decode,
         voice_batch=lambda items: [_fake_embed("VOICE", b, 256, NoSpeech) for b in items],
         challenge_batch=challenge,
-        challenge_accept=lambda score, challenge: score > 0.0,
     )

@@ -66,6 +66,11 @@ class Metrics:
             "netid_batch_abandoned", "Queued jobs dropped uncomputed: caller gone, or its deadline would pass first.",
             ["model"], registry=r,
         )
+        self.challenge_checks = Counter(
+            "netid_challenge_checks", "Spoken-challenge checks, by the stage that decided them "
+            "(screen: the alignment alone; background: against the phone loop too) and outcome.",
+            ["stage", "outcome"], registry=r,
+        )
         self.in_flight = Gauge("netid_in_flight", "Requests being processed.", registry=r)
         self.overloaded = Counter(
             "netid_overloaded", "Requests refused with 'overloaded', by where they were refused.",

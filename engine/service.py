@@ -185,14 +185,15 @@ class Engine:
     async def _face(self, image: bytes) -> np.ndarray:
         return await self.face_batcher.submit(image)
 
-    async def _voice(self, audio: bytes, fmt: str, challenge: str | None = None) -> tuple[np.ndarray, float | None]:
-        """The speaker embedding and, if a challenge is given, the score of what was said:
-        one recording, two checks, side by side."""
+    async def _voice(self, audio: bytes, fmt: str, challenge: str | None = None) -> tuple[np.ndarray, Any]:
+        """The speaker embedding and, if a challenge is given, the check of what was said
+        (an ``engine.challenge.Verdict``): one recording, two checks, side by side."""
         pcm = await trio.to_thread.run_sync(self.x.decode_audio, audio, fmt, limiter=self._decode_limiter)
         if challenge is None:
             return await self.voice_batcher.submit(pcm), None
-        voice, score = await self._gather(lambda: self.voice_batcher.submit(pcm), lambda: self.challenge_batcher.submit((pcm, challenge)))
-        return voice, score
+        voice, verdict = await self._gather(lambda: self.voice_batcher.submit(pcm), lambda: self.challenge_batcher.submit((pcm, challenge)))
+        self.metrics.challenge_checks.labels(stage=verdict.stage, outcome="pass" if verdict.passed else "fail").inc()
+        return voice, verdict
 
     async def _gather(self, *thunks: Callable[[], Any]) -> list[Any]:
         """Run coroutines concurrently; the first EngineError (samples first) wins."""
@@ -337,7 +338,7 @@ class Engine:
                 if P.level_rank(cred.level) < P.level_rank(session.level):
                     raise LevelTooLow()
                 challenge = session.challenge if self.config.challenge.check else None
-                (face, (voice, challenge_score)) = await self._gather(
+                (face, (voice, said)) = await self._gather(
                     lambda: self._face(req.face), lambda: self._voice(req.voice, req.audio_format, challenge)
                 )
                 f, v, decision = await self._match_current(cred, face, voice)
@@ -357,7 +358,7 @@ class Engine:
                 raise
             if not decision.passed:
                 outcome, reason, detail = "fail", "biometric_mismatch", decision.reason
-            elif challenge_score is not None and not self.x.challenge_accept(challenge_score, session.challenge):
+            elif said is not None and not said.passed:
                 outcome, reason, detail = "fail", "challenge_mismatch", "challenge_mismatch"
             else:
                 outcome, reason, detail = "pass", "match", "match"

@@ -9,8 +9,8 @@ the interval (as Prometheus' ``histogram_quantile`` does), so they describe the 
 interval, not the engine's whole life. Shown: requests per second by type with their
 error share and latency p50/p95/p99; error codes; per model the queue depth, batches
 per second, mean batch size, queue wait and model time; requests in flight,
-connections, ``overloaded`` and ``rate_limited`` rejections; credentials by status;
-readiness (``/readyz`` on the same port).
+connections, ``overloaded`` and ``rate_limited`` rejections; spoken-challenge checks and
+the share the screen decided without the phone loop; credentials by status; readiness (``/readyz`` on the same port).
 
 Plain ANSI, no dependencies beyond the standard library and prometheus-client's parser.
 """
@@ -196,6 +196,17 @@ def render(prev: Snapshot | None, cur: Snapshot, *, url: str = "", bold: bool = 
                 f"{('-' if math.isnan(mean) else f'{mean:.1f}'):>12}{_ms(histogram_quantile(wb, 0.5)):>10}"
                 f"{_ms(histogram_quantile(wb, 0.99)):>10}{_ms(histogram_quantile(mb, 0.5)):>11}{int(abandoned.get(m, 0)):>11}"
             )
+
+    # spoken-challenge checks: how many the screen decided without the phone loop
+    checks = _delta(prev, cur, "netid_challenge_checks_total")
+    if cur.series("netid_challenge_checks_total"):
+        stage, stage_all = _by(checks, "stage"), _by(cur.series("netid_challenge_checks_total"), "stage")
+        failed = _by(checks, "outcome").get("fail", 0.0)
+        n, n_all = sum(stage.values()), sum(stage_all.values())
+        share = (lambda d, k: f"{100 * d.get('screen', 0.0) / k:.0f} %" if k else "-")  # noqa: E731
+        lines += ["", b("CHALLENGE")]
+        lines.append(f"checks {_num(rate(n)):>7}/s  failed {_num(rate(failed)):>5}/s  total {int(n_all)}   "
+                     f"decided by the screen {share(stage, n)} (since start {share(stage_all, n_all)})")
 
     # rejections
     over = _by(_delta(prev, cur, "netid_overloaded_total"), "where")

@@ -24,7 +24,10 @@ from engine.challenge import (
     FAILURE_SCORE,
     ChallengeChecker,
     ChallengeConfig,
+    Pass,
     ScoreParts,
+    Screen,
+    Verdict,
     _Decoder,
     challenge_words,
     load_calibration,
@@ -118,6 +121,9 @@ def test_config_is_validated() -> None:
         ChallengeConfig(min_seconds=5.0, max_seconds=1.0)
     with pytest.raises(ConfigError):
         ChallengeConfig(silence_weight=-1.0)
+    for gaussians in (0, 17):
+        with pytest.raises(ConfigError, match="top_gaussians"):
+            ChallengeConfig(top_gaussians=gaussians)
 
 
 # --------------------------------------------------------------------------- calibration
@@ -126,6 +132,7 @@ def test_config_is_validated() -> None:
 def _calibration(tmp_path: Path, threshold: float, *, measured: dict | None = None, **per_kind: float) -> ChallengeConfig:
     path = tmp_path / "challenge.json"
     doc = {"threshold": threshold, "target_wrong_phrase_acceptance": 0.001, "frame_step": 1, "beam": ChallengeConfig().beam,
+           "top_gaussians": ChallengeConfig().top_gaussians,
            "pronunciation_variants": VARIANTS_VERSION, "variant_kinds": ["phrase"], **(measured or {})}
     if per_kind:
         doc["thresholds"] = per_kind
@@ -167,19 +174,23 @@ def test_the_score_is_computed_as_it_was_calibrated(tmp_path: Path) -> None:
         ChallengeChecker(config=dataclasses.replace(config, frame_step=2))
     with pytest.raises(ModelError, match="beam"):
         ChallengeChecker(config=dataclasses.replace(config, beam=1e-48))
+    with pytest.raises(ModelError, match="top_gaussians"):
+        ChallengeChecker(config=dataclasses.replace(config, top_gaussians=config.top_gaussians % 4 + 1))
     for kinds in ((), ("digits", "phrase")):
         with pytest.raises(ModelError, match="variants"):
             ChallengeChecker(config=dataclasses.replace(config, variant_kinds=kinds))
-    # an older calibration: one weight for every kind, and neither beam (it was 1e-48) nor
-    # pronunciation variants recorded (there were none)
+    # an older calibration: one weight for every kind, and neither beam (it was 1e-48), the
+    # Gaussians per codebook (pocketsphinx's 4) nor pronunciation variants recorded (there were none)
     one = _calibration(tmp_path, -10.0, measured={"silence_weight": 0.5, "frame_step": 1})
     doc = json.loads(one.calibration_path.read_text())
-    del doc["beam"], doc["pronunciation_variants"], doc["variant_kinds"]
+    del doc["beam"], doc["top_gaussians"], doc["pronunciation_variants"], doc["variant_kinds"]
     one.calibration_path.write_text(json.dumps(doc))
     with pytest.raises(ModelError, match="beam"):
         ChallengeChecker(config=one)
+    with pytest.raises(ModelError, match="top_gaussians"):
+        ChallengeChecker(config=dataclasses.replace(one, beam=1e-48, top_gaussians=2))
     with pytest.raises(ModelError, match="variants"):
-        ChallengeChecker(config=dataclasses.replace(one, beam=1e-48))
+        ChallengeChecker(config=dataclasses.replace(one, beam=1e-48, top_gaussians=4))
     # variants recorded without the kinds they applied to, or kinds without a version
     for fields in ({"pronunciation_variants": 1}, {"variant_kinds": ["phrase"]}, {"pronunciation_variants": 1, "variant_kinds": "phrase"},
                    {"pronunciation_variants": 1, "variant_kinds": ["sentences"]}):
@@ -215,6 +226,69 @@ def test_score_batch_weighs_silence_by_the_challenge_kind(tmp_path: Path) -> Non
     out = checker.score_batch([(wav, "409172"), (wav, "open the door"), (wav, "409172"), (wav, "409172")])
     assert out[:3] == [-30.0, -12.5, FAILURE_SCORE]
     assert isinstance(out[3], NoSpeech)
+
+
+_SCREENS = {"screens": {"digits": {"silence_weight": 1.0, "accept": -60.0, "reject": -90.0}},
+            "silence_weights": {"digits": 1.0, "phrase": 1.0}}
+
+
+def _fake_passes(align_score: dict[str, float], loop_per_frame: float, log: list[Pass]):
+    """Decoding passes of fixed scores: each alignment is one word of 100 frames scoring
+    ``align_score[first expected word]`` per frame, and the phone loop scores
+    ``loop_per_frame`` in every frame; every pass run is logged."""
+
+    def run(passes: list[Pass]) -> list:
+        log.extend(passes)
+        return [np.full(100, loop_per_frame) if p.kind == "loop" else [(p.words[0], 0, 100, 100 * align_score[p.words[0]])]
+                for p in passes]
+
+    return run
+
+
+def test_the_screen_decides_clear_alignments_without_the_phone_loop(tmp_path: Path) -> None:
+    config = _calibration(tmp_path, -20.0, measured=_SCREENS, digits=-20.0, phrase=-20.0)
+    checker = ChallengeChecker(config=config)
+    assert checker.screens == {"digits": Screen(silence_weight=1.0, accept=-60.0, reject=-90.0)}
+    wav = (np.random.default_rng(3).standard_normal(SR) * 0.1).astype(np.float32)
+    log: list[Pass] = []
+    # "one": clear pass; "two": clear fail; "three": in between (-80 against no background,
+    # -80 - (-70) = -10 per frame against the phone loop: passes at -20)
+    run = _fake_passes({"one": -50.0, "two": -95.0, "three": -80.0, "four": -80.0}, -70.0, log)
+    out = checker.check_batch([(wav, "1"), (wav, "2"), (wav, "3")], run_passes=run)
+    assert out == [Verdict(True, -50.0, "screen"), Verdict(False, -95.0, "screen"), Verdict(True, -10.0, "background")]
+    assert [p.kind for p in log] == ["align", "align", "align", "loop"]  # one phone loop, for "3" only
+    # a kind without a screen decodes both passes at once; the threshold decides
+    log.clear()
+    out = checker.check_batch([(wav, "four"), (wav, "1")], run_passes=run)
+    assert out == [Verdict(True, -10.0, "background"), Verdict(True, -50.0, "screen")]
+    assert [p.kind for p in log] == ["align", "align", "loop"]
+    # without the screen (configured off, or with an explicit weight): both passes, every time
+    for off in (dataclasses.replace(config, screen=False), dataclasses.replace(config, silence_weight=1.0)):
+        plain = ChallengeChecker(config=off)
+        assert plain.screens == {}
+        log.clear()
+        assert plain.check_batch([(wav, "1"), (wav, "2")], run_passes=run) == [
+            Verdict(True, 20.0, "background"), Verdict(False, -25.0, "background")]
+        assert sorted(p.kind for p in log) == ["align", "align", "loop"]
+    # unusable recordings keep their place
+    silent = np.zeros(SR, dtype=np.float32)
+    out = checker.check_batch([(silent, "1"), (wav, "1")], run_passes=run)
+    assert isinstance(out[0], NoSpeech) and out[1] == Verdict(True, -50.0, "screen")
+
+
+def test_a_screen_must_be_consistent(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        Screen(silence_weight=1.0, accept=-90.0, reject=-60.0)
+    with pytest.raises(ValueError):
+        Screen(silence_weight=1.0, accept=math.nan, reject=-60.0)
+    for screens in ({"digits": {"silence_weight": 1.0, "accept": -90.0, "reject": -60.0}},  # reject above accept
+                    {"digits": {"accept": -60.0, "reject": -90.0}},  # no weight
+                    {"numbers": {"silence_weight": 1.0, "accept": -60.0, "reject": -90.0}}):  # unknown kind
+        with pytest.raises(ModelError):
+            ChallengeChecker(config=_calibration(tmp_path, -20.0, measured={**_SCREENS, "screens": screens}, digits=-20.0))
+    # a screen for a kind the file has no threshold of its own for
+    with pytest.raises(ModelError, match="screen"):
+        ChallengeChecker(config=_calibration(tmp_path, -20.0, measured=_SCREENS, phrase=-20.0))
 
 
 def test_pronunciation_variants_each_rule_alone() -> None:

@@ -152,10 +152,13 @@ async def test_metrics_move_during_a_run_and_top_renders(tmp_path, nursery, caps
     # the slow face model made jobs wait, so batches of more than one formed
     assert after.get("netid_batch_size_count", model="face") - before.get("netid_batch_size_count", model="face") < 16
     assert after.get("netid_in_flight") == 0
+    checks = lambda s: s.get("netid_challenge_checks_total", stage="screen", outcome="pass")  # noqa: E731
+    assert checks(after) - checks(before) == 16  # every spoken challenge checked and counted
 
     assert await trio.to_thread.run_sync(top.main, ["--url", url, "--once", "--interval", "0.05"]) == 0
     frame = capsys.readouterr().out
     assert "ready" in frame and "REQUESTS" in frame
+    assert "since start 100 %" in frame  # the fake recogniser's verdicts are all the screen's
     verify_row = next(line for line in frame.splitlines() if line.startswith("verify "))
     assert int(verify_row.split()[4]) == 16  # the total column
     assert any(line.startswith("face ") for line in frame.splitlines())
