@@ -91,6 +91,10 @@ class EngineConfig:
     #: ``voice_batch.max_wait`` applies when it is longer, or with the check off.
     voice_wait_with_challenge: float = 0.2
     intra_op_threads: int = 1
+    #: worker processes that run the face and voice models (0: the batchers' threads in
+    #: the engine's process). In processes they cost 15-20 % less CPU per item than from
+    #: threads next to the event loop (benchmarks/TUNING.md, section 6 h).
+    model_processes: int = 2
     store_threads: int = 4
     duplicate_search: bool = True
 
@@ -101,6 +105,8 @@ class EngineConfig:
             raise ConfigError("port out of range")
         if self.intra_op_threads < 1 or self.store_threads < 1:
             raise ConfigError("thread counts must be positive")
+        if not 0 <= self.model_processes <= 64:
+            raise ConfigError("model_processes must be 0..64")
         if not 0.0 <= self.voice_wait_with_challenge <= 10.0:
             raise ConfigError("voice_wait_with_challenge must be between 0 and 10 seconds")
 
