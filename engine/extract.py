@@ -106,8 +106,10 @@ _models_error: BaseException | None = None
 def _init_model_worker(models_dir: Path, intra_op_threads: int) -> None:
     global _models, _models_error
     from .face import FaceExtractor
+    from .models import limit_blas_threads
     from .voice import VoiceExtractor
 
+    limit_blas_threads()
     try:
         face = FaceExtractor(models_dir, intra_op_threads=intra_op_threads)
         voice = VoiceExtractor(models_dir, intra_op_threads=intra_op_threads)
@@ -226,8 +228,10 @@ def onnx_extractors(
     challenge recogniser in ``challenge_processes`` worker processes."""
     from .audio import decode_audio
     from .face import FaceExtractor
+    from .models import limit_blas_threads
     from .voice import VoiceExtractor
 
+    limit_blas_threads()  # this process's numpy too: it decodes audio and scores templates
     closers: list[Callable[[], None]] = []
     warmers: list[Callable[[], None]] = []
     face_batch: Callable[[list], list]

@@ -52,6 +52,19 @@ class ModelManifest(msgspec.Struct, frozen=True, kw_only=True):
     thresholds: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
+def limit_blas_threads(threads: int = 1) -> None:
+    """Hold numpy's BLAS (OpenBLAS) to ``threads`` threads in this process, for good.
+
+    The voice front end's mel product is small; OpenBLAS splits it over every core anyway
+    and its threads spin while they wait, which doubled the voice model's CPU per recording
+    (43-52 ms against 21 ms at the same wall time, batch of 2) and took those cores from
+    the other models. Parallelism comes from the batchers and worker processes instead.
+    """
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=threads, user_api="blas")
+
+
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()

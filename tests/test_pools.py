@@ -1,0 +1,74 @@
+"""The face and voice models in worker processes (engine.extract.ModelPool): the same
+results as in the engine's process, errors one for one, bad models refused at start."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.audio import decode_audio
+from engine.errors import ModelIntegrityError, ModelMissing, NoFace, UndecodableSample
+from engine.extract import ModelPool
+from engine.face import FaceExtractor
+from engine.models import DEFAULT_MODELS_DIR
+from engine.voice import VoiceExtractor
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+FACE = SAMPLES / "lfw" / "Al_Gore" / "Al_Gore_0001.jpg"
+VOICE = next(iter(sorted((SAMPLES / "speech" / "SPEAKER0024").glob("*.flac"))))
+
+
+@pytest.fixture(scope="module")
+def pool():
+    p = ModelPool(DEFAULT_MODELS_DIR, intra_op_threads=1, processes=1)
+    p.warmup()
+    yield p
+    p.close()
+
+
+def test_the_pool_gives_what_the_models_give_in_process(pool: ModelPool) -> None:
+    image, wav = FACE.read_bytes(), decode_audio(VOICE.read_bytes())
+    blank = np.zeros((120, 120, 3), np.uint8)
+    import cv2
+
+    no_face = cv2.imencode(".png", blank)[1].tobytes()
+    faces = pool.face_batch([image, b"not an image", no_face])
+    here = FaceExtractor(DEFAULT_MODELS_DIR).embed_batch([image])[0]
+    assert np.allclose(faces[0], here, atol=1e-5)
+    assert isinstance(faces[1], UndecodableSample) and isinstance(faces[2], NoFace)
+    voices = pool.voice_batch([wav, wav])
+    assert np.allclose(voices[0], VoiceExtractor(DEFAULT_MODELS_DIR).embed_pcm_batch([wav])[0], atol=1e-5)
+    assert np.allclose(voices[0], voices[1])
+
+
+def test_a_killed_worker_is_replaced(pool: ModelPool) -> None:
+    image = FACE.read_bytes()
+    before = pool.face_batch([image])[0]
+    for pid in list(pool._pool._processes):  # the pool's own workers
+        os.kill(pid, signal.SIGKILL)
+    assert np.allclose(pool.face_batch([image])[0], before)  # on a fresh pool
+
+
+def test_missing_or_tampered_models_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ModelMissing):
+        ModelPool(tmp_path, intra_op_threads=1, processes=1)
+    for name in ("yunet", "sface", "ge2e"):
+        shutil.copy(DEFAULT_MODELS_DIR / f"{name}.json", tmp_path / f"{name}.json")
+        (tmp_path / f"{name}.onnx").symlink_to(DEFAULT_MODELS_DIR / f"{name}.onnx")
+    (tmp_path / "ge2e.onnx").unlink()
+    with pytest.raises(ModelMissing):
+        ModelPool(tmp_path, intra_op_threads=1, processes=1)
+    data = bytearray((DEFAULT_MODELS_DIR / "ge2e.onnx").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (tmp_path / "ge2e.onnx").write_bytes(bytes(data))
+    tampered = ModelPool(tmp_path, intra_op_threads=1, processes=1)  # found by the worker that loads it
+    try:
+        with pytest.raises(ModelIntegrityError):
+            tampered.warmup()
+    finally:
+        tampered.close()
