@@ -84,7 +84,9 @@ class EngineConfig:
     # Defaults measured on 2 cores (benchmarks/TUNING.md); raise workers on bigger machines.
     face_batch: BatcherConfig = field(default_factory=lambda: BatcherConfig(max_batch=4, max_wait=0.004, queue_size=64, workers=2))
     voice_batch: BatcherConfig = field(default_factory=lambda: BatcherConfig(max_batch=16, max_wait=0.004, queue_size=64, workers=1))
-    challenge_batch: BatcherConfig = field(default_factory=lambda: BatcherConfig(max_batch=2, max_wait=0.002, queue_size=64, workers=2))
+    #: One recording per batch: a batch's checks finish together, so a recording the screen
+    #: decided would wait for its partner's phone loop (TUNING section 6 h).
+    challenge_batch: BatcherConfig = field(default_factory=lambda: BatcherConfig(max_batch=1, max_wait=0.002, queue_size=64, workers=2))
     #: With the challenge check on, a voice job may wait this long (seconds) for company:
     #: the recogniser takes longer on the same recording, so the wait is off the critical
     #: path, and a batch of two costs ~25 % less CPU per recording than two of one.
