@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +31,7 @@ __all__ = ["Extractors", "onnx_extractors", "fake_extractors"]
 log = logging.getLogger("engine.extract")
 
 Pcm = Any  # float32 16 kHz mono audio (np.ndarray); opaque bytes for the fake
+_ORPHAN_POLL = 0.5  # seconds between a worker's checks that the engine still runs
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,22 @@ class Extractors:
 _checker = None
 
 
+def _exit_with(parent: int) -> None:
+    """Exit this worker process as soon as ``parent`` is gone (killed with SIGKILL, say):
+    an orphaned worker would hold its models' memory and the engine's output pipes."""
+    while os.getppid() == parent:
+        time.sleep(_ORPHAN_POLL)
+    os._exit(0)
+
+
+def _start_worker(parent: int, initializer: Callable[..., None], *args: Any) -> None:
+    threading.Thread(target=_exit_with, args=(parent,), name="parent-watch", daemon=True).start()
+    initializer(*args)
+
+
 class _WorkerPool:
-    """A spawn-context process pool that is started afresh, once, when a worker dies."""
+    """A spawn-context process pool that is started afresh, once, when a worker dies.
+    Its workers exit when the process that started them is gone."""
 
     def __init__(self, processes: int, initializer: Callable[..., None], initargs: tuple) -> None:
         import multiprocessing
@@ -65,8 +82,8 @@ class _WorkerPool:
         self._new = lambda: ProcessPoolExecutor(
             max_workers=processes,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=initializer,
-            initargs=initargs,
+            initializer=_start_worker,
+            initargs=(os.getpid(), initializer, *initargs),
         )
         self._pool = self._new()
 

@@ -72,3 +72,30 @@ def test_missing_or_tampered_models_are_refused(tmp_path: Path) -> None:
             tampered.warmup()
     finally:
         tampered.close()
+
+
+def test_workers_exit_when_the_engine_is_killed(tmp_path: Path) -> None:
+    """An engine killed with SIGKILL leaves no worker processes behind."""
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "from engine.extract import ModelPool\n"
+        "from engine.models import DEFAULT_MODELS_DIR\n"
+        "import os, sys\n"
+        "p = ModelPool(DEFAULT_MODELS_DIR, intra_op_threads=1, processes=2)\n"
+        "p.warmup()\n"
+        "print(' '.join(str(pid) for pid in p._pool._processes), flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    workers = [int(pid) for pid in proc.stdout.readline().split()]
+    assert len(workers) == 2
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
+        time.sleep(0.1)
+    alive = [pid for pid in workers if Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:3]]
+    assert alive == []
