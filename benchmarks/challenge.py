@@ -328,7 +328,8 @@ def apply_screen(results: list[Result], set_: str, screen: Screen | None, weight
         r.passed, r.screened = [], []
         for p in r.parts:
             decided = None if p is None or screen is None else screen.decide(p.screen_score(screen.silence_weight))
-            r.screened.append(decided is not None or p is None)
+            # no parts: the alignment failed (the screen fails it) or a pass was refused
+            r.screened.append(decided is not None or (p is None and screen is not None))
             r.passed.append(bool(decided) if decided is not None else p is not None and p.score(weight) >= threshold)
 
 

@@ -95,8 +95,8 @@ def _extractors(intra: int, challenge: bool, models_dir: Path | None):
     except ModelMissing:
         if not challenge:
             raise
-        # No calibrated challenge threshold yet: measure the recogniser with a placeholder
-        # one (and without a screen, both passes for every recording, as the engine would).
+        # No calibrated challenge threshold yet (an engine would refuse to start): measure
+        # the recogniser with a placeholder one, both passes for every recording (no screen).
         from engine.challenge import ChallengeChecker
 
         x = onnx_extractors(models_dir or DEFAULT_MODELS_DIR, intra_op_threads=intra, check_challenge=False)

@@ -38,9 +38,11 @@ whose alignment-only score (the same ratios against no background) is above ever
 phrase of the calibration part, and fails one below every genuine recording there that the
 full check passes; only recordings in between (a fifth of genuine ones, 2-3 % of wrong
 phrases) are decoded through the phone loop and decided by the challenge score. This
-takes 40 % off the recogniser's work per verification, with the same decisions on the
-calibration part and, on the held-apart part, 1 genuine sentence more and 1 genuine digit
-string fewer passed (``ChallengeConfig.screen = False`` decodes both passes for every
+takes 40 % off the recogniser's work per verification. By construction the screen
+accepts no wrong phrase of the calibration part and rejects no genuine recording there
+that the full check passes (it may pass a genuine recording the full check would not, or
+reject a wrong phrase it would let through); on the held-apart part it passed 1 genuine
+sentence more and 1 genuine digit string fewer, and the same wrong phrases (``ChallengeConfig.screen = False`` decodes both passes for every
 recording).
 
 For each expected word, its log-likelihood ratio per frame is ``(aligned score -
@@ -92,8 +94,9 @@ a calibration measured with another.
 The thresholds are read from ``models/challenge.json``, written by ``netid bench challenge
 --write-calibration`` for a target wrong-phrase acceptance: one per challenge kind (digit
 strings and phrases score on different scales), and the stricter of the two for a caller
-that does not say which kind it checks; the file also gives each kind's silence weight, the
-frame step and beam it was measured with, and the kinds it aligned with variants.
+that does not say which kind it checks; the file also gives each kind's silence weight and
+screen, the frame step, Gaussians per codebook and beam it was measured with, and the kinds
+it aligned with variants.
 
 Silence and noise are not "a low score": a recording whose loudest part stays below
 ``min_level_dbfs`` is :class:`NoSpeech`, one shorter than ``min_seconds`` is
@@ -103,7 +106,7 @@ Threads and cost
 ----------------
 pocketsphinx ``Decoder`` objects are not thread-safe, so each thread gets its own
 (:class:`threading.local`; two, with and without pronunciation variants). The decoder holds the GIL while it decodes: threads calling
-:meth:`ChallengeChecker.score_batch` run one after the other, and parallel scoring needs
+:meth:`ChallengeChecker.check_batch` run one after the other, and parallel scoring needs
 processes. Measured cost (``netid bench challenge``): about 0.11 s of CPU per second of
 audio for both passes, half of it each; with the screen, 0.063 s (digit strings) to 0.070 s
 (sentences).
@@ -627,12 +630,12 @@ class ChallengeChecker:
             self.calibration: ChallengeCalibration | None = load_calibration(config.calibration_path)
             measured = self.calibration.info
             name = Path(config.calibration_path).name
-            if int(measured.get("frame_step", 1)) != config.frame_step:
+            if measured.get("frame_step", 1) != config.frame_step:
                 raise ModelError(f"challenge calibration {name} was not measured with frame_step={config.frame_step}")
             # before the file recorded its beam, every calibration was measured with 1e-48
             if float(measured.get("beam", _EARLIER_BEAM)) != config.beam:
                 raise ModelError(f"challenge calibration {name} was not measured with beam={config.beam:g}")
-            if int(measured.get("top_gaussians", _EARLIER_TOP_GAUSSIANS)) != config.top_gaussians:
+            if measured.get("top_gaussians", _EARLIER_TOP_GAUSSIANS) != config.top_gaussians:
                 raise ModelError(f"challenge calibration {name} was not measured with top_gaussians={config.top_gaussians}")
             cal = self.calibration
             if cal.variant_kinds != set(config.variant_kinds) or (cal.variant_kinds and cal.variants_version != VARIANTS_VERSION):

@@ -70,8 +70,9 @@ def _start_worker(parent: int, initializer: Callable[..., None], *args: Any) -> 
 
 
 class _WorkerPool:
-    """A spawn-context process pool that is started afresh, once, when a worker dies.
-    Its workers exit when the process that started them is gone."""
+    """A spawn-context process pool; a call that finds it broken (a worker died) starts a
+    fresh one and tries once more. Its workers exit when the process that started them is
+    gone."""
 
     def __init__(self, processes: int, initializer: Callable[..., None], initargs: tuple) -> None:
         import multiprocessing
@@ -86,6 +87,7 @@ class _WorkerPool:
             initargs=(os.getpid(), initializer, *initargs),
         )
         self._pool = self._new()
+        self._closed = False
 
     def run(self, fn: Callable[[Any], Any], args: list) -> list:
         """``fn(arg)`` for each arg, side by side in the pool; results in order."""
@@ -97,6 +99,8 @@ class _WorkerPool:
         except BrokenProcessPool:  # a worker died (killed, out of memory): start a fresh pool, once
             log.error("%s worker pool broke; restarting it", type(self).__name__)
             with self._lock:
+                if self._closed:
+                    raise
                 if self._pool is pool:
                     self._pool = self._new()
             return self._map(self._pool, fn, args)
@@ -106,14 +110,25 @@ class _WorkerPool:
         futures = [pool.submit(fn, a) for a in args]
         return [f.result() for f in futures]
 
-    def _wait_ready(self, ready: Callable[[], bool]) -> None:
-        """Wait until the workers have started and loaded their models (each worker loads
-        its own in its initializer, so a few tasks bring up the whole pool)."""
-        for f in [self._pool.submit(ready) for _ in range(self.processes)]:
-            f.result()
+    def _wait_ready(self, ready: Callable[[], int], timeout: float = 600.0) -> None:
+        """Wait until every worker has started and loaded its models: each loads them in
+        its initializer, before its first task, and ``ready`` returns the worker's pid; a
+        worker that is up early may take several of the tasks, so ask until every pid
+        has answered."""
+        seen: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while len(seen) < self.processes:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{type(self).__name__}: {self.processes - len(seen)} worker(s) not ready")
+            seen |= {f.result() for f in [self._pool.submit(ready) for _ in range(self.processes)]}
+            if len(seen) < self.processes:
+                time.sleep(0.05)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._closed = True
+            pool = self._pool
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 _models: tuple[Any, Any] | None = None  # (FaceExtractor, VoiceExtractor) in a model worker
@@ -138,20 +153,24 @@ def _init_model_worker(models_dir: Path, intra_op_threads: int) -> None:
         _models = (face, voice)
 
 
-def _models_ready() -> bool:
+def _models_ready() -> int:
     if _models_error is not None:
         raise _models_error
-    return _models is not None
+    return os.getpid()
+
+
+def _loaded() -> tuple[Any, Any]:
+    if _models is None:
+        raise _models_error or RuntimeError("model worker not initialised")
+    return _models
 
 
 def _face_in_worker(images: list) -> list:
-    assert _models is not None, _models_error
-    return _models[0].embed_batch(images)
+    return _loaded()[0].embed_batch(images)
 
 
 def _voice_in_worker(wavs: list) -> list:
-    assert _models is not None, _models_error
-    return _models[1].embed_pcm_batch(wavs)
+    return _loaded()[1].embed_pcm_batch(wavs)
 
 
 class ModelPool(_WorkerPool):
@@ -197,8 +216,8 @@ def _init_challenge_worker(config: Any) -> None:
     _checker.load_decoder()  # the pocketsphinx model, before the first recording arrives
 
 
-def _ready() -> bool:
-    return _checker is not None
+def _ready() -> int:
+    return os.getpid()
 
 
 def _pass_in_worker(p: Any) -> Any:
@@ -249,6 +268,12 @@ def onnx_extractors(
     from .voice import VoiceExtractor
 
     limit_blas_threads()  # this process's numpy too: it decodes audio and scores templates
+    checker = None
+    if check_challenge:
+        from .challenge import ChallengeChecker
+
+        # first: a missing or mismatched calibration is refused before any process starts
+        checker = ChallengeChecker()  # the calibrated thresholds; decoding happens in the pool
     closers: list[Callable[[], None]] = []
     warmers: list[Callable[[], None]] = []
     face_batch: Callable[[list], list]
@@ -263,10 +288,7 @@ def onnx_extractors(
         voice = VoiceExtractor(models_dir, intra_op_threads=intra_op_threads)
         face_batch, voice_batch = face.embed_batch, voice.embed_pcm_batch
         warmers += [face.warmup, voice.warmup]
-    if check_challenge:
-        from .challenge import ChallengeChecker
-
-        checker = ChallengeChecker()  # the calibrated thresholds; decoding happens in the pool
+    if checker is not None:
         pool = ChallengePool(checker, challenge_processes)
         challenge_batch = pool.check_batch
         closers.append(pool.close)
