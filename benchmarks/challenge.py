@@ -32,6 +32,7 @@ Output: JSON lines on stdout, a short human summary on stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import math
@@ -512,8 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         screens[s], grid = (None, []) if args.no_screen else choose_screen(results, s, per_set[s]["threshold"])
         apply_screen(results, s, screens[s], weights[s], per_set[s]["threshold"])
         if screens[s] is not None:
-            emit({"figure": "challenge_screen", "set": s, "part": "A", "chosen": {
-                "silence_weight": screens[s].silence_weight, "accept": screens[s].accept, "reject": screens[s].reject}, "grid": grid})
+            emit({"figure": "challenge_screen", "set": s, "part": "A", "chosen": dataclasses.asdict(screens[s]), "grid": grid})
     if "speech" in per_set:
         apply_screen(results, "speech-8k", screens["speech"], weights["speech"], per_set["speech"]["threshold"])
     operating = max(v["threshold"] for v in per_set.values())
@@ -598,8 +598,7 @@ def main(argv: list[str] | None = None) -> int:
                 errors[e] += 1
     emit({"figure": "run", "command": command, "seed": args.seed, "wall_s": wall, "workers": args.workers,
           "sample_errors": dict(errors), "data": info, "silence_weights": weights,
-          "screens": {s: None if v is None else {"silence_weight": v.silence_weight, "accept": v.accept, "reject": v.reject}
-                      for s, v in screens.items()},
+          "screens": {s: None if v is None else dataclasses.asdict(v) for s, v in screens.items()},
           "frame_step": config.frame_step, "top_gaussians": config.top_gaussians, "beam": config.beam, "variant_kinds": list(config.variant_kinds)})
 
     if args.write_calibration:
@@ -615,8 +614,7 @@ def main(argv: list[str] | None = None) -> int:
             "frame_step": config.frame_step,
             "top_gaussians": config.top_gaussians,
             "beam": config.beam,
-            "screens": {KIND_OF_SET[s]: {"silence_weight": v.silence_weight, "accept": v.accept, "reject": v.reject}
-                        for s, v in screens.items() if v is not None},
+            "screens": {KIND_OF_SET[s]: dataclasses.asdict(v) for s, v in screens.items() if v is not None},
             "pronunciation_variants": VARIANTS_VERSION if config.variant_kinds else 0,
             "variant_kinds": list(config.variant_kinds),
             "recogniser": f"pocketsphinx {importlib.metadata.version('pocketsphinx')}, en-us acoustic model and cmudict from the wheel",

@@ -42,8 +42,8 @@ takes 40 % off the recogniser's work per verification. By construction the scree
 accepts no wrong phrase of the calibration part and rejects no genuine recording there
 that the full check passes (it may pass a genuine recording the full check would not, or
 reject a wrong phrase it would let through); on the held-apart part it passed 1 genuine
-sentence more and 1 genuine digit string fewer, and the same wrong phrases (``ChallengeConfig.screen = False`` decodes both passes for every
-recording).
+sentence more and 1 genuine digit string fewer, and the same wrong phrases.
+``ChallengeConfig.screen = False`` decodes both passes for every recording.
 
 For each expected word, its log-likelihood ratio per frame is ``(aligned score -
 phone-loop score over the word's frames) / frames``; the silences the aligner inserted
@@ -105,7 +105,8 @@ Silence and noise are not "a low score": a recording whose loudest part stays be
 Threads and cost
 ----------------
 pocketsphinx ``Decoder`` objects are not thread-safe, so each thread gets its own
-(:class:`threading.local`; two, with and without pronunciation variants). The decoder holds the GIL while it decodes: threads calling
+(:class:`threading.local`; two, with and without pronunciation variants). The decoder
+holds the GIL while it decodes: threads calling
 :meth:`ChallengeChecker.check_batch` run one after the other, and parallel scoring needs
 processes. Measured cost (``netid bench challenge``): about 0.11 s of CPU per second of
 audio for both passes, half of it each; with the screen, 0.063 s (digit strings) to 0.070 s
@@ -178,7 +179,6 @@ _NULL = "(NULL)"  # the grammar's empty transitions, one frame long, in an align
 _LEVEL_WINDOW = 480  # 30 ms
 _EARLIER_BEAM = 1e-48  # the beam of calibrations that do not record theirs
 _EARLIER_TOP_GAUSSIANS = 4  # pocketsphinx's default: calibrations that do not record theirs
-TOP_GAUSSIANS = 4
 
 
 # --------------------------------------------------------------------------- configuration
@@ -196,7 +196,7 @@ class ChallengeConfig:
     frame_step: int = 1
     #: Gaussians of each codebook that a senone's score is computed from, the best ones in
     #: each frame (pocketsphinx ``topn``; its default is 4); the calibration records it.
-    top_gaussians: int = TOP_GAUSSIANS
+    top_gaussians: int = 4
     #: weight of the (negative part of the) silence ratio in the score, for every kind;
     #: ``None``: the weights the calibration chose per kind (1.0 with an explicit threshold).
     silence_weight: float | None = None
@@ -462,8 +462,9 @@ class ScoreParts(NamedTuple):
         return float(self.words + silence_weight * min(0.0, self.silence))
 
     def screen_score(self, silence_weight: float) -> float:
-        """The score of the alignment alone: ``aligned_words + silence_weight * min(0, aligned_silence)``."""
-        return float(self.aligned_words + silence_weight * min(0.0, self.aligned_silence))
+        """The score of the alignment alone, as :meth:`score` of ``aligned_words`` and
+        ``aligned_silence``: what :meth:`Screen.decide` takes."""
+        return ScoreParts(self.aligned_words, self.aligned_silence).score(silence_weight)
 
 
 class Verdict(NamedTuple):
@@ -572,7 +573,7 @@ class _Decoder:
         return self._segments() or None
 
 
-def _ratios(entries: Sequence[tuple[str, int, int, float]], background: np.ndarray | None) -> tuple[float, float] | None:
+def _ratios(entries: Sequence[tuple[str, int, int, float]], background: np.ndarray | None) -> ScoreParts | None:
     """The mean word ratio and the silence ratio of an alignment (:meth:`_Decoder.align`)
     against a phone-loop background of the same recording (:meth:`_Decoder.phone_loop`),
     or against none (``None``); ``None`` if it holds no word."""
@@ -587,7 +588,7 @@ def _ratios(entries: Sequence[tuple[str, int, int, float]], background: np.ndarr
             word_ratios.append(ratio_sum / dur)
     if not word_ratios:
         return None
-    return float(np.mean(word_ratios)), sil_sum / sil_frames if sil_frames else 0.0
+    return ScoreParts(words=float(np.mean(word_ratios)), silence=sil_sum / sil_frames if sil_frames else 0.0)
 
 
 def _score_parts(entries: Sequence[tuple[str, int, int, float]], background: np.ndarray) -> ScoreParts | None:
@@ -596,7 +597,7 @@ def _score_parts(entries: Sequence[tuple[str, int, int, float]], background: np.
     full, alone = _ratios(entries, background), _ratios(entries, None)
     if full is None or alone is None:
         return None
-    return ScoreParts(words=full[0], silence=full[1], aligned_words=alone[0], aligned_silence=alone[1])
+    return full._replace(aligned_words=alone.words, aligned_silence=alone.silence)
 
 
 class Pass(NamedTuple):
@@ -752,10 +753,12 @@ class ChallengeChecker:
             alignments.update(zip(want_align, done))
             backgrounds.update(zip(loops, done[len(want_align):]))
 
-        usable = [i for i, (audio, _) in enumerate(items) if not isinstance(pcms[id(audio)], SampleError)]
+        usable: list[int] = []
         for i, (audio, _) in enumerate(items):
-            if i not in usable:
-                out[i] = pcms[id(audio)]  # type: ignore[assignment]
+            if isinstance(pcm := pcms[id(audio)], SampleError):
+                out[i] = pcm
+            else:
+                usable.append(i)
         stage(usable, [i for i in usable if challenge_kind(items[i][1]) not in self.screens])
         for i in usable:
             kind = challenge_kind(items[i][1])
@@ -766,7 +769,7 @@ class ChallengeChecker:
                 continue
             if screen is not None:
                 alone = _ratios(alignment, None)
-                score = FAILURE_SCORE if alone is None else alone[0] + screen.silence_weight * min(0.0, alone[1])
+                score = FAILURE_SCORE if alone is None else alone.score(screen.silence_weight)
                 decided = screen.decide(score)
                 if decided is not None:
                     out[i] = Verdict(decided, float(score), "screen")
@@ -775,7 +778,7 @@ class ChallengeChecker:
         stage([], pending)
         for i in pending:
             background, challenge = backgrounds[id(items[i][0])], items[i][1]
-            parts = None if background is None else _score_parts(alignments[i], background)
+            parts = None if background is None else _ratios(alignments[i], background)
             score = FAILURE_SCORE if parts is None else parts.score(self.silence_weights[challenge_kind(challenge)])
             out[i] = Verdict(self.accept(score, challenge), score, "background")
         return out  # type: ignore[return-value]

@@ -96,8 +96,8 @@ class EngineConfig:
     voice_wait_with_challenge: float = 0.2
     intra_op_threads: int = 1
     #: worker processes that run the face and voice models (0: the batchers' threads in
-    #: the engine's process). In processes they cost 15-20 % less CPU per item than from
-    #: threads next to the event loop (benchmarks/TUNING.md, section 6 h).
+    #: the engine's process, next to the event loop). At 7 verifications/s a verification
+    #: cost 258 CPU ms with them, 267 without (benchmarks/TUNING.md, section 6 h).
     model_processes: int = 2
     store_threads: int = 4
     duplicate_search: bool = True

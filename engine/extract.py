@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import NoFace, NoSpeech, SampleError, UndecodableSample
+from .errors import ModelMissing, NoFace, NoSpeech, SampleError, UndecodableSample
 
 __all__ = ["Extractors", "onnx_extractors", "fake_extractors"]
 
@@ -110,17 +110,17 @@ class _WorkerPool:
         futures = [pool.submit(fn, a) for a in args]
         return [f.result() for f in futures]
 
-    def _wait_ready(self, ready: Callable[[], int], timeout: float = 600.0) -> None:
-        """Wait until every worker has started and loaded its models: each loads them in
-        its initializer, before its first task, and ``ready`` returns the worker's pid; a
-        worker that is up early may take several of the tasks, so ask until every pid
-        has answered."""
+    def warmup(self, timeout: float = 600.0) -> None:
+        """Wait until every worker has started and loaded its models, and raise the error
+        of one that could not (a model file that does not match its manifest, ...). Each
+        worker loads them in its initializer, before its first task; one that is up early
+        may take several of the ready tasks, so ask until every worker's pid has answered."""
         seen: set[int] = set()
         deadline = time.monotonic() + timeout
         while len(seen) < self.processes:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{type(self).__name__}: {self.processes - len(seen)} worker(s) not ready")
-            seen |= {f.result() for f in [self._pool.submit(ready) for _ in range(self.processes)]}
+            seen |= {f.result() for f in [self._pool.submit(_ready) for _ in range(self.processes)]}
             if len(seen) < self.processes:
                 time.sleep(0.05)
 
@@ -132,7 +132,14 @@ class _WorkerPool:
 
 
 _models: tuple[Any, Any] | None = None  # (FaceExtractor, VoiceExtractor) in a model worker
-_models_error: BaseException | None = None
+_models_error: BaseException | None = None  # why a model worker could not load them
+
+
+def _ready() -> int:
+    """A worker's pid once its initializer is done; the error it kept, if it failed."""
+    if _models_error is not None:
+        raise _models_error
+    return os.getpid()
 
 
 def _init_model_worker(models_dir: Path, intra_op_threads: int) -> None:
@@ -153,12 +160,6 @@ def _init_model_worker(models_dir: Path, intra_op_threads: int) -> None:
         _models = (face, voice)
 
 
-def _models_ready() -> int:
-    if _models_error is not None:
-        raise _models_error
-    return os.getpid()
-
-
 def _loaded() -> tuple[Any, Any]:
     if _models is None:
         raise _models_error or RuntimeError("model worker not initialised")
@@ -176,11 +177,10 @@ def _voice_in_worker(wavs: list) -> list:
 class ModelPool(_WorkerPool):
     """The face and voice models in worker processes (called from the batchers' threads).
 
-    In the engine's own process the models ran from several batcher threads next to the
-    event loop and the recogniser's processes, and cost 15-20 % more CPU per verification
-    than the same work in single-threaded processes (``netid bench limit``: 274-288 ms
-    against 241 ms). Each worker loads both models; a batch is one task, so the two face
-    batcher threads and the voice batcher use the processes side by side.
+    In the engine's own process the models run from several batcher threads next to the
+    event loop; in processes a verification cost 258 CPU ms against 267 at 7 arrivals/s
+    (benchmarks/TUNING.md section 6 h). Each worker loads both models; a batch is one task,
+    so the two face batcher threads and the voice batcher use the processes side by side.
     """
 
     def __init__(self, models_dir: Path, *, intra_op_threads: int, processes: int) -> None:
@@ -189,8 +189,6 @@ class ModelPool(_WorkerPool):
         for name in ("yunet", "sface", "ge2e"):  # a missing model is an error now, not in a worker
             manifest = load_manifest(models_dir, name)
             if not (Path(models_dir) / manifest.file).is_file():
-                from .errors import ModelMissing
-
                 raise ModelMissing(f"model file {Path(models_dir) / manifest.file} not found")
         super().__init__(processes, _init_model_worker, (Path(models_dir), intra_op_threads))
 
@@ -199,11 +197,6 @@ class ModelPool(_WorkerPool):
 
     def voice_batch(self, wavs: list) -> list:
         return self.run(_voice_in_worker, [list(wavs)])[0]
-
-    def warmup(self) -> None:
-        """Wait until every worker has loaded and warmed both models; raises the error of
-        one that could not (a model file that does not match its manifest, ...)."""
-        self._wait_ready(_models_ready)
 
 
 def _init_challenge_worker(config: Any) -> None:
@@ -214,10 +207,6 @@ def _init_challenge_worker(config: Any) -> None:
     # applied by that checker, in the engine's process
     _checker = ChallengeChecker(config=config, threshold=0.0)
     _checker.load_decoder()  # the pocketsphinx model, before the first recording arrives
-
-
-def _ready() -> int:
-    return os.getpid()
 
 
 def _pass_in_worker(p: Any) -> Any:
@@ -245,10 +234,6 @@ class ChallengePool(_WorkerPool):
 
     def _run_passes(self, passes: list) -> list:
         return self.run(_pass_in_worker, passes)
-
-    def warmup(self) -> None:
-        """Wait until the workers have started and loaded their decoders."""
-        self._wait_ready(_ready)
 
 
 def onnx_extractors(

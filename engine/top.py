@@ -10,7 +10,8 @@ interval, not the engine's whole life. Shown: requests per second by type with t
 error share and latency p50/p95/p99; error codes; per model the queue depth, batches
 per second, mean batch size, queue wait and model time; requests in flight,
 connections, ``overloaded`` and ``rate_limited`` rejections; spoken-challenge checks and
-the share the screen decided without the phone loop; credentials by status; readiness (``/readyz`` on the same port).
+the share the screen decided without the phone loop; credentials by status; readiness
+(``/readyz`` on the same port).
 
 Plain ANSI, no dependencies beyond the standard library and prometheus-client's parser.
 """
