@@ -34,6 +34,11 @@ __all__ = [
     "Person",
     "load_people",
     "digit_voices",
+    "KINDS",
+    "DEFAULT_MIX",
+    "LIVE_TAKES",
+    "parse_mix",
+    "mix_kinds",
     "Verification",
     "make_verifications",
     "usable_faces",
@@ -132,6 +137,39 @@ def digit_voices(root: Path, speakers: Sequence[str], takes: range) -> DigitVoic
     return voices
 
 
+#: the kinds of verification the load benchmark sends, and its default mix of them
+KINDS = ("genuine", "impostor_face", "impostor_voice", "wrong_words")
+DEFAULT_MIX = "genuine=0.7,impostor_face=0.1,impostor_voice=0.1,wrong_words=0.1"
+#: the FSDD takes that live recordings are spliced from (takes 0-1 enroll)
+LIVE_TAKES = range(2, 20)
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """``"genuine=0.7,wrong_words=0.3"`` -> weights by kind (:data:`KINDS`)."""
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        k, _, v = part.partition("=")
+        k = k.strip()
+        if k not in KINDS:
+            raise SystemExit(f"--mix: unknown kind {k!r} (kinds: {', '.join(KINDS)})")
+        out[k] = float(v)
+    if sum(out.values()) <= 0:
+        raise SystemExit("--mix: weights must add up to more than 0")
+    return out
+
+
+def mix_kinds(mix: dict[str, float], n: int, rng: random.Random) -> list[str]:
+    """``n`` kinds in the proportions of ``mix`` (largest remainders), in a shuffled order."""
+    total = sum(mix.values())
+    exact = {k: n * w / total for k, w in mix.items()}
+    counts = {k: int(x) for k, x in exact.items()}
+    for k in sorted(exact, key=lambda k: exact[k] - counts[k], reverse=True)[: n - sum(counts.values())]:
+        counts[k] += 1
+    kinds = [k for k in mix for _ in range(counts[k])]
+    rng.shuffle(kinds)
+    return kinds
+
+
 @dataclass(frozen=True)
 class Verification:
     """The extraction inputs of one verification: a live face, a recording, the challenge."""
@@ -141,17 +179,30 @@ class Verification:
     challenge: str
 
 
-def make_verifications(root: Path, n: int, *, seed: int = 11, length: int = 6) -> list[Verification]:
-    """``n`` genuine verification payloads from distinct people (for the limit benchmark)."""
+def make_verifications(
+    root: Path, n: int, *, seed: int = 11, length: int = 6, mix: dict[str, float] | None = None
+) -> list[Verification]:
+    """``n`` verification payloads from distinct people (for the limit benchmark), of the
+    kinds of ``mix`` in its proportions (:func:`mix_kinds`; default all genuine): the same
+    extraction work as the load benchmark's arrivals of that mix. A kind changes the work:
+    a wrong digit string is mostly decided on the recogniser's first pass, another
+    speaker's voice is not."""
     people, _ = load_people(root, min(n, 60), seed=seed)
     people, _ = screen_people(people, [])
-    voices = digit_voices(root, sorted({p.speaker for p in people}), range(2, 50))
+    voices = digit_voices(root, DIGIT_SPEAKERS, LIVE_TAKES)
     rng = random.Random(seed)
     out = []
-    for i in range(n):
+    for i, kind in enumerate(mix_kinds(mix or {"genuine": 1.0}, n, rng)):
         p = people[i % len(people)]
+        face_of = people[(i + 1) % len(people)] if kind == "impostor_face" and len(people) > 1 else p
+        speaker = p.speaker
+        if kind == "impostor_voice":
+            speaker = rng.choice([s for s in DIGIT_SPEAKERS if s != p.speaker])
         digits = "".join(rng.choice("0123456789") for _ in range(length))
-        out.append(Verification(face=p.probe_faces[i % len(p.probe_faces)], voice=voices.say(p.speaker, digits, rng), challenge=digits))
+        said = digits
+        while kind == "wrong_words" and said == digits:
+            said = "".join(rng.choice("0123456789") for _ in range(length))
+        out.append(Verification(face=face_of.probe_faces[i % len(face_of.probe_faces)], voice=voices.say(speaker, said, rng), challenge=digits))
     return out
 
 

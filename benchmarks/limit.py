@@ -22,8 +22,14 @@ Layouts searched:
 ``--stages`` measures each stage alone at several batch sizes (CPU ms per item): the
 figures behind ``benchmarks/TUNING.md``.
 
+The payloads are of the kinds of ``--mix`` in its proportions, by default the load
+benchmark's mix (genuine holders, another face, another speaker, the wrong digits): a kind
+changes the recogniser's work, so the limit does the same work as the load's arrivals.
+
 Output: one JSON line per configuration measured, a summary JSON line with ``limit_rps``
-(the best found) and its configuration, and a short human summary on stderr.
+and its configuration, and a short human summary on stderr. After a search, the layout
+that measured best is measured once more and that second figure is the limit: the
+maximum of several noisy measurements is biased upwards.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ._common import Verification, data_root, emit, make_verifications, stderr
+from ._common import DEFAULT_MIX, Verification, data_root, emit, make_verifications, parse_mix, stderr
 
 __all__ = ["Layout", "LimitResult", "measure_layout", "search", "main"]
 
@@ -319,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", action="store_true", help="per-stage CPU cost by batch size instead of the layout search")
     p.add_argument("--no-challenge", action="store_true", help="leave the spoken-challenge recogniser out (engines run with --no-challenge-check)")
     p.add_argument("--samples", type=int, default=48, help="distinct verification payloads")
+    p.add_argument("--mix", default=DEFAULT_MIX, help="kinds of payload and their weights, as netid bench load's --mix (default %(default)s)")
     return p
 
 
@@ -333,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             stderr("engine.challenge is not available: measuring without the challenge recogniser")
             challenge = False
     root = data_root(args.data)
-    verifs = make_verifications(root, args.samples)
+    verifs = make_verifications(root, args.samples, mix=parse_mix(args.mix))
     seconds = args.seconds or (6.0 if args.quick else 10.0)
     t0 = time.perf_counter()
     if args.stages:
@@ -360,9 +367,16 @@ def main(argv: list[str] | None = None) -> int:
         best = max(results, key=lambda r: r.rps).layout
         results += run([Layout(b, best.threads, best.intra, best.processes) for b in _ints(args.batches) if b != best.batch])
     best = max(results, key=lambda r: r.rps)
+    searched = None
+    if len(results) > 1:
+        # The best of several noisy measurements runs high (each is a few per cent off):
+        # the layout chosen is measured once more, and that measurement is the limit.
+        searched, best = best, run([best.layout])[0]
     summary: dict[str, Any] = {
         "limit_rps": round(best.rps, 3),
         "best": best.as_json(),
+        "search_best_rps": round(searched.rps, 3) if searched else None,
+        "mix": parse_mix(args.mix),
         "challenge": challenge,
         "search": [r.as_json() for r in results],
         "search_seconds": round(time.perf_counter() - t0, 1),

@@ -50,12 +50,25 @@ import nacl.public
 import nacl.signing
 import trio
 
-from ._common import DIGIT_SPEAKERS, CpuClock, Person, digit_voices, data_root, emit, latency_summary, load_people, pct, screen_people, stderr
+from ._common import (
+    DEFAULT_MIX,
+    DIGIT_SPEAKERS,
+    LIVE_TAKES,
+    CpuClock,
+    Person,
+    digit_voices,
+    data_root,
+    emit,
+    latency_summary,
+    load_people,
+    parse_mix,
+    pct,
+    screen_people,
+    stderr,
+)
 from ._engine import EngineProcess, netid
 
 __all__ = ["Step", "run", "main"]
-
-KINDS = ("genuine", "impostor_face", "impostor_voice", "wrong_words")
 
 
 @dataclass
@@ -101,9 +114,9 @@ class Generator:
         self.strangers = strangers
         speakers = list(DIGIT_SPEAKERS)  # impostor voices may come from any of them
         self.enroll_voices = digit_voices(root, speakers, range(0, 2))
-        self.live_voices = digit_voices(root, speakers, range(2, 20))
+        self.live_voices = digit_voices(root, speakers, LIVE_TAKES)
         self.speakers = speakers
-        mix = _mix(args.mix)
+        mix = parse_mix(args.mix)
         self.kinds, self.weights = list(mix), list(mix.values())
         self.rps: list[RelyingParty] = []
         self.pushed: dict[str, str] = {}
@@ -123,19 +136,6 @@ class Generator:
             while said == challenge:
                 said = "".join(rng.choice("0123456789") for _ in challenge)
         return face, self.live_voices.say(speaker, said, rng)
-
-
-def _mix(text: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for part in text.split(","):
-        k, _, v = part.partition("=")
-        k = k.strip()
-        if k not in KINDS:
-            raise SystemExit(f"--mix: unknown kind {k!r} (kinds: {', '.join(KINDS)})")
-        out[k] = float(v)
-    if sum(out.values()) <= 0:
-        raise SystemExit("--mix: weights must add up to more than 0")
-    return out
 
 
 # ---- setup -----------------------------------------------------------------------------------------
@@ -359,7 +359,7 @@ def _limit_seconds(args: argparse.Namespace) -> list[str]:
 def measure_limit(args: argparse.Namespace, challenge: bool, layouts: list[str] | None = None) -> dict[str, Any]:
     """Run ``benchmarks.limit``: the layouts given, else ``--limit-layout``, else its full
     search (``--limit-search``) or its quick one; every time with the same seconds per layout."""
-    cmd = [sys.executable, "-m", "benchmarks.limit", "--samples", "48"]
+    cmd = [sys.executable, "-m", "benchmarks.limit", "--samples", "48", "--mix", args.mix]
     if args.data:
         cmd += ["--data", str(args.data)]
     if not challenge:
@@ -606,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=None, help="seconds per step (default 30, quick 12)")
     p.add_argument("--residents", type=int, default=24)
     p.add_argument("--relying-parties", type=int, default=4)
-    p.add_argument("--mix", default="genuine=0.7,impostor_face=0.1,impostor_voice=0.1,wrong_words=0.1")
+    p.add_argument("--mix", default=DEFAULT_MIX, help="kinds of arrival and their weights; the limit measures the same mix (default %(default)s)")
     p.add_argument("--seed", type=int, default=5)
     p.add_argument("--answer-timeout", type=float, default=20.0, help="seconds after which a request counts as unanswered")
     p.add_argument("--no-challenge-check", action="store_true", help="engine without the spoken-challenge check, limit without the recogniser")

@@ -332,6 +332,22 @@ def test_load_steps_offer_the_rate_they_name():
     assert max(gaps) > 3 * (30.0 / 81) > 0.1 * (30.0 / 81) > min(gaps)
 
 
+def test_the_limit_takes_the_load_mix_in_its_proportions():
+    from benchmarks._common import DEFAULT_MIX, KINDS, mix_kinds, parse_mix
+
+    mix = parse_mix(DEFAULT_MIX)
+    assert set(mix) == set(KINDS)
+    kinds = mix_kinds(mix, 48, random.Random(3))
+    assert len(kinds) == 48
+    counts = {k: kinds.count(k) for k in KINDS}
+    assert counts["genuine"] in (33, 34) and sum(counts.values()) == 48
+    assert all(4 <= counts[k] <= 5 for k in KINDS if k != "genuine")
+    assert kinds != sorted(kinds)  # shuffled, so that any prefix holds every kind
+    assert mix_kinds({"wrong_words": 2.0}, 5, random.Random(0)) == ["wrong_words"] * 5
+    with pytest.raises(SystemExit):
+        parse_mix("genuine=1,replayed=1")
+
+
 def test_engine_config_overrides():
     from benchmarks._engine import apply_overrides
 
