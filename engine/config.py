@@ -32,10 +32,11 @@ class LimitsConfig:
     #: one more is answered ``overloaded`` at once instead of queueing.
     max_biometric: int = 32
     #: Refuse new biometric requests while the model queues' backlog is estimated to take
-    #: longer than this (seconds), once at least ``min_admitted`` are in progress. 0.75 s is
-    #: about six verifications of queued work on 2 cores with the challenge check on
-    #: (benchmarks/TUNING.md section 6 h).
-    admission_wait: float = 0.75
+    #: longer than this (seconds), once at least ``min_admitted`` are in progress. 0.5 s is
+    #: about four verifications of queued work on 2 cores with the challenge check on; it
+    #: answered as many per second at saturation as 0.75 s, with a lower p50 and p99
+    #: (benchmarks/TUNING.md section 6 i).
+    admission_wait: float = 0.5
     min_admitted: int = 4
     request_deadline: float = 10.0  # seconds for any one request, set at the boundary
     first_frame_timeout: float = 30.0  # a connection must send its first request within this
