@@ -64,7 +64,7 @@ from engine.challenge import (
     challenge_words,
     load_phrases,
 )
-from engine.errors import ConfigError, SampleError
+from engine.errors import ConfigError, ModelError, SampleError
 from engine.models import DEFAULT_MODELS_DIR
 from engine.pronunciation import VARIANTS_VERSION
 
@@ -415,78 +415,11 @@ def _fmt(r: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="netid bench challenge", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="data root with speech/ and digits/")
-    p.add_argument("--seed", type=int, default=6)
-    p.add_argument("--target", type=float, default=TARGET, help="target wrong-phrase acceptance (default 0.001)")
-    p.add_argument("--speech-utts", type=int, default=150, help="speechocean762 utterances per part (0: none)")
-    p.add_argument("--digit-strings", type=int, default=300, help="FSDD 6-digit strings per part (0: none)")
-    p.add_argument("--wrong", type=int, default=10, help="wrong phrases per recording")
-    p.add_argument("--bandlimited", type=int, default=20, help="part-B speech utterances re-scored at 8 kHz bandwidth (0: skip)")
-    p.add_argument("--silence-weight", type=float, default=None,
-                   help="weight of the silence ratio for both sets (default: chosen per set on part A)")
-    p.add_argument("--frame-step", type=int, default=ChallengeConfig().frame_step, help="frames per scored frame (pocketsphinx ds)")
-    p.add_argument("--top-gaussians", type=int, default=ChallengeConfig().top_gaussians,
-                   help="Gaussians per codebook each senone is scored from (pocketsphinx topn; default %(default)s)")
-    p.add_argument("--variant-kinds", default=",".join(ChallengeConfig().variant_kinds), metavar="KINDS",
-                   help="challenge kinds aligned with pronunciation variants too (comma-separated; '' for none; default %(default)s)")
-    p.add_argument("--no-screen", action="store_true",
-                   help="no screen on the alignment alone: every check decodes the phone loop too")
-    p.add_argument("--workers", type=int, default=2, help="scoring processes (pocketsphinx holds the GIL)")
-    p.add_argument("--quick", action="store_true", help="small run: 12 utterances, 12 strings per part, 3 wrong each")
-    p.add_argument("--limit", type=int, default=None, help="cap utterances and strings per part")
-    p.add_argument("--write-calibration", action="store_true", help=f"write the operating point to models/{CALIBRATION_FILE}")
-    p.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR, help="where --write-calibration writes")
-    p.add_argument("--save-scores", type=Path, default=None, help="also write every trial's score parts (mean word ratio, silence ratio; JSON lines) here")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.speech_utts, args.digit_strings = min(args.speech_utts, 12), min(args.digit_strings, 12)
-        args.wrong, args.bandlimited = min(args.wrong, 3), min(args.bandlimited, 6)
-    if args.limit is not None:
-        args.speech_utts, args.digit_strings = min(args.speech_utts, args.limit), min(args.digit_strings, args.limit)
-        args.bandlimited = min(args.bandlimited, args.limit)
-    if not 0.0 < args.target < 1.0 or args.wrong < 1:
-        p.error("need 0 < --target < 1 and --wrong >= 1")
-    if args.write_calibration and (args.quick or args.limit is not None or min(args.speech_utts, args.digit_strings) <= 0):
-        p.error("--write-calibration needs both sets at full size (no --quick, --limit or empty set)")
-    command = "netid bench challenge " + shlex.join(argv if argv is not None else sys.argv[1:])
-    try:
-        config = ChallengeConfig(silence_weight=args.silence_weight, frame_step=args.frame_step, top_gaussians=args.top_gaussians,
-                                 variant_kinds=tuple(k for k in args.variant_kinds.split(",") if k))
-    except ConfigError as exc:
-        p.error(str(exc))
-    rng = np.random.default_rng(args.seed)
-    wall0 = time.perf_counter()
 
-    tasks: list[Task] = []
-    info: dict[str, Any] = {}
-    if args.speech_utts > 0 and (args.data / "speech" / "text").is_file():
-        st, info["speech"] = speech_tasks(args.data, per_part=args.speech_utts, wrong=args.wrong, rng=rng, config=config)
-        tasks += st
-        tasks += bandlimited_tasks(st, args.bandlimited, min(args.wrong, 3), rng)
-    if args.digit_strings > 0 and (args.data / "digits").is_dir():
-        tasks += digit_tasks(args.data, per_part=args.digit_strings, wrong=args.wrong, rng=rng)
-    if not tasks:
-        print(f"no data found under {args.data}", file=sys.stderr)
-        return 2
-    if not args.quiet:
-        print(f"challenge benchmark: {len(tasks)} recordings, {sum(len(t.expected) for t in tasks)} trials, "
-              f"{args.workers} worker(s)", file=sys.stderr, flush=True)
-    results = run_tasks(tasks, config, args.workers, not args.quiet)
-    wall = time.perf_counter() - wall0
-
-    if args.save_scores is not None:
-        with Path(args.save_scores).open("w") as fh:
-            for r in results:
-                fh.write(json.dumps({"set": r.task.set, "part": r.task.part, "group": r.task.group,
-                                     "audio": r.task.audio[1] if r.task.audio[0] != "digits" else list(r.task.audio[1]),
-                                     "expected": r.task.expected, "labels": r.task.labels,
-                                     "parts": [None if x is None else list(x) for x in r.parts],
-                                     "errors": r.errors, "audio_s": r.audio_s, "genuine_cpu_s": r.genuine_cpu_s}) + "\n")
-    sets = [s for s in ("speech", "digits") if any(r.task.set == s for r in results)]
+def _choose_operating_point(results: list[Result], sets: list[str], args: argparse.Namespace) -> tuple[
+        dict[str, float], dict[str, dict[str, Any]], dict[str, Screen | None], float]:
+    """Silence weights, thresholds and screens per set, chosen on part A (and applied to every
+    part), and the operating threshold for any kind."""
     # ---- the silence weight of each set, chosen on part A (speech-8k scored as speech)
     weights: dict[str, float] = {}
     for s in sets:
@@ -519,6 +452,115 @@ def main(argv: list[str] | None = None) -> int:
     operating = max(v["threshold"] for v in per_set.values())
     emit({"figure": "challenge_operating_point", "threshold": operating, "rule": "highest of the per-set thresholds",
           "per_set": {s: v["threshold"] for s, v in per_set.items()}})
+    return weights, per_set, screens, operating
+
+
+def _shipped_operating_point(checker: ChallengeChecker, sets: list[str]) -> tuple[
+        dict[str, float], dict[str, dict[str, Any]], dict[str, Screen | None], float]:
+    """The same, as a calibrated checker holds them (``--calibrated``)."""
+    weights = {s: checker.silence_weights[KIND_OF_SET[s]] for s in sets}
+    per_set: dict[str, dict[str, Any]] = {s: {"threshold": checker.thresholds[KIND_OF_SET[s]]} for s in sets}
+    screens = {s: checker.screens.get(KIND_OF_SET[s]) for s in sets}
+    return weights, per_set, screens, checker.threshold
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="netid bench challenge", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="data root with speech/ and digits/")
+    p.add_argument("--seed", type=int, default=6)
+    p.add_argument("--target", type=float, default=TARGET, help="target wrong-phrase acceptance (default 0.001)")
+    p.add_argument("--speech-utts", type=int, default=150, help="speechocean762 utterances per part (0: none)")
+    p.add_argument("--digit-strings", type=int, default=300, help="FSDD 6-digit strings per part (0: none)")
+    p.add_argument("--wrong", type=int, default=10, help="wrong phrases per recording")
+    p.add_argument("--bandlimited", type=int, default=20, help="part-B speech utterances re-scored at 8 kHz bandwidth (0: skip)")
+    p.add_argument("--silence-weight", type=float, default=None,
+                   help="weight of the silence ratio for both sets (default: chosen per set on part A)")
+    p.add_argument("--frame-step", type=int, default=ChallengeConfig().frame_step, help="frames per scored frame (pocketsphinx ds)")
+    p.add_argument("--top-gaussians", type=int, default=ChallengeConfig().top_gaussians,
+                   help="Gaussians per codebook each senone is scored from (pocketsphinx topn; default %(default)s)")
+    p.add_argument("--variant-kinds", default=",".join(ChallengeConfig().variant_kinds), metavar="KINDS",
+                   help="challenge kinds aligned with pronunciation variants too (comma-separated; '' for none; default %(default)s)")
+    p.add_argument("--no-screen", action="store_true",
+                   help="no screen on the alignment alone: every check decodes the phone loop too")
+    p.add_argument("--workers", type=int, default=2, help="scoring processes (pocketsphinx holds the GIL)")
+    p.add_argument("--quick", action="store_true", help="small run: 12 utterances, 12 strings per part, 3 wrong each")
+    p.add_argument("--limit", type=int, default=None, help="cap utterances and strings per part")
+    p.add_argument("--write-calibration", action="store_true", help=f"write the operating point to models/{CALIBRATION_FILE}")
+    p.add_argument("--calibrated", action="store_true",
+                   help=f"report part B at the operating point already in models/{CALIBRATION_FILE} (chosen on part A "
+                        "by an earlier --write-calibration run) instead of choosing one; part A is not scored")
+    p.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR, help="where --write-calibration writes and --calibrated reads")
+    p.add_argument("--save-scores", type=Path, default=None, help="also write every trial's score parts (mean word ratio, silence ratio; JSON lines) here")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.speech_utts, args.digit_strings = min(args.speech_utts, 12), min(args.digit_strings, 12)
+        args.wrong, args.bandlimited = min(args.wrong, 3), min(args.bandlimited, 6)
+    if args.limit is not None:
+        args.speech_utts, args.digit_strings = min(args.speech_utts, args.limit), min(args.digit_strings, args.limit)
+        args.bandlimited = min(args.bandlimited, args.limit)
+    if not 0.0 < args.target < 1.0 or args.wrong < 1:
+        p.error("need 0 < --target < 1 and --wrong >= 1")
+    if args.write_calibration and args.calibrated:
+        p.error("--calibrated reports the operating point already written; it cannot write one")
+    if args.write_calibration and (args.quick or args.limit is not None or min(args.speech_utts, args.digit_strings) <= 0):
+        p.error("--write-calibration needs both sets at full size (no --quick, --limit or empty set)")
+    command = "netid bench challenge " + shlex.join(argv if argv is not None else sys.argv[1:])
+    try:
+        config = ChallengeConfig(silence_weight=args.silence_weight, frame_step=args.frame_step, top_gaussians=args.top_gaussians,
+                                 variant_kinds=tuple(k for k in args.variant_kinds.split(",") if k))
+    except ConfigError as exc:
+        p.error(str(exc))
+    shipped: ChallengeChecker | None = None
+    if args.calibrated:
+        try:  # refused if it was measured with other settings than these
+            shipped = ChallengeChecker(config=dataclasses.replace(config, calibration_path=Path(args.models) / CALIBRATION_FILE))
+        except (ConfigError, ModelError) as exc:
+            p.error(f"--calibrated: {exc}")
+    rng = np.random.default_rng(args.seed)
+    wall0 = time.perf_counter()
+
+    tasks: list[Task] = []
+    info: dict[str, Any] = {}
+    if args.speech_utts > 0 and (args.data / "speech" / "text").is_file():
+        st, info["speech"] = speech_tasks(args.data, per_part=args.speech_utts, wrong=args.wrong, rng=rng, config=config)
+        tasks += st
+        tasks += bandlimited_tasks(st, args.bandlimited, min(args.wrong, 3), rng)
+    if args.digit_strings > 0 and (args.data / "digits").is_dir():
+        tasks += digit_tasks(args.data, per_part=args.digit_strings, wrong=args.wrong, rng=rng)
+    if shipped is not None:  # the operating point is given: part A is not needed
+        tasks = [t for t in tasks if t.part == "B"]
+    if not tasks:
+        print(f"no data found under {args.data}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(f"challenge benchmark: {len(tasks)} recordings, {sum(len(t.expected) for t in tasks)} trials, "
+              f"{args.workers} worker(s)", file=sys.stderr, flush=True)
+    results = run_tasks(tasks, config, args.workers, not args.quiet)
+    wall = time.perf_counter() - wall0
+
+    if args.save_scores is not None:
+        with Path(args.save_scores).open("w") as fh:
+            for r in results:
+                fh.write(json.dumps({"set": r.task.set, "part": r.task.part, "group": r.task.group,
+                                     "audio": r.task.audio[1] if r.task.audio[0] != "digits" else list(r.task.audio[1]),
+                                     "expected": r.task.expected, "labels": r.task.labels,
+                                     "parts": [None if x is None else list(x) for x in r.parts],
+                                     "errors": r.errors, "audio_s": r.audio_s, "genuine_cpu_s": r.genuine_cpu_s}) + "\n")
+    sets = [s for s in ("speech", "digits") if any(r.task.set == s for r in results)]
+    if shipped is not None:
+        weights, per_set, screens, operating = _shipped_operating_point(shipped, sets)
+        emit({"figure": "challenge_operating_point", "threshold": operating, "rule": f"given: models/{CALIBRATION_FILE}",
+              "per_set": {s: v["threshold"] for s, v in per_set.items()}, "silence_weights": weights,
+              "screens": {s: None if v is None else dataclasses.asdict(v) for s, v in screens.items()}})
+        for s in sets:
+            apply_weight(results, s, weights[s])
+            apply_screen(results, s, screens[s], weights[s], per_set[s]["threshold"])
+        if "speech" in weights:
+            apply_weight(results, "speech-8k", weights["speech"])
+            apply_screen(results, "speech-8k", screens["speech"], weights["speech"], per_set["speech"]["threshold"])
+    else:
+        weights, per_set, screens, operating = _choose_operating_point(results, sets, args)
 
     # ---- report on part B
     report: dict[str, Any] = {}
