@@ -367,6 +367,24 @@ def test_shipped_calibration_is_the_default() -> None:
         assert checker.thresholds[kind] == thr <= doc["threshold"]
 
 
+def test_the_benchmark_reports_the_shipped_operating_point_as_shipped() -> None:
+    """``netid bench challenge --calibrated`` takes each set's weight, threshold and screen
+    from the shipped calibration, by the set's challenge kind."""
+    from benchmarks.challenge import _shipped_operating_point
+
+    path = ChallengeConfig().calibration_path
+    if not path.is_file():
+        pytest.skip("models/challenge.json not written yet (netid bench challenge --write-calibration)")
+    doc = json.loads(path.read_text())
+    weights, per_set, screens, operating = _shipped_operating_point(ChallengeChecker(), ["speech", "digits"])
+    assert weights == {"speech": doc["silence_weights"]["phrase"], "digits": doc["silence_weights"]["digits"]}
+    assert per_set["speech"]["threshold"] == doc["thresholds"]["phrase"]
+    assert per_set["digits"]["threshold"] == doc["thresholds"]["digits"]
+    assert operating == doc["threshold"]
+    for set_, kind in (("speech", "phrase"), ("digits", "digits")):
+        assert screens[set_] is not None and screens[set_].accept == doc["screens"][kind]["accept"]
+
+
 def test_missing_or_broken_calibration(tmp_path: Path) -> None:
     with pytest.raises(ModelMissing):
         ChallengeChecker(config=ChallengeConfig(calibration_path=tmp_path / "absent.json"))
