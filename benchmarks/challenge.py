@@ -418,9 +418,9 @@ def _fmt(r: dict[str, Any]) -> str:
 
 def _choose_operating_point(results: list[Result], sets: list[str], args: argparse.Namespace) -> tuple[
         dict[str, float], dict[str, dict[str, Any]], dict[str, Screen | None], float]:
-    """Silence weights, thresholds and screens per set, chosen on part A (and applied to every
-    part), and the operating threshold for any kind."""
-    # ---- the silence weight of each set, chosen on part A (speech-8k scored as speech)
+    """Silence weights, thresholds and screens per set, chosen on part A, and the operating
+    threshold for any kind."""
+    # ---- the silence weight of each set, chosen on part A
     weights: dict[str, float] = {}
     for s in sets:
         if args.silence_weight is not None:
@@ -429,8 +429,6 @@ def _choose_operating_point(results: list[Result], sets: list[str], args: argpar
             weights[s], grid = choose_weight(results, s, args.target)
             emit({"figure": "challenge_silence_weight", "set": s, "part": "A", "chosen": weights[s], "grid": grid})
         apply_weight(results, s, weights[s])
-    if "speech" in weights:
-        apply_weight(results, "speech-8k", weights["speech"])
     # ---- calibration on part A
     per_set: dict[str, dict[str, Any]] = {}
     for s in sets:
@@ -444,15 +442,22 @@ def _choose_operating_point(results: list[Result], sets: list[str], args: argpar
     screens: dict[str, Screen | None] = {}
     for s in sets:
         screens[s], grid = (None, []) if args.no_screen else choose_screen(results, s, per_set[s]["threshold"])
-        apply_screen(results, s, screens[s], weights[s], per_set[s]["threshold"])
         if screens[s] is not None:
             emit({"figure": "challenge_screen", "set": s, "part": "A", "chosen": dataclasses.asdict(screens[s]), "grid": grid})
-    if "speech" in per_set:
-        apply_screen(results, "speech-8k", screens["speech"], weights["speech"], per_set["speech"]["threshold"])
     operating = max(v["threshold"] for v in per_set.values())
     emit({"figure": "challenge_operating_point", "threshold": operating, "rule": "highest of the per-set thresholds",
           "per_set": {s: v["threshold"] for s, v in per_set.items()}})
     return weights, per_set, screens, operating
+
+
+def _apply_operating_point(results: list[Result], weights: dict[str, float], per_set: dict[str, dict[str, Any]],
+                           screens: dict[str, Screen | None]) -> None:
+    """Each trial's score and the engine's decision at the chosen point, every part; the
+    8 kHz speech trials at the speech set's."""
+    for s in weights:
+        for set_ in (s, "speech-8k") if s == "speech" else (s,):
+            apply_weight(results, set_, weights[s])
+            apply_screen(results, set_, screens[s], weights[s], per_set[s]["threshold"])
 
 
 def _shipped_operating_point(checker: ChallengeChecker, sets: list[str]) -> tuple[
@@ -553,14 +558,9 @@ def main(argv: list[str] | None = None) -> int:
         emit({"figure": "challenge_operating_point", "threshold": operating, "rule": f"given: models/{CALIBRATION_FILE}",
               "per_set": {s: v["threshold"] for s, v in per_set.items()}, "silence_weights": weights,
               "screens": {s: None if v is None else dataclasses.asdict(v) for s, v in screens.items()}})
-        for s in sets:
-            apply_weight(results, s, weights[s])
-            apply_screen(results, s, screens[s], weights[s], per_set[s]["threshold"])
-        if "speech" in weights:
-            apply_weight(results, "speech-8k", weights["speech"])
-            apply_screen(results, "speech-8k", screens["speech"], weights["speech"], per_set["speech"]["threshold"])
     else:
         weights, per_set, screens, operating = _choose_operating_point(results, sets, args)
+    _apply_operating_point(results, weights, per_set, screens)
 
     # ---- report on part B
     report: dict[str, Any] = {}

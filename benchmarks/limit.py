@@ -340,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             stderr("engine.challenge is not available: measuring without the challenge recogniser")
             challenge = False
     root = data_root(args.data)
-    verifs = make_verifications(root, args.samples, mix=parse_mix(args.mix))
+    mix = parse_mix(args.mix)
+    verifs = make_verifications(root, args.samples, mix=mix)
     seconds = args.seconds or (6.0 if args.quick else 10.0)
     t0 = time.perf_counter()
     if args.stages:
@@ -376,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         "limit_rps": round(best.rps, 3),
         "best": best.as_json(),
         "search_best_rps": round(searched.rps, 3) if searched else None,
-        "mix": parse_mix(args.mix),
+        "mix": mix,
         "challenge": challenge,
         "search": [r.as_json() for r in results],
         "search_seconds": round(time.perf_counter() - t0, 1),

@@ -92,7 +92,9 @@ class EngineConfig:
     challenge_batch: BatcherConfig = field(default_factory=lambda: BatcherConfig(max_batch=1, max_wait=0.002, queue_size=64, workers=2))
     #: With the challenge check on, a voice job may wait this long (seconds) for company:
     #: the recogniser takes longer on the same recording, so the wait is off the critical
-    #: path, and a batch of two costs ~25 % less CPU per recording than two of one.
+    #: path. Batches now save little (20.6-21.8 CPU ms per recording at two, 21.7-21.9 at
+    #: one, since BLAS is held to one thread), and 0.01 s measured no different under load
+    #: (benchmarks/TUNING.md sections 1 and 6 i).
     #: ``voice_batch.max_wait`` applies when it is longer, or with the check off.
     voice_wait_with_challenge: float = 0.2
     intra_op_threads: int = 1
