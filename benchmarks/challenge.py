@@ -468,6 +468,17 @@ def _shipped_operating_point(checker: ChallengeChecker, sets: list[str]) -> tupl
     screens = {s: checker.screens.get(KIND_OF_SET[s]) for s in sets}
     return weights, per_set, screens, checker.threshold
 
+def parse_frame_rates(text: str) -> dict[str, int]:
+    """``"digits=100,phrase=55"`` as a mapping; a kind left out keeps its default."""
+    rates = dict(ChallengeConfig().frame_rates)
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        kind, sep, rate = item.partition("=")
+        if not sep or kind not in rates:
+            raise ValueError(f"--frame-rates: expected KIND=RATE with KIND one of {', '.join(rates)}, got {item!r}")
+        rates[kind] = int(rate)
+    return rates
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="netid bench challenge", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -481,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--silence-weight", type=float, default=None,
                    help="weight of the silence ratio for both sets (default: chosen per set on part A)")
     p.add_argument("--frame-step", type=int, default=ChallengeConfig().frame_step, help="frames per scored frame (pocketsphinx ds)")
+    p.add_argument("--frame-rates", default=",".join(f"{k}={r}" for k, r in ChallengeConfig().frame_rates.items()),
+                   metavar="KIND=RATE,...", help="frames per second the recogniser analyses, per challenge kind "
+                                                 "(pocketsphinx frate; default %(default)s)")
     p.add_argument("--top-gaussians", type=int, default=ChallengeConfig().top_gaussians,
                    help="Gaussians per codebook each senone is scored from (pocketsphinx topn; default %(default)s)")
     p.add_argument("--variant-kinds", default=",".join(ChallengeConfig().variant_kinds), metavar="KINDS",
@@ -513,8 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     command = "netid bench challenge " + shlex.join(argv if argv is not None else sys.argv[1:])
     try:
         config = ChallengeConfig(silence_weight=args.silence_weight, frame_step=args.frame_step, top_gaussians=args.top_gaussians,
-                                 variant_kinds=tuple(k for k in args.variant_kinds.split(",") if k))
-    except ConfigError as exc:
+                                 variant_kinds=tuple(k for k in args.variant_kinds.split(",") if k),
+                                 frame_rates=parse_frame_rates(args.frame_rates))
+    except (ConfigError, ValueError) as exc:
         p.error(str(exc))
     shipped: ChallengeChecker | None = None
     if args.calibrated:
@@ -641,7 +656,8 @@ def main(argv: list[str] | None = None) -> int:
     emit({"figure": "run", "command": command, "seed": args.seed, "wall_s": wall, "workers": args.workers,
           "sample_errors": dict(errors), "data": info, "silence_weights": weights,
           "screens": {s: None if v is None else dataclasses.asdict(v) for s, v in screens.items()},
-          "frame_step": config.frame_step, "top_gaussians": config.top_gaussians, "beam": config.beam, "variant_kinds": list(config.variant_kinds)})
+          "frame_step": config.frame_step, "frame_rates": dict(config.frame_rates), "top_gaussians": config.top_gaussians,
+          "beam": config.beam, "variant_kinds": list(config.variant_kinds)})
 
     if args.write_calibration:
         path = Path(args.models) / CALIBRATION_FILE
@@ -654,6 +670,7 @@ def main(argv: list[str] | None = None) -> int:
                      "+ silence_weight * min(0, silence ratio); engine/challenge.py",
             "silence_weights": {KIND_OF_SET[s]: weights[s] for s in sets},
             "frame_step": config.frame_step,
+            "frame_rates": dict(config.frame_rates),
             "top_gaussians": config.top_gaussians,
             "beam": config.beam,
             "screens": {KIND_OF_SET[s]: dataclasses.asdict(v) for s, v in screens.items() if v is not None},

@@ -36,9 +36,10 @@ whether the expected words were said. :meth:`ChallengeChecker.check_batch` there
 aligns first and, for a kind the calibration gives a :class:`Screen`, passes a recording
 whose alignment-only score (the same ratios against no background) is above every wrong
 phrase of the calibration part, and fails one below every genuine recording there that the
-full check passes; only recordings in between (a fifth of genuine ones, 2-3 % of wrong
-phrases) are decoded through the phone loop and decided by the challenge score. This
-takes 40 % off the recogniser's work per verification. By construction the screen
+full check passes; only recordings in between (29-42 % of genuine ones, 1-4 % of wrong
+phrases, in the shipped calibration's held-apart part) are decoded through the phone loop
+and decided by the challenge score. This takes 29-35 % off the recogniser's work per
+verification. By construction the screen
 accepts no wrong phrase of the calibration part and rejects no genuine recording there
 that the full check passes (it may pass a genuine recording the full check would not, or
 reject a wrong phrase it would let through); on the held-apart part it passed 1 genuine
@@ -69,7 +70,7 @@ in every row):
 =================================================  ==========  ==========  ================
 scoring                                            FSDD        speech      CPU s / audio s
 =================================================  ==========  ==========  ================
-as below, screen on the alignment alone (this)     95.0 %      87.3 %      0.06-0.07
+as below, screen on the alignment alone           95.0 %      87.3 %      0.06-0.07
 as below, variants for phrases                     95.3 %      86.7 %      0.11
 as below, variants for both kinds                  91.7 %      86.7 %      0.11
 every frame, no pruning, weight per kind           95.3 %      69.3 %      0.11
@@ -84,8 +85,10 @@ strings from 98 % to 94 %). On every held-apart sentence (480, against 4,800 wro
 the point of the table's first row accepted 0.40 % of wrong sentences; the shipped
 calibration is chosen on every calibration-part sentence instead (478 against 4,780) and
 a new draw of digit strings: weights 0.5 for phrases and 0.75 for digit strings; held
-apart, sentences pass 79.6 % with 0.12 % of wrong ones accepted, digit strings 90.0 % with
-0.10 % (benchmarks/TUNING.md, section 4).
+apart, sentences passed 79.6 % with 0.12 % of wrong ones accepted, digit strings 90.0 % with
+0.10 %. With each kind at its own frame rate (below) and 600 digit strings per part, the
+shipped calibration passes 87.7 % of held-apart sentences with 0.19 % of wrong ones
+accepted, and 94.5 % of digit strings with 0.08 % (benchmarks/TUNING.md, section 4).
 
 On a smaller part-A comparison (100 recordings per set, 500 wrong phrases), scoring only the
 senones each search keeps active (0.05 s) lost 10 points on both sets, because each pass
@@ -94,12 +97,23 @@ the state alignment of the word path, changed nothing. ``frame_step`` selects an
 frame step; a calibration records the one it was measured with, and the checker refuses
 a calibration measured with another.
 
+Frames per second
+-----------------
+The acoustic model analyses 100 frames per second, and its phone models are made for
+phones of ordinary length; slow readers draw their words out, and their right words fit
+worse than free phones. Each kind is therefore analysed at its own rate
+(``ChallengeConfig.frame_rates``, pocketsphinx ``frate``): 55 frames per second for
+phrases (on the calibration part, the slow readers passed 70.5 % instead of 51.2 %, and
+the other speakers 97.4 % instead of 97.7 %) and 85 for digit strings (97.0 % instead of
+95.7 %); both passes of a check use their kind's rate, and the calibration records the
+rates (benchmarks/TUNING.md, section 4).
+
 The thresholds are read from ``models/challenge.json``, written by ``netid bench challenge
 --write-calibration`` for a target wrong-phrase acceptance: one per challenge kind (digit
 strings and phrases score on different scales), and the stricter of the two for a caller
 that does not say which kind it checks; the file also gives each kind's silence weight and
-screen, the frame step, Gaussians per codebook and beam it was measured with, and the kinds
-it aligned with variants.
+screen, the frame step, frame rates, Gaussians per codebook and beam it was measured with,
+and the kinds it aligned with variants.
 
 Silence and noise are not "a low score": a recording whose loudest part stays below
 ``min_level_dbfs`` is :class:`NoSpeech`, one shorter than ``min_seconds`` is
@@ -108,12 +122,12 @@ Silence and noise are not "a low score": a recording whose loudest part stays be
 Threads and cost
 ----------------
 pocketsphinx ``Decoder`` objects are not thread-safe, so each thread gets its own
-(:class:`threading.local`; two, with and without pronunciation variants). The decoder
+(:class:`threading.local`; one per pronunciation-variant setting and frame rate). The decoder
 holds the GIL while it decodes: threads calling
 :meth:`ChallengeChecker.check_batch` run one after the other, and parallel scoring needs
-processes. Measured cost (``netid bench challenge``): about 0.11 s of CPU per second of
-audio for both passes, half of it each; with the screen, 0.063 s (digit strings) to 0.070 s
-(sentences).
+processes. Measured cost (``netid bench challenge``, each kind at its frame rate): 0.087
+(digit strings) and 0.058 (sentences) s of CPU per second of audio for both passes, half
+of it each; with the screen, 0.062 and 0.038 s.
 """
 
 from __future__ import annotations
@@ -123,7 +137,7 @@ import math
 import re
 import secrets
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -182,6 +196,11 @@ _NULL = "(NULL)"  # the grammar's empty transitions, one frame long, in an align
 _LEVEL_WINDOW = 480  # 30 ms
 _EARLIER_BEAM = 1e-48  # the beam of calibrations that do not record theirs
 _EARLIER_TOP_GAUSSIANS = 4  # pocketsphinx's default: calibrations that do not record theirs
+_EARLIER_FRAME_RATE = 100  # pocketsphinx's default: calibrations that do not record theirs
+#: frames per second per challenge kind (:attr:`ChallengeConfig.frame_rates`)
+DEFAULT_FRAME_RATES = {"digits": 85, "phrase": 55}
+# below 40 frames per second the 25.6 ms analysis windows no longer overlap
+_MIN_FRAME_RATE, _MAX_FRAME_RATE = 40, 200
 
 
 # --------------------------------------------------------------------------- configuration
@@ -197,6 +216,11 @@ class ChallengeConfig:
     calibration_path: Path = DEFAULT_MODELS_DIR / CALIBRATION_FILE
     #: frames per scored frame (pocketsphinx ``ds``); the calibration records it.
     frame_step: int = 1
+    #: frames per second of audio the recogniser analyses, per challenge kind (pocketsphinx
+    #: ``frate``; the acoustic model was trained at 100). Below 100 a slow reader's drawn-out
+    #: words fit the model's phone durations better; chosen per kind on the benchmark's
+    #: calibration part, and the calibration records them.
+    frame_rates: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_FRAME_RATES))
     #: Gaussians of each codebook that a senone's score is computed from, the best ones in
     #: each frame (pocketsphinx ``topn``; its default is 4); the calibration records it.
     top_gaussians: int = 4
@@ -230,6 +254,11 @@ class ChallengeConfig:
             raise ConfigError("silence_weight must be between 0 and 100")
         if not 1 <= self.frame_step <= 4:
             raise ConfigError("frame_step must be 1..4")
+        if set(self.frame_rates) != set(KINDS) or not all(
+            isinstance(r, int) and _MIN_FRAME_RATE <= r <= _MAX_FRAME_RATE for r in self.frame_rates.values()
+        ):
+            raise ConfigError(f"frame_rates must give every challenge kind ({', '.join(KINDS)}) "
+                              f"a whole number of frames per second in {_MIN_FRAME_RATE}..{_MAX_FRAME_RATE}")
         if not 1 <= self.top_gaussians <= 16:
             raise ConfigError("top_gaussians must be 1..16")
         if not 0.0 < self.beam < 1.0:
@@ -486,11 +515,11 @@ def _is_filler(name: str) -> bool:
 
 
 class _Decoder:
-    """One pocketsphinx decoder with the phone loop added; used by one thread only. With
-    ``variants``, it aligns words with their :func:`pronunciation_variants` too (added to
-    its own dictionary as they come)."""
+    """One pocketsphinx decoder with the phone loop added, analysing ``frame_rate`` frames
+    per second; used by one thread only. With ``variants``, it aligns words with their
+    :func:`pronunciation_variants` too (added to its own dictionary as they come)."""
 
-    def __init__(self, config: ChallengeConfig, *, variants: bool = False) -> None:
+    def __init__(self, config: ChallengeConfig, *, variants: bool = False, frame_rate: int = _EARLIER_FRAME_RATE) -> None:
         beam = config.beam
         try:
             self.ps = pocketsphinx.Decoder(
@@ -502,6 +531,7 @@ class _Decoder:
                 bestpath=False,
                 compallsen=True,
                 ds=config.frame_step,
+                frate=frame_rate,
                 topn=config.top_gaussians,
                 beam=beam,
                 wbeam=beam,
@@ -613,6 +643,9 @@ class Pass(NamedTuple):
     words: tuple[str, ...] = ()
     #: align with the words' pronunciation variants too
     variants: bool = False
+    #: frames per second (:attr:`ChallengeConfig.frame_rates`); both passes of a check use
+    #: the same, so that their scores can be subtracted frame by frame
+    frame_rate: int = _EARLIER_FRAME_RATE
 
 
 class ChallengeChecker:
@@ -641,6 +674,10 @@ class ChallengeChecker:
                 raise ModelError(f"challenge calibration {name} was not measured with beam={config.beam:g}")
             if measured.get("top_gaussians", _EARLIER_TOP_GAUSSIANS) != config.top_gaussians:
                 raise ModelError(f"challenge calibration {name} was not measured with top_gaussians={config.top_gaussians}")
+            rates = measured.get("frame_rates", {kind: _EARLIER_FRAME_RATE for kind in KINDS})
+            if not isinstance(rates, dict) or any(rates.get(k) != r for k, r in config.frame_rates.items()):
+                wanted = ", ".join(f"{k} {r}" for k, r in config.frame_rates.items())
+                raise ModelError(f"challenge calibration {name} was not measured with frame rates {wanted}")
             cal = self.calibration
             if cal.variant_kinds != set(config.variant_kinds) or (cal.variant_kinds and cal.variants_version != VARIANTS_VERSION):
                 wanted = ", ".join(config.variant_kinds) or "none"
@@ -668,19 +705,27 @@ class ChallengeChecker:
         self._local = threading.local()
 
     def load_decoder(self) -> None:
-        """Load this thread's pocketsphinx decoder now rather than on the first recording:
-        the one without variants, which every check's phone loop uses. The decoder with
-        variants (another ~28 MB and 0.17 s) loads with the first phrase challenge, so an
-        engine that checks only digit strings never loads it."""
-        self._decoder(False)
+        """Load this thread's pocketsphinx decoder for digit strings now rather than on the
+        first recording. The decoders for phrases (with variants, and at the phrases' frame
+        rate: another ~28 MB and 0.17 s each) load with the first phrase challenge, so an
+        engine that checks only digit strings never loads them."""
+        self._decoder(False, self.config.frame_rates["digits"])
 
-    def _decoder(self, variants: bool) -> _Decoder:
-        """This thread's decoder, with or without pronunciation variants (two decoders, so
-        that words extended for one kind of challenge stay as they are for the other)."""
+    def _pass(self, kind: Literal["loop", "align"], pcm: bytes, challenge: str, words: Sequence[str] = ()) -> Pass:
+        """A decoding pass of a recording checked against ``challenge``, with its kind's
+        frame rate (and, for an alignment, its kind's pronunciation variants)."""
+        kind_of = challenge_kind(challenge)
+        variants = kind == "align" and kind_of in self.config.variant_kinds
+        return Pass(kind, pcm, tuple(words), variants, self.config.frame_rates[kind_of])
+
+    def _decoder(self, variants: bool, frame_rate: int) -> _Decoder:
+        """This thread's decoder with or without pronunciation variants, at ``frame_rate``
+        (one decoder each, so that words extended for one kind of challenge stay as they
+        are for the other)."""
         decoders = self._local.__dict__.setdefault("decoders", {})
-        dec = decoders.get(variants)
+        dec = decoders.get((variants, frame_rate))
         if dec is None:
-            dec = decoders[variants] = _Decoder(self.config, variants=variants)
+            dec = decoders[(variants, frame_rate)] = _Decoder(self.config, variants=variants, frame_rate=frame_rate)
         return dec
 
     def _pcm(self, audio: Any) -> bytes:
@@ -741,17 +786,21 @@ class ChallengeChecker:
         pcms = self._pcms(items)
         out: list[Verdict | SampleError | None] = [None] * len(items)
         alignments: dict[int, Any] = {}  # item -> its alignment
-        backgrounds: dict[int, Any] = {}  # id(audio) -> its phone-loop background
+        # (id(audio), frame rate) -> the recording's phone-loop background at that rate
+        backgrounds: dict[tuple[int, int], Any] = {}
         pending: list[int] = []
 
+        def loop_key(i: int) -> tuple[int, int]:
+            return id(items[i][0]), self.config.frame_rates[challenge_kind(items[i][1])]
+
         def stage(want_align: Sequence[int], want_loop: Sequence[int]) -> None:
-            passes: list[Pass] = []
-            for i in want_align:
-                challenge = items[i][1]
-                passes.append(Pass("align", pcms[id(items[i][0])], tuple(expected[i]),
-                                   challenge_kind(challenge) in self.config.variant_kinds))  # type: ignore[arg-type]
-            loops = list(dict.fromkeys(id(items[i][0]) for i in want_loop if id(items[i][0]) not in backgrounds))
-            passes += [Pass("loop", pcms[a]) for a in loops]  # type: ignore[arg-type]
+            passes = [self._pass("align", pcms[id(items[i][0])], items[i][1], expected[i])  # type: ignore[arg-type]
+                      for i in want_align]
+            loops: dict[tuple[int, int], int] = {}  # each background wanted, and an item that wants it
+            for i in want_loop:
+                if loop_key(i) not in backgrounds:
+                    loops.setdefault(loop_key(i), i)
+            passes += [self._pass("loop", pcms[id(items[i][0])], items[i][1]) for i in loops.values()]  # type: ignore[arg-type]
             done = run(passes) if passes else []
             alignments.update(zip(want_align, done))
             backgrounds.update(zip(loops, done[len(want_align):]))
@@ -780,7 +829,7 @@ class ChallengeChecker:
             pending.append(i)
         stage([], pending)
         for i in pending:
-            background, challenge = backgrounds[id(items[i][0])], items[i][1]
+            background, challenge = backgrounds[loop_key(i)], items[i][1]
             parts = None if background is None else _ratios(alignments[i], background)
             score = FAILURE_SCORE if parts is None else parts.score(self.silence_weights[challenge_kind(challenge)])
             out[i] = Verdict(self.accept(score, challenge), score, "background")
@@ -818,24 +867,25 @@ class ChallengeChecker:
         expected = self._expected(items)
         pcms = self._pcms(items)
         passes: list[Pass] = []
-        # one recording scored against several challenges is decoded through the phone loop once
-        loops: dict[int, tuple[bytes, int] | SampleError] = {}
+        # one recording scored against several challenges (of one frame rate) is decoded
+        # through the phone loop once
+        loops: dict[tuple[int, int], tuple[bytes, int] | SampleError] = {}
         plan: list[tuple[int, int] | SampleError] = []  # per item: (its loop pass, its align pass)
         for (audio, challenge), words in zip(items, expected):
-            if id(audio) not in loops:
+            key = id(audio), self.config.frame_rates[challenge_kind(challenge)]
+            if key not in loops:
                 pcm = pcms[id(audio)]
                 if isinstance(pcm, SampleError):
-                    loops[id(audio)] = pcm
+                    loops[key] = pcm
                 else:
-                    loops[id(audio)] = (pcm, len(passes))
-                    passes.append(Pass("loop", pcm))
-            loop = loops[id(audio)]
+                    loops[key] = (pcm, len(passes))
+                    passes.append(self._pass("loop", pcm, challenge))
+            loop = loops[key]
             if isinstance(loop, SampleError):
                 plan.append(loop)
             else:
                 plan.append((loop[1], len(passes)))
-                variants = challenge_kind(challenge) in self.config.variant_kinds
-                passes.append(Pass("align", loop[0], tuple(words), variants))
+                passes.append(self._pass("align", loop[0], challenge, words))
         done = (run_passes or self.run_passes)(passes) if passes else []
         out: list[ScoreParts | None | SampleError] = []
         for step in plan:
@@ -851,7 +901,7 @@ class ChallengeChecker:
         an alignment (``None``: not aligned, or refused by the decoder) per pass."""
         out: list[Any] = []
         for p in passes:
-            dec = self._decoder(p.variants)
+            dec = self._decoder(p.variants, p.frame_rate)
             try:
                 if p.kind == "loop":
                     out.append(dec.phone_loop(p.pcm))
@@ -862,7 +912,7 @@ class ChallengeChecker:
             except RuntimeError:
                 # pocketsphinx refused this recording mid-way; its decoder state is not to
                 # be trusted any more: start this thread afresh with a new one.
-                self._local.decoders.pop(p.variants, None)
+                self._local.decoders.pop((p.variants, p.frame_rate), None)
                 out.append(None)
         return out
 

@@ -124,6 +124,9 @@ def test_config_is_validated() -> None:
     for gaussians in (0, 17):
         with pytest.raises(ConfigError, match="top_gaussians"):
             ChallengeConfig(top_gaussians=gaussians)
+    for rates in ({"digits": 100}, {"digits": 100, "phrase": 39}, {"digits": 100, "phrase": 55.5}, {"digits": 100, "phrase": 55, "x": 1}):
+        with pytest.raises(ConfigError, match="frame_rates"):
+            ChallengeConfig(frame_rates=rates)
 
 
 # --------------------------------------------------------------------------- calibration
@@ -132,7 +135,7 @@ def test_config_is_validated() -> None:
 def _calibration(tmp_path: Path, threshold: float, *, measured: dict | None = None, **per_kind: float) -> ChallengeConfig:
     path = tmp_path / "challenge.json"
     doc = {"threshold": threshold, "target_wrong_phrase_acceptance": 0.001, "frame_step": 1, "beam": ChallengeConfig().beam,
-           "top_gaussians": ChallengeConfig().top_gaussians,
+           "top_gaussians": ChallengeConfig().top_gaussians, "frame_rates": dict(ChallengeConfig().frame_rates),
            "pronunciation_variants": VARIANTS_VERSION, "variant_kinds": ["phrase"], **(measured or {})}
     if per_kind:
         doc["thresholds"] = per_kind
@@ -176,21 +179,26 @@ def test_the_score_is_computed_as_it_was_calibrated(tmp_path: Path) -> None:
         ChallengeChecker(config=dataclasses.replace(config, beam=1e-48))
     with pytest.raises(ModelError, match="top_gaussians"):
         ChallengeChecker(config=dataclasses.replace(config, top_gaussians=config.top_gaussians % 4 + 1))
+    with pytest.raises(ModelError, match="frame rates"):
+        ChallengeChecker(config=dataclasses.replace(config, frame_rates={**config.frame_rates, "phrase": 70}))
     for kinds in ((), ("digits", "phrase")):
         with pytest.raises(ModelError, match="variants"):
             ChallengeChecker(config=dataclasses.replace(config, variant_kinds=kinds))
     # an older calibration: one weight for every kind, and neither beam (it was 1e-48), the
-    # Gaussians per codebook (pocketsphinx's 4) nor pronunciation variants recorded (there were none)
+    # Gaussians per codebook (pocketsphinx's 4), the frame rates (100 for both kinds) nor
+    # pronunciation variants recorded (there were none)
     one = _calibration(tmp_path, -10.0, measured={"silence_weight": 0.5, "frame_step": 1})
     doc = json.loads(one.calibration_path.read_text())
-    del doc["beam"], doc["top_gaussians"], doc["pronunciation_variants"], doc["variant_kinds"]
+    del doc["beam"], doc["top_gaussians"], doc["frame_rates"], doc["pronunciation_variants"], doc["variant_kinds"]
     one.calibration_path.write_text(json.dumps(doc))
     with pytest.raises(ModelError, match="beam"):
         ChallengeChecker(config=one)
     with pytest.raises(ModelError, match="top_gaussians"):
         ChallengeChecker(config=dataclasses.replace(one, beam=1e-48, top_gaussians=2))
-    with pytest.raises(ModelError, match="variants"):
+    with pytest.raises(ModelError, match="frame rates"):
         ChallengeChecker(config=dataclasses.replace(one, beam=1e-48, top_gaussians=4))
+    with pytest.raises(ModelError, match="variants"):
+        ChallengeChecker(config=dataclasses.replace(one, beam=1e-48, top_gaussians=4, frame_rates={"digits": 100, "phrase": 100}))
     # variants recorded without the kinds they applied to, or kinds without a version
     for fields in ({"pronunciation_variants": 1}, {"variant_kinds": ["phrase"]}, {"pronunciation_variants": 1, "variant_kinds": "phrase"},
                    {"pronunciation_variants": 1, "variant_kinds": ["sentences"]}):
@@ -204,7 +212,7 @@ def test_the_score_is_computed_as_it_was_calibrated(tmp_path: Path) -> None:
         for kinds in ((), ("phrase",)):
             with pytest.raises(ModelError, match="malformed|unknown"):
                 ChallengeChecker(config=dataclasses.replace(bad, variant_kinds=kinds))
-    older = dataclasses.replace(one, beam=1e-48, variant_kinds=())
+    older = dataclasses.replace(one, beam=1e-48, variant_kinds=(), frame_rates={"digits": 100, "phrase": 100})
     assert ChallengeChecker(config=older).silence_weights == {"digits": 0.5, "phrase": 0.5}
     assert ChallengeChecker(config=dataclasses.replace(older, silence_weight=0.5)).silence_weights["digits"] == 0.5
     assert ChallengeChecker(threshold=0.0).silence_weights == {"digits": 1.0, "phrase": 1.0}
@@ -329,17 +337,22 @@ def test_the_decoder_adds_each_words_variants_once() -> None:
 def test_only_the_configured_kinds_are_aligned_with_variants() -> None:
     """Phrases are aligned with pronunciation variants, digit strings (by default) not: each
     on its own decoder, so a digit word in a phrase does not change how digits are scored."""
-    checker = ChallengeChecker(threshold=0.0)
+    checker = ChallengeChecker(config=ChallengeConfig(frame_rates={"digits": 100, "phrase": 55}), threshold=0.0)
     seen: list = []
     checker.run_passes = lambda passes: seen.extend(passes) or [np.zeros(200) if p.kind == "loop" else None for p in passes]  # type: ignore[method-assign]
     wav = np.sin(np.arange(SR, dtype=np.float32) / 7.0) * 0.3
     checker.parts_batch([(wav, "409172"), (wav, "one two three")])
-    assert [(p.kind, p.variants) for p in seen] == [("loop", False), ("align", False), ("align", True)]
+    digits, phrase = 100, 55
+    assert [(p.kind, p.variants, p.frame_rate) for p in seen] == [
+        ("loop", False, digits), ("align", False, digits), ("loop", False, phrase), ("align", True, phrase)]
     # decoded for real: "three" said in a phrase gains its variants on one decoder only
-    real = ChallengeChecker(threshold=0.0)
+    real = ChallengeChecker(config=checker.config, threshold=0.0)
     real.parts_batch([(wav, "one two three"), (wav, "333")])
-    assert real._decoder(True).ps.lookup_word("three(2)") == "S R IY"
-    assert real._decoder(False).ps.lookup_word("three(2)") is None
+    assert real._decoder(True, phrase).ps.lookup_word("three(2)") == "S R IY"
+    assert real._decoder(False, digits).ps.lookup_word("three(2)") is None
+    # each kind's decoders analyse its own frames per second
+    assert float(real._decoder(True, phrase).ps.config["frate"]) == phrase
+    assert float(real._decoder(False, digits).ps.config["frate"]) == digits
     with pytest.raises(ConfigError):
         ChallengeConfig(variant_kinds=("sentences",))
 
