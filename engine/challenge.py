@@ -42,8 +42,8 @@ and decided by the challenge score. This takes 29-35 % off the recogniser's work
 verification. By construction the screen
 accepts no wrong phrase of the calibration part and rejects no genuine recording there
 that the full check passes (it may pass a genuine recording the full check would not, or
-reject a wrong phrase it would let through); on the held-apart part it passed 1 genuine
-sentence more and 1 genuine digit string fewer, and the same wrong phrases.
+reject a wrong phrase it would let through); on the shipped calibration's held-apart part
+it passed 1 genuine sentence fewer, the same digit strings and the same wrong phrases.
 ``ChallengeConfig.screen = False`` decodes both passes for every recording.
 
 For each expected word, its log-likelihood ratio per frame is ``(aligned score -
@@ -254,11 +254,13 @@ class ChallengeConfig:
             raise ConfigError("silence_weight must be between 0 and 100")
         if not 1 <= self.frame_step <= 4:
             raise ConfigError("frame_step must be 1..4")
-        if set(self.frame_rates) != set(KINDS) or not all(
-            isinstance(r, int) and _MIN_FRAME_RATE <= r <= _MAX_FRAME_RATE for r in self.frame_rates.values()
+        if not isinstance(self.frame_rates, Mapping) or set(self.frame_rates) != set(KINDS) or not all(
+            type(r) is int and _MIN_FRAME_RATE <= r <= _MAX_FRAME_RATE for r in self.frame_rates.values()
         ):
             raise ConfigError(f"frame_rates must give every challenge kind ({', '.join(KINDS)}) "
                               f"a whole number of frames per second in {_MIN_FRAME_RATE}..{_MAX_FRAME_RATE}")
+        # a copy of its own: not shared with the caller's mapping or another config
+        object.__setattr__(self, "frame_rates", dict(self.frame_rates))
         if not 1 <= self.top_gaussians <= 16:
             raise ConfigError("top_gaussians must be 1..16")
         if not 0.0 < self.beam < 1.0:
@@ -519,7 +521,7 @@ class _Decoder:
     per second; used by one thread only. With ``variants``, it aligns words with their
     :func:`pronunciation_variants` too (added to its own dictionary as they come)."""
 
-    def __init__(self, config: ChallengeConfig, *, variants: bool = False, frame_rate: int = _EARLIER_FRAME_RATE) -> None:
+    def __init__(self, config: ChallengeConfig, *, frame_rate: int, variants: bool = False) -> None:
         beam = config.beam
         try:
             self.ps = pocketsphinx.Decoder(

@@ -253,6 +253,31 @@ def _fake_passes(align_score: dict[str, float], loop_per_frame: float, log: list
     return run
 
 
+def test_one_recording_checked_as_two_kinds_gets_a_background_at_each_rate() -> None:
+    """The phone loop of a recording is decoded at the frame rate of each kind it is
+    checked as, and each alignment is scored against the background at its own rate."""
+    checker = ChallengeChecker(config=ChallengeConfig(frame_rates={"digits": 85, "phrase": 55}), threshold=-50.0)
+    seen: list[Pass] = []
+
+    def run(passes: list[Pass]) -> list:
+        seen.extend(passes)
+        # the background per frame depends on the rate: -10 at 85, -1000 at 55
+        return [np.full(100, -10.0 if p.frame_rate == 85 else -1000.0) if p.kind == "loop"
+                else [(p.words[0], 0, 100, -2000.0)] for p in passes]
+
+    wav = np.sin(np.arange(SR, dtype=np.float32) / 7.0) * 0.3
+    digits, phrase = checker.check_batch([(wav, "1"), (wav, "open")], run_passes=run)
+    assert sorted((p.kind, p.frame_rate) for p in seen) == [("align", 55), ("align", 85), ("loop", 55), ("loop", 85)]
+    assert (digits.score, digits.passed) == (-10.0, True)  # (-2000 - 100 * -10) / 100
+    assert (phrase.score, phrase.passed) == (980.0, True)  # (-2000 - 100 * -1000) / 100
+    with pytest.raises(ConfigError, match="frame_rates"):
+        ChallengeConfig(frame_rates=["digits", "phrase"])  # type: ignore[arg-type]
+    rates = {"digits": 85, "phrase": 55}
+    config = ChallengeConfig(frame_rates=rates)
+    rates["phrase"] = 100
+    assert config.frame_rates == {"digits": 85, "phrase": 55}
+
+
 def test_the_screen_decides_clear_alignments_without_the_phone_loop(tmp_path: Path) -> None:
     config = _calibration(tmp_path, -20.0, measured=_SCREENS, digits=-20.0, phrase=-20.0)
     checker = ChallengeChecker(config=config)
@@ -309,7 +334,7 @@ def test_pronunciation_variants_each_rule_alone() -> None:
 
 
 def test_the_decoder_adds_each_words_variants_once() -> None:
-    dec = _Decoder(ChallengeConfig(), variants=True)
+    dec = _Decoder(ChallengeConfig(), variants=True, frame_rate=55)
     ps = dec.ps
     added: list[str] = []
 
@@ -328,7 +353,7 @@ def test_the_decoder_adds_each_words_variants_once() -> None:
     assert added == ["the(3)", "three(2)", "three(3)"]
     assert [ps.lookup_word(w) for w in ("the(3)", "three(2)", "three(3)", "three(4)")] == ["D AH", "S R IY", "TH R IH", None]
     assert ps.lookup_word("the") == "DH AH" and ps.lookup_word("three") == "TH R IY"  # the dictionary's own come first
-    plain = _Decoder(ChallengeConfig())
+    plain = _Decoder(ChallengeConfig(), frame_rate=55)
     pcm = (np.sin(np.arange(SR) / 7.0) * 8000).astype("<i2").tobytes()
     plain.align(pcm, ["three"])
     assert plain.ps.lookup_word("three(2)") is None
