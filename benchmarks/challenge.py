@@ -415,7 +415,6 @@ def _fmt(r: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- main
 
 
-
 def _choose_operating_point(results: list[Result], sets: list[str], args: argparse.Namespace) -> tuple[
         dict[str, float], dict[str, dict[str, Any]], dict[str, Screen | None], float]:
     """Silence weights, thresholds and screens per set, chosen on part A, and the operating
@@ -468,6 +467,11 @@ def _shipped_operating_point(checker: ChallengeChecker, sets: list[str]) -> tupl
     screens = {s: checker.screens.get(KIND_OF_SET[s]) for s in sets}
     return weights, per_set, screens, checker.threshold
 
+
+def _screens_json(screens: dict[str, Screen | None]) -> dict[str, Any]:
+    return {s: None if v is None else dataclasses.asdict(v) for s, v in screens.items()}
+
+
 def parse_frame_rates(text: str) -> dict[str, int]:
     """``"digits=100,phrase=55"`` as a mapping; a kind left out keeps its default."""
     rates = dict(ChallengeConfig().frame_rates)
@@ -475,7 +479,10 @@ def parse_frame_rates(text: str) -> dict[str, int]:
         kind, sep, rate = item.partition("=")
         if not sep or kind not in rates:
             raise ValueError(f"--frame-rates: expected KIND=RATE with KIND one of {', '.join(rates)}, got {item!r}")
-        rates[kind] = int(rate)
+        try:
+            rates[kind] = int(rate)
+        except ValueError:
+            raise ValueError(f"--frame-rates: {kind} needs a whole number of frames per second, got {rate!r}") from None
     return rates
 
 
@@ -572,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         weights, per_set, screens, operating = _shipped_operating_point(shipped, sets)
         emit({"figure": "challenge_operating_point", "threshold": operating, "rule": f"given: models/{CALIBRATION_FILE}",
               "per_set": {s: v["threshold"] for s, v in per_set.items()}, "silence_weights": weights,
-              "screens": {s: None if v is None else dataclasses.asdict(v) for s, v in screens.items()}})
+              "screens": _screens_json(screens)})
     else:
         weights, per_set, screens, operating = _choose_operating_point(results, sets, args)
     _apply_operating_point(results, weights, per_set, screens)
@@ -655,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
                 errors[e] += 1
     emit({"figure": "run", "command": command, "seed": args.seed, "wall_s": wall, "workers": args.workers,
           "sample_errors": dict(errors), "data": info, "silence_weights": weights,
-          "screens": {s: None if v is None else dataclasses.asdict(v) for s, v in screens.items()},
+          "screens": _screens_json(screens),
           "frame_step": config.frame_step, "frame_rates": dict(config.frame_rates), "top_gaussians": config.top_gaussians,
           "beam": config.beam, "variant_kinds": list(config.variant_kinds)})
 

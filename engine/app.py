@@ -64,6 +64,7 @@ def build_engine(
             intra_op_threads=config.intra_op_threads,
             check_challenge=config.challenge.check,
             challenge_processes=config.challenge_batch.workers,
+            challenge_kind=config.challenge.kind,
             model_processes=config.model_processes,
         ),
         scores=scores if scores is not None else ScoreModel.load(config.models_dir),

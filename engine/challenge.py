@@ -642,12 +642,12 @@ class Pass(NamedTuple):
 
     kind: Literal["loop", "align"]
     pcm: bytes
+    #: frames per second (:attr:`ChallengeConfig.frame_rates`); both passes of a check use
+    #: the same, so that their scores can be subtracted frame by frame
+    frame_rate: int
     words: tuple[str, ...] = ()
     #: align with the words' pronunciation variants too
     variants: bool = False
-    #: frames per second (:attr:`ChallengeConfig.frame_rates`); both passes of a check use
-    #: the same, so that their scores can be subtracted frame by frame
-    frame_rate: int = _EARLIER_FRAME_RATE
 
 
 class ChallengeChecker:
@@ -706,19 +706,22 @@ class ChallengeChecker:
         self.thresholds = {kind: per_kind.get(kind, self.threshold) for kind in KINDS}
         self._local = threading.local()
 
-    def load_decoder(self) -> None:
-        """Load this thread's pocketsphinx decoder for digit strings now rather than on the
-        first recording. The decoders for phrases (with variants, and at the phrases' frame
-        rate: another ~28 MB and 0.17 s each) load with the first phrase challenge, so an
-        engine that checks only digit strings never loads them."""
-        self._decoder(False, self.config.frame_rates["digits"])
+    def load_decoder(self, kind: str = "digits") -> None:
+        """Load this thread's pocketsphinx decoder for challenges of ``kind`` now rather
+        than on the first recording: the one without variants at the kind's frame rate,
+        which its phone loop (and a digit string's alignment) uses. Any other decoder
+        (~28 MB and 0.17 s each) loads with the first challenge that needs it."""
+        self._decoder(False, self.config.frame_rates[kind])
+
+    def _frame_rate(self, challenge: str) -> int:
+        """The frames per second ``challenge`` is decoded at: its kind's."""
+        return self.config.frame_rates[challenge_kind(challenge)]
 
     def _pass(self, kind: Literal["loop", "align"], pcm: bytes, challenge: str, words: Sequence[str] = ()) -> Pass:
         """A decoding pass of a recording checked against ``challenge``, with its kind's
         frame rate (and, for an alignment, its kind's pronunciation variants)."""
-        kind_of = challenge_kind(challenge)
-        variants = kind == "align" and kind_of in self.config.variant_kinds
-        return Pass(kind, pcm, tuple(words), variants, self.config.frame_rates[kind_of])
+        variants = kind == "align" and challenge_kind(challenge) in self.config.variant_kinds
+        return Pass(kind, pcm, self._frame_rate(challenge), tuple(words), variants)
 
     def _decoder(self, variants: bool, frame_rate: int) -> _Decoder:
         """This thread's decoder with or without pronunciation variants, at ``frame_rate``
@@ -793,7 +796,7 @@ class ChallengeChecker:
         pending: list[int] = []
 
         def loop_key(i: int) -> tuple[int, int]:
-            return id(items[i][0]), self.config.frame_rates[challenge_kind(items[i][1])]
+            return id(items[i][0]), self._frame_rate(items[i][1])
 
         def stage(want_align: Sequence[int], want_loop: Sequence[int]) -> None:
             passes = [self._pass("align", pcms[id(items[i][0])], items[i][1], expected[i])  # type: ignore[arg-type]
@@ -874,7 +877,7 @@ class ChallengeChecker:
         loops: dict[tuple[int, int], tuple[bytes, int] | SampleError] = {}
         plan: list[tuple[int, int] | SampleError] = []  # per item: (its loop pass, its align pass)
         for (audio, challenge), words in zip(items, expected):
-            key = id(audio), self.config.frame_rates[challenge_kind(challenge)]
+            key = id(audio), self._frame_rate(challenge)
             if key not in loops:
                 pcm = pcms[id(audio)]
                 if isinstance(pcm, SampleError):

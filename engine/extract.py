@@ -199,14 +199,14 @@ class ModelPool(_WorkerPool):
         return self.run(_voice_in_worker, [list(wavs)])[0]
 
 
-def _init_challenge_worker(config: Any) -> None:
+def _init_challenge_worker(config: Any, kind: str) -> None:
     global _checker
     from .challenge import ChallengeChecker
 
     # a worker only decodes, with the engine's checker's configuration; the threshold is
     # applied by that checker, in the engine's process
     _checker = ChallengeChecker(config=config, threshold=0.0)
-    _checker.load_decoder()  # the pocketsphinx model, before the first recording arrives
+    _checker.load_decoder(kind)  # the pocketsphinx model, before the first recording arrives
 
 
 def _pass_in_worker(p: Any) -> Any:
@@ -224,9 +224,10 @@ class ChallengePool(_WorkerPool):
     recording's PCM (~140 kB for 4.5 s) to the pool.
     """
 
-    def __init__(self, checker: Any, processes: int) -> None:
+    def __init__(self, checker: Any, processes: int, *, kind: str = "digits") -> None:
         self.checker = checker
-        super().__init__(processes, _init_challenge_worker, (checker.config,))
+        # each worker preloads the decoder of the kind of challenge the engine issues
+        super().__init__(processes, _init_challenge_worker, (checker.config, kind))
 
     def check_batch(self, items: list) -> list:
         """Check a batch: the recordings are checked here, their passes decoded in the pool."""
@@ -242,11 +243,13 @@ def onnx_extractors(
     intra_op_threads: int = 1,
     check_challenge: bool = True,
     challenge_processes: int = 2,
+    challenge_kind: str = "digits",
     model_processes: int = 0,
 ) -> Extractors:
     """The real models, loaded and digest-checked from ``models_dir``: the face and voice
     models in this process (``model_processes=0``) or in that many worker processes, the
-    challenge recogniser in ``challenge_processes`` worker processes."""
+    challenge recogniser in ``challenge_processes`` worker processes, ready for challenges
+    of ``challenge_kind``."""
     from .audio import decode_audio
     from .face import FaceExtractor
     from .models import limit_blas_threads
@@ -274,7 +277,7 @@ def onnx_extractors(
         face_batch, voice_batch = face.embed_batch, voice.embed_pcm_batch
         warmers += [face.warmup, voice.warmup]
     if checker is not None:
-        pool = ChallengePool(checker, challenge_processes)
+        pool = ChallengePool(checker, challenge_processes, kind=challenge_kind)
         challenge_batch = pool.check_batch
         closers.append(pool.close)
         warmers.append(pool.warmup)

@@ -362,12 +362,12 @@ def test_the_decoder_adds_each_words_variants_once() -> None:
 def test_only_the_configured_kinds_are_aligned_with_variants() -> None:
     """Phrases are aligned with pronunciation variants, digit strings (by default) not: each
     on its own decoder, so a digit word in a phrase does not change how digits are scored."""
-    checker = ChallengeChecker(config=ChallengeConfig(frame_rates={"digits": 100, "phrase": 55}), threshold=0.0)
+    digits, phrase = 100, 55
+    checker = ChallengeChecker(config=ChallengeConfig(frame_rates={"digits": digits, "phrase": phrase}), threshold=0.0)
     seen: list = []
     checker.run_passes = lambda passes: seen.extend(passes) or [np.zeros(200) if p.kind == "loop" else None for p in passes]  # type: ignore[method-assign]
     wav = np.sin(np.arange(SR, dtype=np.float32) / 7.0) * 0.3
     checker.parts_batch([(wav, "409172"), (wav, "one two three")])
-    digits, phrase = 100, 55
     assert [(p.kind, p.variants, p.frame_rate) for p in seen] == [
         ("loop", False, digits), ("align", False, digits), ("loop", False, phrase), ("align", True, phrase)]
     # decoded for real: "three" said in a phrase gains its variants on one decoder only
@@ -380,6 +380,12 @@ def test_only_the_configured_kinds_are_aligned_with_variants() -> None:
     assert float(real._decoder(False, digits).ps.config["frate"]) == digits
     with pytest.raises(ConfigError):
         ChallengeConfig(variant_kinds=("sentences",))
+
+
+def test_a_worker_preloads_the_decoder_of_the_engines_challenge_kind() -> None:
+    checker = ChallengeChecker(config=ChallengeConfig(frame_rates={"digits": 85, "phrase": 55}), threshold=0.0)
+    checker.load_decoder("phrase")
+    assert set(checker._local.decoders) == {(False, 55)}
 
 
 def test_score_parts_weigh_only_silence_that_fits_worse_than_free_phones() -> None:
