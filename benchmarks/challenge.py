@@ -14,7 +14,11 @@ Two real sets, each split into a calibration part (A) and a reporting part (B):
   (near miss). Recordings are split into A and B by hash; all 6 speakers are in both.
 
 On A, for a target wrong-phrase acceptance (default 0.1 %) on each set, the benchmark
-first chooses the silence weight of the score (from ``SILENCE_WEIGHTS``, the one passing
+first measures, for a set whose words are a closed vocabulary (digits), each word's offset:
+half-way between the median ratio of that word in genuine trials and in wrong-phrase
+trials. A word whose sounds the recogniser fits badly even when it is said (``six`` at
+8 kHz loses its /s/) then no longer drags down every string it is in. Then it chooses the
+silence weight of the score (from ``SILENCE_WEIGHTS``, the one passing
 most genuine A trials at A's own threshold), then the threshold at that weight: it is the
 threshold of that challenge kind (speech: phrases, digits: digit strings) in
 ``models/challenge.json``, which also holds the higher of the two for a
@@ -75,6 +79,10 @@ TARGET = 0.001
 #: the challenge kind each set stands for
 KIND_OF_SET = {"speech": "phrase", "digits": "digits"}
 DIGIT_LEN = 6
+#: the sets whose words get offsets (a closed vocabulary: every word is in part A many times)
+WORD_OFFSET_SETS = ("digits",)
+#: the fewest genuine and wrong-phrase ratios of a word in part A that give it an offset
+MIN_WORD_RATIOS = 20
 #: silence weights tried on part A of each set when ``--silence-weight`` is not given
 SILENCE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
 _GAP_DBFS = -60.0
@@ -271,21 +279,45 @@ def score_task(task: Task) -> Result:
     return res
 
 
-def apply_weight(results: list[Result], set_: str, weight: float) -> None:
-    """Fill in the scores of one set's results at one silence weight."""
+def choose_word_offsets(results: list[Result], set_: str) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
+    """Each word's offset, on part A of one set: half-way between the median of its ratios
+    in genuine trials and in wrong-phrase trials; a word with fewer than
+    ``MIN_WORD_RATIOS`` of either gets none. Also, per word, the medians and counts."""
+    ratios: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in results:
+        if r.task.set != set_ or r.task.part != "A":
+            continue
+        for p, lab in zip(r.parts, r.task.labels):
+            if p is not None and lab in ("genuine", "wrong"):
+                for word, ratio in p.word_ratios:
+                    ratios[(word, lab)].append(ratio)
+    offsets: dict[str, float] = {}
+    detail: dict[str, dict[str, Any]] = {}
+    for w in sorted({w for w, _ in ratios}):
+        gen, wrong = ratios[(w, "genuine")], ratios[(w, "wrong")]
+        detail[w] = {"n_genuine": len(gen), "n_wrong": len(wrong), "genuine_median": float(np.median(gen)) if gen else math.nan,
+                     "wrong_median": float(np.median(wrong)) if wrong else math.nan}
+        if min(len(gen), len(wrong)) >= MIN_WORD_RATIOS:
+            offsets[w] = (detail[w]["genuine_median"] + detail[w]["wrong_median"]) / 2
+    return offsets, detail
+
+
+def apply_weight(results: list[Result], set_: str, weight: float, offsets: dict[str, float] | None = None) -> None:
+    """Fill in the scores of one set's results at one silence weight (and word offsets)."""
     for r in results:
         if r.task.set == set_:
-            r.scores = [FAILURE_SCORE if p is None else p.score(weight) for p in r.parts]
+            r.scores = [FAILURE_SCORE if p is None else p.score(weight, offsets) for p in r.parts]
 
 
-def choose_weight(results: list[Result], set_: str, target: float) -> tuple[float, list[dict[str, Any]]]:
+def choose_weight(results: list[Result], set_: str, target: float,
+                  offsets: dict[str, float] | None = None) -> tuple[float, list[dict[str, Any]]]:
     """The silence weight that lets most part-A genuine trials through at part A's own
     threshold for ``target`` (the smaller weight on a tie), and the whole grid."""
     grid: list[dict[str, Any]] = []
     if not any(r.task.set == set_ and r.task.part == "A" and "genuine" in r.task.labels for r in results):
         return 1.0, grid  # nothing to choose on
     for w in SILENCE_WEIGHTS:
-        apply_weight(results, set_, w)
+        apply_weight(results, set_, w, offsets)
         wa, ga = _scores(results, set_, "A", "wrong"), _scores(results, set_, "A", "genuine")
         thr, _ = threshold_for(wa, target)
         grid.append({"silence_weight": w, "threshold": thr, "genuine_pass_A": float((ga >= thr).mean()) if ga.size else math.nan})
@@ -320,9 +352,10 @@ def choose_screen(results: list[Result], set_: str, threshold: float) -> tuple[S
     return Screen(silence_weight=best["silence_weight"], accept=best["accept"], reject=best["reject"]), grid
 
 
-def apply_screen(results: list[Result], set_: str, screen: Screen | None, weight: float, threshold: float) -> None:
+def apply_screen(results: list[Result], set_: str, screen: Screen | None, weight: float, threshold: float,
+                 offsets: dict[str, float] | None = None) -> None:
     """The engine's decision on each trial of a set: the screen where it is clear, else
-    the challenge score (at ``weight``) against ``threshold``."""
+    the challenge score (at ``weight`` and ``offsets``) against ``threshold``."""
     for r in results:
         if r.task.set != set_:
             continue
@@ -331,7 +364,7 @@ def apply_screen(results: list[Result], set_: str, screen: Screen | None, weight
             decided = None if p is None or screen is None else screen.decide(p.screen_score(screen.silence_weight))
             # no parts: the alignment failed (the screen fails it) or a pass was refused
             r.screened.append(decided is not None or (p is None and screen is not None))
-            r.passed.append(bool(decided) if decided is not None else p is not None and p.score(weight) >= threshold)
+            r.passed.append(bool(decided) if decided is not None else p is not None and p.score(weight, offsets) >= threshold)
 
 
 def _decisions(results: list[Result], set_: str, part: str, label: str) -> tuple[np.ndarray, np.ndarray]:
@@ -416,18 +449,25 @@ def _fmt(r: dict[str, Any]) -> str:
 
 
 def _choose_operating_point(results: list[Result], sets: list[str], args: argparse.Namespace) -> tuple[
-        dict[str, float], dict[str, dict[str, Any]], dict[str, Screen | None], float]:
-    """Silence weights, thresholds and screens per set, chosen on part A, and the operating
-    threshold for any kind."""
+        dict[str, float], dict[str, dict[str, Any]], dict[str, Screen | None], float, dict[str, dict[str, float]]]:
+    """Silence weights, thresholds and screens per set, chosen on part A, the operating
+    threshold for any kind, and the word offsets per set."""
+    # ---- the word offsets of each set with a closed vocabulary, measured on part A
+    offsets: dict[str, dict[str, float]] = {}
+    for s in sets:
+        if s in WORD_OFFSET_SETS and not args.no_word_offsets:
+            offsets[s], detail = choose_word_offsets(results, s)
+            emit({"figure": "challenge_word_offsets", "set": s, "part": "A", "rule": "half-way between the medians of "
+                  "each word's ratio in genuine and in wrong-phrase trials", "offsets": offsets[s], "words": detail})
     # ---- the silence weight of each set, chosen on part A
     weights: dict[str, float] = {}
     for s in sets:
         if args.silence_weight is not None:
             weights[s] = args.silence_weight
         else:
-            weights[s], grid = choose_weight(results, s, args.target)
+            weights[s], grid = choose_weight(results, s, args.target, offsets.get(s))
             emit({"figure": "challenge_silence_weight", "set": s, "part": "A", "chosen": weights[s], "grid": grid})
-        apply_weight(results, s, weights[s])
+        apply_weight(results, s, weights[s], offsets.get(s))
     # ---- calibration on part A
     per_set: dict[str, dict[str, Any]] = {}
     for s in sets:
@@ -446,26 +486,27 @@ def _choose_operating_point(results: list[Result], sets: list[str], args: argpar
     operating = max(v["threshold"] for v in per_set.values())
     emit({"figure": "challenge_operating_point", "threshold": operating, "rule": "highest of the per-set thresholds",
           "per_set": {s: v["threshold"] for s, v in per_set.items()}})
-    return weights, per_set, screens, operating
+    return weights, per_set, screens, operating, offsets
 
 
 def _apply_operating_point(results: list[Result], weights: dict[str, float], per_set: dict[str, dict[str, Any]],
-                           screens: dict[str, Screen | None]) -> None:
+                           screens: dict[str, Screen | None], offsets: dict[str, dict[str, float]]) -> None:
     """Each trial's score and the engine's decision at the chosen point, every part; the
     8 kHz speech trials at the speech set's."""
     for s in weights:
         for set_ in (s, "speech-8k") if s == "speech" else (s,):
-            apply_weight(results, set_, weights[s])
-            apply_screen(results, set_, screens[s], weights[s], per_set[s]["threshold"])
+            apply_weight(results, set_, weights[s], offsets.get(s))
+            apply_screen(results, set_, screens[s], weights[s], per_set[s]["threshold"], offsets.get(s))
 
 
 def _shipped_operating_point(checker: ChallengeChecker, sets: list[str]) -> tuple[
-        dict[str, float], dict[str, dict[str, Any]], dict[str, Screen | None], float]:
+        dict[str, float], dict[str, dict[str, Any]], dict[str, Screen | None], float, dict[str, dict[str, float]]]:
     """The same, as a calibrated checker holds them (``--calibrated``)."""
     weights = {s: checker.silence_weights[KIND_OF_SET[s]] for s in sets}
     per_set: dict[str, dict[str, Any]] = {s: {"threshold": checker.thresholds[KIND_OF_SET[s]]} for s in sets}
     screens = {s: checker.screens.get(KIND_OF_SET[s]) for s in sets}
-    return weights, per_set, screens, checker.threshold
+    offsets = {s: checker.word_offsets[KIND_OF_SET[s]] for s in sets if KIND_OF_SET[s] in checker.word_offsets}
+    return weights, per_set, screens, checker.threshold, offsets
 
 
 def _screens_json(screens: dict[str, Screen | None]) -> dict[str, Any]:
@@ -506,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="Gaussians per codebook each senone is scored from (pocketsphinx topn; default %(default)s)")
     p.add_argument("--variant-kinds", default=",".join(ChallengeConfig().variant_kinds), metavar="KINDS",
                    help="challenge kinds aligned with pronunciation variants too (comma-separated; '' for none; default %(default)s)")
+    p.add_argument("--no-word-offsets", action="store_true",
+                   help="no word offsets: every word's ratio counts as measured (default: offsets for the digit strings)")
     p.add_argument("--no-screen", action="store_true",
                    help="no screen on the alignment alone: every check decodes the phone loop too")
     p.add_argument("--workers", type=int, default=2, help="scoring processes (pocketsphinx holds the GIL)")
@@ -576,13 +619,13 @@ def main(argv: list[str] | None = None) -> int:
                                      "errors": r.errors, "audio_s": r.audio_s, "genuine_cpu_s": r.genuine_cpu_s}) + "\n")
     sets = [s for s in ("speech", "digits") if any(r.task.set == s for r in results)]
     if shipped is not None:
-        weights, per_set, screens, operating = _shipped_operating_point(shipped, sets)
+        weights, per_set, screens, operating, offsets = _shipped_operating_point(shipped, sets)
         emit({"figure": "challenge_operating_point", "threshold": operating, "rule": f"given: models/{CALIBRATION_FILE}",
               "per_set": {s: v["threshold"] for s, v in per_set.items()}, "silence_weights": weights,
-              "screens": _screens_json(screens)})
+              "screens": _screens_json(screens), "word_offsets": offsets})
     else:
-        weights, per_set, screens, operating = _choose_operating_point(results, sets, args)
-    _apply_operating_point(results, weights, per_set, screens)
+        weights, per_set, screens, operating, offsets = _choose_operating_point(results, sets, args)
+    _apply_operating_point(results, weights, per_set, screens, offsets)
 
     # ---- report on part B
     report: dict[str, Any] = {}
@@ -661,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
             if e:
                 errors[e] += 1
     emit({"figure": "run", "command": command, "seed": args.seed, "wall_s": wall, "workers": args.workers,
-          "sample_errors": dict(errors), "data": info, "silence_weights": weights,
+          "sample_errors": dict(errors), "data": info, "silence_weights": weights, "word_offsets": offsets,
           "screens": _screens_json(screens),
           "frame_step": config.frame_step, "frame_rates": dict(config.frame_rates), "top_gaussians": config.top_gaussians,
           "beam": config.beam, "variant_kinds": list(config.variant_kinds)})
@@ -674,8 +717,9 @@ def main(argv: list[str] | None = None) -> int:
             "target_wrong_phrase_acceptance": args.target,
             "thresholds": {KIND_OF_SET[s]: per_set[s]["threshold"] for s in sets},
             "score": "mean per-word log-likelihood ratio (forced alignment vs free phone loop, every senone scored) "
-                     "+ silence_weight * min(0, silence ratio); engine/challenge.py",
+                     "less the word's offset, + silence_weight * min(0, silence ratio); engine/challenge.py",
             "silence_weights": {KIND_OF_SET[s]: weights[s] for s in sets},
+            "word_offsets": {KIND_OF_SET[s]: v for s, v in offsets.items()},
             "frame_step": config.frame_step,
             "frame_rates": dict(config.frame_rates),
             "top_gaussians": config.top_gaussians,
@@ -684,8 +728,9 @@ def main(argv: list[str] | None = None) -> int:
             "pronunciation_variants": VARIANTS_VERSION if config.variant_kinds else 0,
             "variant_kinds": list(config.variant_kinds),
             "recogniser": f"pocketsphinx {importlib.metadata.version('pocketsphinx')}, en-us acoustic model and cmudict from the wheel",
-            "rule": "per challenge kind, on part A of its set: the silence weight passing most genuine trials at "
-                    "the target, then its threshold; threshold: the highest of them; screen: accept above every wrong "
+            "rule": "per challenge kind, on part A of its set: for a closed vocabulary (digits), each word's offset "
+                    "half-way between the medians of its ratio in genuine and in wrong-phrase trials; the silence weight "
+                    "passing most genuine trials at the target, then its threshold; threshold: the highest of them; screen: accept above every wrong "
                     "phrase's alignment-only score, reject below every passing genuine one, the weight leaving fewest "
                     "genuine trials to the phone loop",
             "measured_on": {s: {"part": "A", **{k: v for k, v in per_set[s].items() if k != "genuine_pass"},
@@ -704,8 +749,11 @@ def main(argv: list[str] | None = None) -> int:
     out = sys.stderr
     per_set_text = ", ".join(f"{s} {v['threshold']:.2f}" for s, v in per_set.items())
     weights_text = ", ".join(f"{s} {w:g}" for s, w in weights.items())
+    offsets_text = "; ".join(f"{s} word offsets " + ", ".join(f"{w} {x:.1f}" for w, x in v.items()) for s, v in offsets.items())
     print(f"\nspoken challenge, target wrong-phrase acceptance {100 * args.target:g} %  "
           f"(operating threshold {operating:.2f}; per set {per_set_text}; silence weight {weights_text})", file=out)
+    if offsets_text:
+        print(f"  {offsets_text}", file=out)
     for s, row in report.items():
         # the engine checks each challenge against its own kind's threshold
         own, op = row.get("at_kind_threshold"), row["at_operating_point"]

@@ -304,6 +304,9 @@ class ChallengeCalibration:
     variant_kinds: frozenset[str] = frozenset()
     #: per challenge kind, the screen on the alignment alone (none: every check decodes both passes)
     screens: dict[str, Screen] = field(default_factory=dict)
+    #: per challenge kind, the offset subtracted from each word's ratio before the mean
+    #: (:meth:`ScoreParts.score`); a kind or word without one: none
+    word_offsets: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,19 +362,27 @@ def load_calibration(path: Path) -> ChallengeCalibration:
             str(k): Screen(silence_weight=float(v["silence_weight"]), accept=float(v["accept"]), reject=float(v["reject"]))
             for k, v in dict(doc.get("screens", {})).items()
         }
+        offsets = {str(k): {str(w): float(x) for w, x in dict(v).items()} for k, v in dict(doc.get("word_offsets", {})).items()}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ModelError(f"challenge calibration {path.name} is malformed") from exc
     if not all(math.isfinite(t) for t in (threshold, *per_kind.values())):
         raise ModelError(f"challenge calibration {path.name} has a threshold that is not a number")
     if not all(0.0 <= w <= 100.0 for w in weights.values()):
         raise ModelError(f"challenge calibration {path.name} has a silence weight outside 0..100")
-    if any(k not in KINDS for k in (*per_kind, *weights, *variant_kinds, *screens)):
+    if not all(math.isfinite(x) and abs(x) <= 1000.0 for v in offsets.values() for x in v.values()):
+        raise ModelError(f"challenge calibration {path.name} has a word offset that is not a number in -1000..1000")
+    if any(k not in KINDS for k in (*per_kind, *weights, *variant_kinds, *screens, *offsets)):
         raise ModelError(f"challenge calibration {path.name} names an unknown challenge kind")
     if any(k not in weights for k in per_kind):
         raise ModelError(f"challenge calibration {path.name} has a threshold without its silence weight")
     if any(k not in per_kind for k in screens):
         raise ModelError(f"challenge calibration {path.name} has a screen for a kind without its own threshold")
+    if any(k not in per_kind for k in offsets):
+        raise ModelError(f"challenge calibration {path.name} has word offsets for a kind without its own threshold")
     missing = [k for k in KINDS if k not in weights]
+    if offsets and any(k not in per_kind for k in KINDS):
+        # a kind without its own threshold is scored like another kind: not with its words' offsets
+        raise ModelError(f"challenge calibration {path.name} has word offsets but not a threshold for every kind")
     if missing:
         if not per_kind:
             raise ModelError(f"challenge calibration {path.name} gives no silence weight for " + ", ".join(missing))
@@ -381,7 +392,7 @@ def load_calibration(path: Path) -> ChallengeCalibration:
         weights.update({k: weights[strictest] for k in missing})
     return ChallengeCalibration(threshold=threshold, target_wrong_phrase_acceptance=target, thresholds=per_kind,
                                 silence_weights=weights, info=doc, variants_version=version, variant_kinds=variant_kinds,
-                                screens=screens)
+                                screens=screens, word_offsets=offsets)
 
 
 # --------------------------------------------------------------------------- challenges
@@ -490,10 +501,18 @@ class ScoreParts(NamedTuple):
     #: :class:`Screen` decides on
     aligned_words: float = math.nan
     aligned_silence: float = 0.0
+    #: each expected word (as the dictionary spells it, without ``(2)``) and its ratio, in
+    #: the order said: what :attr:`ChallengeCalibration.word_offsets` apply to
+    word_ratios: tuple[tuple[str, float], ...] = ()
 
-    def score(self, silence_weight: float) -> float:
-        """The challenge score: ``words + silence_weight * min(0, silence)``."""
-        return float(self.words + silence_weight * min(0.0, self.silence))
+    def score(self, silence_weight: float, word_offsets: Mapping[str, float] | None = None) -> float:
+        """The challenge score: ``words + silence_weight * min(0, silence)``; with
+        ``word_offsets``, ``words`` is the mean of each word's ratio minus its offset (a
+        word without one: 0)."""
+        words = self.words
+        if word_offsets and self.word_ratios:
+            words = float(np.mean([ratio - word_offsets.get(word, 0.0) for word, ratio in self.word_ratios]))
+        return float(words + silence_weight * min(0.0, self.silence))
 
     def screen_score(self, silence_weight: float) -> float:
         """The score of the alignment alone, as :meth:`score` of ``aligned_words`` and
@@ -612,7 +631,7 @@ def _ratios(entries: Sequence[tuple[str, int, int, float]], background: np.ndarr
     """The mean word ratio and the silence ratio of an alignment (:meth:`_Decoder.align`)
     against a phone-loop background of the same recording (:meth:`_Decoder.phone_loop`),
     or against none (``None``); ``None`` if it holds no word."""
-    word_ratios: list[float] = []
+    word_ratios: list[tuple[str, float]] = []
     sil_sum, sil_frames = 0.0, 0
     for name, start, dur, score in entries:
         ratio_sum = score - (0.0 if background is None else float(background[start : start + dur].sum()))
@@ -620,10 +639,12 @@ def _ratios(entries: Sequence[tuple[str, int, int, float]], background: np.ndarr
             sil_sum += ratio_sum
             sil_frames += dur
         else:
-            word_ratios.append(ratio_sum / dur)
+            # "six(2)": the second pronunciation of "six"
+            word_ratios.append((name.split("(", 1)[0], ratio_sum / dur))
     if not word_ratios:
         return None
-    return ScoreParts(words=float(np.mean(word_ratios)), silence=sil_sum / sil_frames if sil_frames else 0.0)
+    return ScoreParts(words=float(np.mean([r for _, r in word_ratios])), silence=sil_sum / sil_frames if sil_frames else 0.0,
+                      word_ratios=tuple(word_ratios))
 
 
 def _score_parts(entries: Sequence[tuple[str, int, int, float]], background: np.ndarray) -> ScoreParts | None:
@@ -697,6 +718,8 @@ class ChallengeChecker:
             screens = {}
         #: per challenge kind, the first stage of :meth:`check_batch` (none: both passes always)
         self.screens: dict[str, Screen] = screens
+        #: per challenge kind, the offset of each word's ratio in the score (none: no offsets)
+        self.word_offsets: dict[str, dict[str, float]] = dict(self.calibration.word_offsets) if self.calibration else {}
         #: the weight of the silence ratio in the score, per challenge kind
         self.silence_weights = weights
         if not math.isfinite(threshold):
@@ -732,6 +755,11 @@ class ChallengeChecker:
         if dec is None:
             dec = decoders[(variants, frame_rate)] = _Decoder(self.config, variants=variants, frame_rate=frame_rate)
         return dec
+
+    def _score(self, parts: ScoreParts, challenge: str) -> float:
+        """The challenge score of ``parts`` as calibrated for ``challenge``'s kind."""
+        kind = challenge_kind(challenge)
+        return parts.score(self.silence_weights[kind], self.word_offsets.get(kind))
 
     def _pcm(self, audio: Any) -> bytes:
         """Check one recording and turn it into 16-bit PCM; raises the SampleError."""
@@ -770,7 +798,7 @@ class ChallengeChecker:
             elif parts is None:
                 out.append(FAILURE_SCORE)
             else:
-                out.append(parts.score(self.silence_weights[challenge_kind(challenge)]))
+                out.append(self._score(parts, challenge))
         return out
 
     def check_batch(
@@ -836,7 +864,7 @@ class ChallengeChecker:
         for i in pending:
             background, challenge = backgrounds[loop_key(i)], items[i][1]
             parts = None if background is None else _ratios(alignments[i], background)
-            score = FAILURE_SCORE if parts is None else parts.score(self.silence_weights[challenge_kind(challenge)])
+            score = FAILURE_SCORE if parts is None else self._score(parts, challenge)
             out[i] = Verdict(self.accept(score, challenge), score, "background")
         return out  # type: ignore[return-value]
 

@@ -29,6 +29,7 @@ from engine.challenge import (
     Screen,
     Verdict,
     _Decoder,
+    _ratios,
     challenge_words,
     load_calibration,
     load_phrases,
@@ -309,6 +310,66 @@ def test_the_screen_decides_clear_alignments_without_the_phone_loop(tmp_path: Pa
     assert isinstance(out[0], NoSpeech) and out[1] == Verdict(True, -50.0, "screen")
 
 
+def test_word_offsets_apply_to_their_kind_only(tmp_path: Path) -> None:
+    """A kind's word offsets are subtracted from each of its words' ratios before the mean;
+    another kind's words, and words without an offset, count as measured."""
+    offsets = {"digits": {"six": -40.0, "one": -5.0}}
+    config = _calibration(tmp_path, -20.0, measured={"silence_weights": {"digits": 1.0, "phrase": 1.0}, "word_offsets": offsets},
+                          digits=10.0, phrase=-20.0)
+    checker = ChallengeChecker(config=config)
+    assert checker.word_offsets == offsets
+    log: list[Pass] = []
+    # every word scores its own per frame against a phone loop of 0
+    run = _fake_passes({"six": -45.0, "one": -10.0, "two": -30.0}, 0.0, log)
+    wav = (np.random.default_rng(4).standard_normal(SR) * 0.1).astype(np.float32)
+    out = checker.check_batch([(wav, "6"), (wav, "1"), (wav, "2"), (wav, "six")], run_passes=run)
+    # "6": -45 - (-40); "1": -10 - (-5); "2": no offset; the phrase "six": no offsets for phrases
+    assert [(v.score, v.passed) for v in out] == [(-5.0, False), (-5.0, False), (-30.0, False), (-45.0, False)]
+    assert checker.score_batch([(wav, "6")], run_passes=run) == [-5.0]
+    parts = ScoreParts(words=-20.0, silence=-10.0, word_ratios=(("six", -30.0), ("one", -10.0)))
+    assert parts.score(0.5) == -25.0
+    assert parts.score(0.5, {"six": -40.0}) == -5.0  # mean(10, -10) - 5
+    assert ScoreParts(words=-20.0, silence=0.0).score(1.0, {"six": -40.0}) == -20.0  # no words known: as measured
+    # offsets for a kind without a threshold of its own, an unknown kind, a value that is
+    # not a number, or a file without a threshold for every kind
+    for bad, per_kind in (({"phrase": {"a": 1.0}}, {"digits": -20.0}), ({"numbers": {"six": 1.0}}, {"digits": -20.0, "phrase": -20.0}),
+                          ({"digits": {"six": math.nan}}, {"digits": -20.0, "phrase": -20.0}),
+                          ({"digits": {"six": "low"}}, {"digits": -20.0, "phrase": -20.0}),
+                          ({"digits": {"six": 1.0}}, {"digits": -20.0})):
+        with pytest.raises(ModelError):
+            ChallengeChecker(config=_calibration(tmp_path, -20.0, measured={"word_offsets": bad}, **per_kind))
+
+
+def test_each_word_keeps_its_own_ratio() -> None:
+    """An alignment's words (without their pronunciation number) and their ratios per frame,
+    in order; silences count apart."""
+    entries = [("<sil>", 0, 10, -100.0), ("six(2)", 10, 20, -400.0), ("<sil>", 30, 5, -50.0), ("one", 35, 10, -50.0)]
+    parts = _ratios(entries, np.full(45, -5.0))
+    assert parts is not None
+    assert parts.word_ratios == (("six", -15.0), ("one", 0.0))
+    assert parts.words == -7.5
+    assert parts.silence == pytest.approx((-150.0 + 75.0) / 15)
+    assert _ratios([("<sil>", 0, 10, -100.0)], None) is None
+
+
+def test_the_benchmark_measures_word_offsets_between_genuine_and_wrong() -> None:
+    from benchmarks.challenge import MIN_WORD_RATIOS, Result, Task, apply_weight, choose_word_offsets
+
+    def result(part: str, ratios: list[tuple[tuple[str, float], ...]]) -> Result:
+        task = Task("digits", part, "george", ("digits",), ("6",) * len(ratios), ("genuine",) + ("wrong",) * (len(ratios) - 1))
+        return Result(task, parts=[ScoreParts(words=0.0, silence=0.0, word_ratios=r) for r in ratios])
+
+    a = [result("A", [(("six", -30.0), ("one", -2.0)), (("six", -70.0), ("one", -40.0))]) for _ in range(MIN_WORD_RATIOS)]
+    a.append(result("A", [(("two", 0.0),), (("two", -50.0),)]))  # too few to measure
+    b = [result("B", [(("six", 100.0),), (("six", 100.0),)])]  # part B never counts
+    offsets, detail = choose_word_offsets(a + b, "digits")
+    assert offsets == {"six": -50.0, "one": -21.0}
+    assert detail["two"] == {"n_genuine": 1, "n_wrong": 1, "genuine_median": 0.0, "wrong_median": -50.0}
+    apply_weight(a, "digits", 0.0, offsets)
+    assert a[0].scores == [pytest.approx((20.0 + 19.0) / 2), pytest.approx((-20.0 - 19.0) / 2)]
+    assert choose_word_offsets(a + b, "speech") == ({}, {})
+
+
 def test_a_screen_must_be_consistent(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         Screen(silence_weight=1.0, accept=-90.0, reject=-60.0)
@@ -420,7 +481,9 @@ def test_the_benchmark_reports_the_shipped_operating_point_as_shipped() -> None:
     if not path.is_file():
         pytest.skip("models/challenge.json not written yet (netid bench challenge --write-calibration)")
     doc = json.loads(path.read_text())
-    weights, per_set, screens, operating = _shipped_operating_point(ChallengeChecker(), ["speech", "digits"])
+    weights, per_set, screens, operating, offsets = _shipped_operating_point(ChallengeChecker(), ["speech", "digits"])
+    assert offsets == {s: doc["word_offsets"][KIND] for s, KIND in (("speech", "phrase"), ("digits", "digits"))
+                       if KIND in doc.get("word_offsets", {})}
     assert weights == {"speech": doc["silence_weights"]["phrase"], "digits": doc["silence_weights"]["digits"]}
     assert per_set["speech"]["threshold"] == doc["thresholds"]["phrase"]
     assert per_set["digits"]["threshold"] == doc["thresholds"]["digits"]
