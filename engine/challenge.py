@@ -50,7 +50,7 @@ For each expected word, its log-likelihood ratio per frame is ``(aligned score -
 phone-loop score over the word's frames) / frames``; the silences the aligner inserted
 get the same ratio over all their frames together. The challenge score is
 
-    mean over the expected words of the word ratio
+    mean over the expected words of (the word ratio - the word's offset)
     + silence_weight * min(0, silence ratio)
 
 (:class:`ScoreParts`), with one silence weight per challenge kind, chosen by the benchmark
@@ -59,6 +59,18 @@ on its calibration part, in pocketsphinx score units per frame (log base 1.0001 
 a recording of other words scores far below the calibrated threshold because its words
 fit the audio much worse than free phones do, and the speech it pushes into "silence"
 fits that worse still.
+
+Word offsets
+------------
+Some words fit the model badly even when they are said. In the FSDD digit strings a
+genuine "six" has a median ratio of -31.8 and a genuine "zero" -15.3, against +0.8 for
+"one" (and a wrong word -26 to -67): most likely because their /s/ and /z/ carry most of
+their energy above 4 kHz, which these telephone-band recordings do not hold. Without an
+offset, every string with a "six" in it scored lower, however well it was said.
+For a closed vocabulary (the digit strings), the calibration therefore gives each word an
+offset, half-way between the median ratio of that word in genuine and in wrong-phrase
+trials of its calibration part (:attr:`ChallengeCalibration.word_offsets`). Phrases get
+none: an operator's phrase list holds words the calibration never saw.
 
 Every senone is scored in every frame (``compallsen``), so that both passes share one
 per-frame normalisation and their scores can be subtracted. Variants measured with
@@ -87,8 +99,10 @@ calibration is chosen on every calibration-part sentence instead (478 against 4,
 a new draw of digit strings: weights 0.5 for phrases and 0.75 for digit strings; held
 apart, sentences passed 79.6 % with 0.12 % of wrong ones accepted, digit strings 90.0 % with
 0.10 %. With each kind at its own frame rate (below) and 600 digit strings per part, the
-shipped calibration passes 87.7 % of held-apart sentences with 0.19 % of wrong ones
-accepted, and 94.5 % of digit strings with 0.08 % (benchmarks/TUNING.md, section 4).
+calibration passed 87.7 % of held-apart sentences with 0.19 % of wrong ones accepted, and
+94.5 % of digit strings with 0.08 %; with word offsets for the digit strings (above), the
+shipped one passes the same 87.7 % of sentences, and 97.0 % of the same digit strings
+with 0.02 % (1 of 6,000) of wrong ones accepted (benchmarks/TUNING.md, section 4).
 
 On a smaller part-A comparison (100 recordings per set, 500 wrong phrases), scoring only the
 senones each search keeps active (0.05 s) lost 10 points on both sets, because each pass
@@ -111,9 +125,9 @@ rates (benchmarks/TUNING.md, section 4).
 The thresholds are read from ``models/challenge.json``, written by ``netid bench challenge
 --write-calibration`` for a target wrong-phrase acceptance: one per challenge kind (digit
 strings and phrases score on different scales), and the stricter of the two for a caller
-that does not say which kind it checks; the file also gives each kind's silence weight and
-screen, the frame step, frame rates, Gaussians per codebook and beam it was measured with,
-and the kinds it aligned with variants.
+that does not say which kind it checks; the file also gives each kind's silence weight,
+screen and word offsets, the frame step, frame rates, Gaussians per codebook and beam it
+was measured with, and the kinds it aligned with variants.
 
 Silence and noise are not "a low score": a recording whose loudest part stays below
 ``min_level_dbfs`` is :class:`NoSpeech`, one shorter than ``min_seconds`` is
@@ -125,9 +139,9 @@ pocketsphinx ``Decoder`` objects are not thread-safe, so each thread gets its ow
 (:class:`threading.local`; one per pronunciation-variant setting and frame rate). The decoder
 holds the GIL while it decodes: threads calling
 :meth:`ChallengeChecker.check_batch` run one after the other, and parallel scoring needs
-processes. Measured cost (``netid bench challenge``, each kind at its frame rate): 0.087
+processes. Measured cost (``netid bench challenge``, each kind at its frame rate): 0.089
 (digit strings) and 0.058 (sentences) s of CPU per second of audio for both passes, half
-of it each; with the screen, 0.062 and 0.038 s.
+of it each; with the screen, 0.063 and 0.039 s.
 """
 
 from __future__ import annotations
