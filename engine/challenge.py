@@ -393,10 +393,10 @@ def load_calibration(path: Path) -> ChallengeCalibration:
         raise ModelError(f"challenge calibration {path.name} has a screen for a kind without its own threshold")
     if any(k not in per_kind for k in offsets):
         raise ModelError(f"challenge calibration {path.name} has word offsets for a kind without its own threshold")
-    missing = [k for k in KINDS if k not in weights]
     if offsets and any(k not in per_kind for k in KINDS):
         # a kind without its own threshold is scored like another kind: not with its words' offsets
         raise ModelError(f"challenge calibration {path.name} has word offsets but not a threshold for every kind")
+    missing = [k for k in KINDS if k not in weights]
     if missing:
         if not per_kind:
             raise ModelError(f"challenge calibration {path.name} gives no silence weight for " + ", ".join(missing))
