@@ -16,8 +16,9 @@ Two real sets, each split into a calibration part (A) and a reporting part (B):
 On A, for a target wrong-phrase acceptance (default 0.1 %) on each set, the benchmark
 first measures, for a set whose words are a closed vocabulary (digits), each word's offset:
 half-way between the median ratio of that word in genuine trials and in wrong-phrase
-trials. A word whose sounds the recogniser fits badly even when it is said (``six`` at
-8 kHz loses its /s/) then no longer drags down every string it is in. Then it chooses the
+trials. A word whose sounds the recogniser fits badly even when it is said (``six``, most
+likely because 8 kHz recordings hold little of its /s/) then no longer drags down every
+string it is in. Then it chooses the
 silence weight of the score (from ``SILENCE_WEIGHTS``, the one passing
 most genuine A trials at A's own threshold), then the threshold at that weight: it is the
 threshold of that challenge kind (speech: phrases, digits: digit strings) in
@@ -47,7 +48,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import soundfile
@@ -448,8 +449,22 @@ def _fmt(r: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- main
 
 
-def _choose_operating_point(results: list[Result], sets: list[str], args: argparse.Namespace) -> tuple[
-        dict[str, float], dict[str, dict[str, Any]], dict[str, Screen | None], float, dict[str, dict[str, float]]]:
+class OperatingPoint(NamedTuple):
+    """How each set is scored and decided: chosen on part A, or read from a calibration."""
+
+    #: per set: the silence weight of its score
+    weights: dict[str, float]
+    #: per set: ``{"threshold": ...}`` (and, when chosen here, part A's figures)
+    per_set: dict[str, dict[str, Any]]
+    #: per set: its screen on the alignment alone (None: both passes always)
+    screens: dict[str, Screen | None]
+    #: the threshold for a caller that does not name the kind: the highest of the sets'
+    threshold: float
+    #: per set with a closed vocabulary: each word's offset
+    offsets: dict[str, dict[str, float]]
+
+
+def _choose_operating_point(results: list[Result], sets: list[str], args: argparse.Namespace) -> OperatingPoint:
     """Silence weights, thresholds and screens per set, chosen on part A, the operating
     threshold for any kind, and the word offsets per set."""
     # ---- the word offsets of each set with a closed vocabulary, measured on part A
@@ -486,27 +501,26 @@ def _choose_operating_point(results: list[Result], sets: list[str], args: argpar
     operating = max(v["threshold"] for v in per_set.values())
     emit({"figure": "challenge_operating_point", "threshold": operating, "rule": "highest of the per-set thresholds",
           "per_set": {s: v["threshold"] for s, v in per_set.items()}})
-    return weights, per_set, screens, operating, offsets
+    return OperatingPoint(weights, per_set, screens, operating, offsets)
 
 
-def _apply_operating_point(results: list[Result], weights: dict[str, float], per_set: dict[str, dict[str, Any]],
-                           screens: dict[str, Screen | None], offsets: dict[str, dict[str, float]]) -> None:
+def _apply_operating_point(results: list[Result], point: OperatingPoint) -> None:
     """Each trial's score and the engine's decision at the chosen point, every part; the
     8 kHz speech trials at the speech set's."""
-    for s in weights:
+    for s, weight in point.weights.items():
+        offsets = point.offsets.get(s)
         for set_ in (s, "speech-8k") if s == "speech" else (s,):
-            apply_weight(results, set_, weights[s], offsets.get(s))
-            apply_screen(results, set_, screens[s], weights[s], per_set[s]["threshold"], offsets.get(s))
+            apply_weight(results, set_, weight, offsets)
+            apply_screen(results, set_, point.screens[s], weight, point.per_set[s]["threshold"], offsets)
 
 
-def _shipped_operating_point(checker: ChallengeChecker, sets: list[str]) -> tuple[
-        dict[str, float], dict[str, dict[str, Any]], dict[str, Screen | None], float, dict[str, dict[str, float]]]:
+def _shipped_operating_point(checker: ChallengeChecker, sets: list[str]) -> OperatingPoint:
     """The same, as a calibrated checker holds them (``--calibrated``)."""
     weights = {s: checker.silence_weights[KIND_OF_SET[s]] for s in sets}
     per_set: dict[str, dict[str, Any]] = {s: {"threshold": checker.thresholds[KIND_OF_SET[s]]} for s in sets}
     screens = {s: checker.screens.get(KIND_OF_SET[s]) for s in sets}
     offsets = {s: checker.word_offsets[KIND_OF_SET[s]] for s in sets if KIND_OF_SET[s] in checker.word_offsets}
-    return weights, per_set, screens, checker.threshold, offsets
+    return OperatingPoint(weights, per_set, screens, checker.threshold, offsets)
 
 
 def _screens_json(screens: dict[str, Screen | None]) -> dict[str, Any]:
@@ -619,13 +633,14 @@ def main(argv: list[str] | None = None) -> int:
                                      "errors": r.errors, "audio_s": r.audio_s, "genuine_cpu_s": r.genuine_cpu_s}) + "\n")
     sets = [s for s in ("speech", "digits") if any(r.task.set == s for r in results)]
     if shipped is not None:
-        weights, per_set, screens, operating, offsets = _shipped_operating_point(shipped, sets)
-        emit({"figure": "challenge_operating_point", "threshold": operating, "rule": f"given: models/{CALIBRATION_FILE}",
-              "per_set": {s: v["threshold"] for s, v in per_set.items()}, "silence_weights": weights,
-              "screens": _screens_json(screens), "word_offsets": offsets})
+        point = _shipped_operating_point(shipped, sets)
+        emit({"figure": "challenge_operating_point", "threshold": point.threshold, "rule": f"given: models/{CALIBRATION_FILE}",
+              "per_set": {s: v["threshold"] for s, v in point.per_set.items()}, "silence_weights": point.weights,
+              "screens": _screens_json(point.screens), "word_offsets": point.offsets})
     else:
-        weights, per_set, screens, operating, offsets = _choose_operating_point(results, sets, args)
-    _apply_operating_point(results, weights, per_set, screens, offsets)
+        point = _choose_operating_point(results, sets, args)
+    _apply_operating_point(results, point)
+    weights, per_set, screens, operating, offsets = point
 
     # ---- report on part B
     report: dict[str, Any] = {}

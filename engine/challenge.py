@@ -391,10 +391,9 @@ def load_calibration(path: Path) -> ChallengeCalibration:
         raise ModelError(f"challenge calibration {path.name} has a threshold without its silence weight")
     if any(k not in per_kind for k in screens):
         raise ModelError(f"challenge calibration {path.name} has a screen for a kind without its own threshold")
-    if any(k not in per_kind for k in offsets):
-        raise ModelError(f"challenge calibration {path.name} has word offsets for a kind without its own threshold")
     if offsets and any(k not in per_kind for k in KINDS):
-        # a kind without its own threshold is scored like another kind: not with its words' offsets
+        # a kind without its own threshold is scored like another kind: not with its words'
+        # offsets, nor with offsets of its own the threshold was not measured with
         raise ModelError(f"challenge calibration {path.name} has word offsets but not a threshold for every kind")
     missing = [k for k in KINDS if k not in weights]
     if missing:
@@ -743,7 +742,7 @@ class ChallengeChecker:
         self.thresholds = {kind: per_kind.get(kind, self.threshold) for kind in KINDS}
         self._local = threading.local()
 
-    def load_decoder(self, kind: str = "digits") -> None:
+    def load_decoder(self, kind: str) -> None:
         """Load this thread's pocketsphinx decoder for challenges of ``kind`` now rather
         than on the first recording: the one without variants at the kind's frame rate,
         which its phone loop (and a digit string's alignment) uses. Any other decoder

@@ -224,7 +224,7 @@ class ChallengePool(_WorkerPool):
     recording's PCM (~140 kB for 4.5 s) to the pool.
     """
 
-    def __init__(self, checker: Any, processes: int, *, kind: str = "digits") -> None:
+    def __init__(self, checker: Any, processes: int, *, kind: str) -> None:
         self.checker = checker
         # each worker preloads the decoder of the kind of challenge the engine issues
         super().__init__(processes, _init_challenge_worker, (checker.config, kind))

@@ -482,8 +482,8 @@ def test_the_benchmark_reports_the_shipped_operating_point_as_shipped() -> None:
         pytest.skip("models/challenge.json not written yet (netid bench challenge --write-calibration)")
     doc = json.loads(path.read_text())
     weights, per_set, screens, operating, offsets = _shipped_operating_point(ChallengeChecker(), ["speech", "digits"])
-    assert offsets == {s: doc["word_offsets"][KIND] for s, KIND in (("speech", "phrase"), ("digits", "digits"))
-                       if KIND in doc.get("word_offsets", {})}
+    assert offsets == {s: doc["word_offsets"][kind] for s, kind in (("speech", "phrase"), ("digits", "digits"))
+                       if kind in doc.get("word_offsets", {})}
     assert weights == {"speech": doc["silence_weights"]["phrase"], "digits": doc["silence_weights"]["digits"]}
     assert per_set["speech"]["threshold"] == doc["thresholds"]["phrase"]
     assert per_set["digits"]["threshold"] == doc["thresholds"]["digits"]
