@@ -248,6 +248,8 @@ _checker: ChallengeChecker | None = None
 def _init_worker(config: ChallengeConfig) -> None:
     global _checker
     _checker = ChallengeChecker(config=config, threshold=0.0)
+    for kind in KIND_OF_SET.values():  # loaded before the first recording, so not in its CPU time
+        _checker.load_decoder(kind)
 
 
 def score_task(task: Task) -> Result:
@@ -495,7 +497,9 @@ def _choose_operating_point(results: list[Result], sets: list[str], args: argpar
     # ---- the screen of each set, on part A, at its threshold
     screens: dict[str, Screen | None] = {}
     for s in sets:
-        screens[s], grid = (None, []) if args.no_screen else choose_screen(results, s, per_set[s]["threshold"])
+        # a kind Whisper reads is checked in one pass: nothing to screen
+        no_screen = args.no_screen or args.recognisers[KIND_OF_SET[s]] != "pocketsphinx"
+        screens[s], grid = (None, []) if no_screen else choose_screen(results, s, per_set[s]["threshold"])
         if screens[s] is not None:
             emit({"figure": "challenge_screen", "set": s, "part": "A", "chosen": dataclasses.asdict(screens[s]), "grid": grid})
     operating = max(v["threshold"] for v in per_set.values())
@@ -525,6 +529,18 @@ def _shipped_operating_point(checker: ChallengeChecker, sets: list[str]) -> Oper
 
 def _screens_json(screens: dict[str, Screen | None]) -> dict[str, Any]:
     return {s: None if v is None else dataclasses.asdict(v) for s, v in screens.items()}
+
+
+def parse_recognisers(text: str) -> dict[str, str]:
+    """``"digits=pocketsphinx,phrase=whisper"`` -> the recogniser per kind (the default
+    for a kind not named)."""
+    out = dict(ChallengeConfig().recognisers)
+    for item in (x for x in text.split(",") if x.strip()):
+        kind, sep, name = item.partition("=")
+        if not sep:
+            raise ValueError(f"--recognisers: expected KIND=NAME, got {item!r}")
+        out[kind.strip()] = name.strip()
+    return out
 
 
 def parse_frame_rates(text: str) -> dict[str, int]:
@@ -561,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="Gaussians per codebook each senone is scored from (pocketsphinx topn; default %(default)s)")
     p.add_argument("--variant-kinds", default=",".join(ChallengeConfig().variant_kinds), metavar="KINDS",
                    help="challenge kinds aligned with pronunciation variants too (comma-separated; '' for none; default %(default)s)")
+    p.add_argument("--recognisers", default=",".join(f"{k}={r}" for k, r in ChallengeConfig().recognisers.items()),
+                   metavar="KIND=NAME,...", help="what checks each challenge kind: pocketsphinx or whisper (default %(default)s)")
     p.add_argument("--no-word-offsets", action="store_true",
                    help="no word offsets: every word's ratio counts as measured (default: offsets for the digit strings)")
     p.add_argument("--no-screen", action="store_true",
@@ -592,7 +610,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = ChallengeConfig(silence_weight=args.silence_weight, frame_step=args.frame_step, top_gaussians=args.top_gaussians,
                                  variant_kinds=tuple(k for k in args.variant_kinds.split(",") if k),
-                                 frame_rates=parse_frame_rates(args.frame_rates))
+                                 frame_rates=parse_frame_rates(args.frame_rates),
+                                 recognisers=parse_recognisers(args.recognisers))
+        args.recognisers = dict(config.recognisers)
     except (ConfigError, ValueError) as exc:
         p.error(str(exc))
     shipped: ChallengeChecker | None = None
@@ -704,11 +724,13 @@ def main(argv: list[str] | None = None) -> int:
         rs = [r for r in results if r.task.set == s]
         cpu, audio = sum(r.genuine_cpu_s for r in rs), sum(r.audio_s for r in rs)
         # the engine decodes the phone loop only where the screen leaves the genuine check open
-        screened = sum(r.pass_cpu_s.get("align", 0.0) + (0.0 if r.screened and r.screened[0] else r.pass_cpu_s.get("loop", 0.0)) for r in rs)
+        screened = sum(r.pass_cpu_s.get("read", 0.0) + r.pass_cpu_s.get("align", 0.0)
+                       + (0.0 if r.screened and r.screened[0] else r.pass_cpu_s.get("loop", 0.0)) for r in rs)
         cost[s] = {"cpu_s": cpu, "audio_s": audio, "cpu_s_per_audio_s": cpu / audio if audio else math.nan,
                    "engine_cpu_s_per_audio_s": screened / audio if audio else math.nan,
                    "align_cpu_s_per_audio_s": sum(r.pass_cpu_s.get("align", 0.0) for r in rs) / audio if audio else math.nan,
                    "loop_cpu_s_per_audio_s": sum(r.pass_cpu_s.get("loop", 0.0) for r in rs) / audio if audio else math.nan,
+                   "read_cpu_s_per_audio_s": sum(r.pass_cpu_s.get("read", 0.0) for r in rs) / audio if audio else math.nan,
                    "recordings": len(rs), "mean_audio_s": audio / len(rs) if rs else math.nan}
     emit({"figure": "challenge_cost", "what": "CPU seconds per second of audio of one check: both decoding passes "
           "(cpu_s_per_audio_s), and as the engine runs it, the phone loop only where the screen leaves it open "
@@ -722,7 +744,7 @@ def main(argv: list[str] | None = None) -> int:
           "sample_errors": dict(errors), "data": info, "silence_weights": weights, "word_offsets": offsets,
           "screens": _screens_json(screens),
           "frame_step": config.frame_step, "frame_rates": dict(config.frame_rates), "top_gaussians": config.top_gaussians,
-          "beam": config.beam, "variant_kinds": list(config.variant_kinds)})
+          "beam": config.beam, "variant_kinds": list(config.variant_kinds), "recognisers": dict(config.recognisers)})
 
     if args.write_calibration:
         path = Path(args.models) / CALIBRATION_FILE
@@ -731,8 +753,10 @@ def main(argv: list[str] | None = None) -> int:
             "threshold": operating,
             "target_wrong_phrase_acceptance": args.target,
             "thresholds": {KIND_OF_SET[s]: per_set[s]["threshold"] for s in sets},
-            "score": "mean per-word log-likelihood ratio (forced alignment vs free phone loop, every senone scored) "
-                     "less the word's offset, + silence_weight * min(0, silence ratio); engine/challenge.py",
+            "score": "pocketsphinx: mean per-word log-likelihood ratio (forced alignment vs free phone loop, every "
+                     "senone scored) less the word's offset, + silence_weight * min(0, silence ratio); whisper: mean "
+                     "per-word log-probability of the expected words, the decoder forced through them; engine/challenge.py",
+            "recognisers": dict(config.recognisers),
             "silence_weights": {KIND_OF_SET[s]: weights[s] for s in sets},
             "word_offsets": {KIND_OF_SET[s]: v for s, v in offsets.items()},
             "frame_step": config.frame_step,
@@ -742,7 +766,8 @@ def main(argv: list[str] | None = None) -> int:
             "screens": {KIND_OF_SET[s]: dataclasses.asdict(v) for s, v in screens.items() if v is not None},
             "pronunciation_variants": VARIANTS_VERSION if config.variant_kinds else 0,
             "variant_kinds": list(config.variant_kinds),
-            "recogniser": f"pocketsphinx {importlib.metadata.version('pocketsphinx')}, en-us acoustic model and cmudict from the wheel",
+            "recogniser": f"pocketsphinx {importlib.metadata.version('pocketsphinx')}, en-us acoustic model and cmudict from the wheel; "
+                          f"Whisper base (models/whisper.json) run by ctranslate2 {importlib.metadata.version('ctranslate2')}, int8",
             "rule": "per challenge kind, on part A of its set: for a closed vocabulary (digits), each word's offset "
                     "half-way between the medians of its ratio in genuine and in wrong-phrase trials; the silence weight "
                     "passing most genuine trials at the target, then its threshold; threshold: the highest of them; screen: accept above every wrong "
@@ -779,7 +804,8 @@ def main(argv: list[str] | None = None) -> int:
                    f"{100 * e['to_phone_loop']['wrong']:.1f} % of wrong left to the phone loop") if e["screen"] else f"at {e['threshold']:.2f}"
             print(f"  {s:9s} part B, as the engine decides ({how}): genuine pass {_fmt(e['genuine_pass'])}   "
                   f"wrong phrase accepted {_fmt(e['wrong_accept'])}", file=out)
-        print(f"  {s if 'engine' not in row else '':9s} part B, both passes always, at {first['threshold']:.2f}: genuine pass {_fmt(first['genuine_pass'])}   "
+        reads = args.recognisers[KIND_OF_SET.get(s, "phrase")] != "pocketsphinx"
+        print(f"  {s if 'engine' not in row else '':9s} part B, {'read by Whisper' if reads else 'both passes always'}, at {first['threshold']:.2f}: genuine pass {_fmt(first['genuine_pass'])}   "
               f"wrong phrase accepted {_fmt(first['wrong_accept'])}", file=out)
         if own is not None and op["threshold"] != own["threshold"]:
             print(f"  {'':9s} at the threshold for any kind {op['threshold']:.2f}: genuine {_fmt(op['genuine_pass'])}   "
@@ -799,6 +825,10 @@ def main(argv: list[str] | None = None) -> int:
         d = row["diagnostic_zero_wrong_on_B"]
         print(f"  {'':9s} (diagnostic) no wrong phrase accepted on B at {d['threshold']:.2f}: genuine {_fmt(d['genuine_pass'])}", file=out)
     for s, c in cost.items():
+        if args.recognisers[KIND_OF_SET.get(s, "phrase")] != "pocketsphinx":
+            print(f"  cost {s:9s}: {c['engine_cpu_s_per_audio_s']:.3f} CPU s per audio s, read by Whisper "
+                  f"({c['recordings']} recordings, mean {c['mean_audio_s']:.1f} s)", file=out)
+            continue
         print(f"  cost {s:9s}: {c['engine_cpu_s_per_audio_s']:.3f} CPU s per audio s as the engine checks (both passes always "
               f"{c['cpu_s_per_audio_s']:.3f}; {c['recordings']} recordings, mean {c['mean_audio_s']:.1f} s)", file=out)
     print(f"  wall {wall:.0f} s with {args.workers} worker(s); command: {command}", file=out)

@@ -10,6 +10,16 @@ naming the unknown words. :func:`challenge_words` turns a challenge into the wor
 
 The check
 ---------
+Each challenge kind has its recogniser (``ChallengeConfig.recognisers``): digit strings are
+checked by pocketsphinx, as below; phrases (read sentences) by **Whisper base**
+(:mod:`engine.reader`), which finds how likely the expected words are given the audio,
+in one pass: the challenge score of a phrase is the mean log-probability per expected
+word, in nats. On the benchmark's held-apart sentences Whisper passed more genuine
+readings and let fewer wrong ones through than the pocketsphinx check below
+(benchmarks/TUNING.md, section 4, "Whisper for sentences"); for the 8 kHz digit strings
+pocketsphinx, with word offsets, already meets the target. Everything below the next
+paragraph is about the pocketsphinx check.
+
 :class:`ChallengeChecker` scores a recording against the words it should say with the
 US-English acoustic model and dictionary shipped in the ``pocketsphinx`` wheel, in two
 decoding passes over the same audio:
@@ -100,9 +110,11 @@ a new draw of digit strings: weights 0.5 for phrases and 0.75 for digit strings;
 apart, sentences passed 79.6 % with 0.12 % of wrong ones accepted, digit strings 90.0 % with
 0.10 %. With each kind at its own frame rate (below) and 600 digit strings per part, the
 calibration passed 87.7 % of held-apart sentences with 0.19 % of wrong ones accepted, and
-94.5 % of digit strings with 0.08 %; with word offsets for the digit strings (above), the
-shipped one passes the same 87.7 % of sentences, and 97.0 % of the same digit strings
-with 0.02 % (1 of 6,000) of wrong ones accepted (benchmarks/TUNING.md, section 4).
+94.5 % of digit strings with 0.08 %; with word offsets for the digit strings (above),
+97.0 % of the same digit strings with 0.02 % (1 of 6,000) of wrong ones accepted. The
+shipped calibration reads phrases with Whisper instead: 90.6 % of the same held-apart
+sentences pass, with 0.06 % (3 of 4,800) of wrong ones accepted (benchmarks/TUNING.md,
+section 4).
 
 On a smaller part-A comparison (100 recordings per set, 500 wrong phrases), scoring only the
 senones each search keeps active (0.05 s) lost 10 points on both sets, because each pass
@@ -135,13 +147,15 @@ Silence and noise are not "a low score": a recording whose loudest part stays be
 
 Threads and cost
 ----------------
-pocketsphinx ``Decoder`` objects are not thread-safe, so each thread gets its own
+A process loads Whisper once, with the first phrase (or :meth:`ChallengeChecker.load_decoder`),
+and its threads share it. pocketsphinx ``Decoder`` objects are not thread-safe, so each thread gets its own
 (:class:`threading.local`; one per pronunciation-variant setting and frame rate). The decoder
 holds the GIL while it decodes: threads calling
 :meth:`ChallengeChecker.check_batch` run one after the other, and parallel scoring needs
 processes. Measured cost (``netid bench challenge``, each kind at its frame rate): 0.089
 (digit strings) and 0.058 (sentences) s of CPU per second of audio for both passes, half
-of it each; with the screen, 0.063 and 0.039 s.
+of it each; with the screen, 0.063 and 0.039 s. Whisper's reading of a sentence costs
+0.039 s per second of audio.
 """
 
 from __future__ import annotations
@@ -193,6 +207,11 @@ __all__ = [
 ]
 
 KINDS = ("digits", "phrase")
+#: what can check a kind of challenge: pocketsphinx's alignment against its phone loop, or
+#: Whisper's reading of the expected words (:mod:`engine.reader`)
+RECOGNISERS = ("pocketsphinx", "whisper")
+#: the recogniser per challenge kind (:attr:`ChallengeConfig.recognisers`)
+DEFAULT_RECOGNISERS = {"digits": "pocketsphinx", "phrase": "whisper"}
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 #: The score of a recording the expected words cannot be aligned to; below any real score.
 FAILURE_SCORE = -1000.0
@@ -262,6 +281,14 @@ class ChallengeConfig:
     min_level_dbfs: float = -50.0
     #: longest phrase accepted in a phrase list, in words.
     max_phrase_words: int = 24
+    #: what checks each challenge kind (:data:`RECOGNISERS`): ``"pocketsphinx"`` aligns the
+    #: expected words and scores them against its phone loop; ``"whisper"`` scores how likely
+    #: Whisper base finds the expected words (:mod:`engine.reader`). Chosen per kind on the
+    #: benchmark: Whisper for read sentences, pocketsphinx for digit strings; the
+    #: calibration records them.
+    recognisers: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_RECOGNISERS))
+    #: where ``whisper.json`` (the Whisper model's manifest) is read from.
+    reader_models_dir: Path = DEFAULT_MODELS_DIR
 
     def __post_init__(self) -> None:
         if self.silence_weight is not None and not 0.0 <= self.silence_weight <= 100.0:
@@ -287,6 +314,12 @@ class ChallengeConfig:
             raise ConfigError("max_phrase_words must be positive")
         if not set(self.variant_kinds) <= set(KINDS):
             raise ConfigError("variant_kinds must name challenge kinds: " + ", ".join(KINDS))
+        if not isinstance(self.recognisers, Mapping) or set(self.recognisers) != set(KINDS) or not all(
+            r in RECOGNISERS for r in self.recognisers.values()
+        ):
+            raise ConfigError(f"recognisers must give every challenge kind ({', '.join(KINDS)}) one of: "
+                              + ", ".join(RECOGNISERS))
+        object.__setattr__(self, "recognisers", dict(self.recognisers))
 
     @property
     def acoustic_model(self) -> Path:
@@ -539,8 +572,9 @@ class Verdict(NamedTuple):
     passed: bool
     #: the score it was decided on: the challenge score, or the screen's score
     score: float
-    #: ``"screen"``: decided on the alignment alone; ``"background"``: against the phone loop too
-    stage: Literal["screen", "background"]
+    #: ``"screen"``: decided on the alignment alone; ``"background"``: against the phone loop
+    #: too; ``"read"``: by Whisper's reading of the expected words
+    stage: Literal["screen", "background", "read"]
 
 
 def _is_filler(name: str) -> bool:
@@ -669,12 +703,23 @@ def _score_parts(entries: Sequence[tuple[str, int, int, float]], background: np.
     return full._replace(aligned_words=alone.words, aligned_silence=alone.silence)
 
 
+def _read_parts(word_logprobs: Sequence[tuple[str, float]] | None) -> ScoreParts | None:
+    """The score parts of Whisper's reading (:meth:`engine.reader.Reader.word_logprobs`):
+    ``words`` the mean log-probability per expected word, and no silence."""
+    if not word_logprobs:
+        return None
+    mean = float(np.mean([lp for _, lp in word_logprobs]))
+    return ScoreParts(words=mean, silence=0.0, aligned_words=mean, word_ratios=tuple(word_logprobs))
+
+
 class Pass(NamedTuple):
     """One decoding pass over a recording: ``"loop"`` (the phone-loop background) or
-    ``"align"`` (the expected ``words``). The two passes of a check are independent, so
-    they can run at the same time on two cores (:meth:`ChallengeChecker.run_passes`)."""
+    ``"align"`` (the expected ``words``), or ``"read"`` (Whisper's reading of the expected
+    ``words``; the whole check of a kind Whisper checks). The two pocketsphinx passes of a
+    check are independent, so they can run at the same time on two cores
+    (:meth:`ChallengeChecker.run_passes`)."""
 
-    kind: Literal["loop", "align"]
+    kind: Literal["loop", "align", "read"]
     pcm: bytes
     #: frames per second (:attr:`ChallengeConfig.frame_rates`); both passes of a check use
     #: the same, so that their scores can be subtracted frame by frame
@@ -714,6 +759,10 @@ class ChallengeChecker:
             if not isinstance(rates, dict) or any(rates.get(k) != r for k, r in config.frame_rates.items()):
                 wanted = ", ".join(f"{k} {r}" for k, r in config.frame_rates.items())
                 raise ModelError(f"challenge calibration {name} was not measured with frame rates {wanted}")
+            recognisers = measured.get("recognisers", {kind: "pocketsphinx" for kind in KINDS})
+            if recognisers != config.recognisers:
+                wanted = ", ".join(f"{k} {r}" for k, r in config.recognisers.items())
+                raise ModelError(f"challenge calibration {name} was not measured with recognisers {wanted}")
             cal = self.calibration
             if cal.variant_kinds != set(config.variant_kinds) or (cal.variant_kinds and cal.variants_version != VARIANTS_VERSION):
                 wanted = ", ".join(config.variant_kinds) or "none"
@@ -741,13 +790,32 @@ class ChallengeChecker:
         #: threshold per challenge kind; a kind without its own calibration uses ``threshold``
         self.thresholds = {kind: per_kind.get(kind, self.threshold) for kind in KINDS}
         self._local = threading.local()
+        self._reader_lock = threading.Lock()
+        self._reader_model: Any = None
 
     def load_decoder(self, kind: str) -> None:
-        """Load this thread's pocketsphinx decoder for challenges of ``kind`` now rather
-        than on the first recording: the one without variants at the kind's frame rate,
-        which its phone loop (and a digit string's alignment) uses. Any other decoder
+        """Load what checks challenges of ``kind`` now rather than on the first recording:
+        Whisper, or this thread's pocketsphinx decoder without variants at the kind's frame
+        rate, which its phone loop (and a digit string's alignment) uses. Any other decoder
         (~28 MB and 0.17 s each) loads with the first challenge that needs it."""
-        self._decoder(False, self.config.frame_rates[kind])
+        if self.config.recognisers[kind] == "whisper":
+            self._reader()
+        else:
+            self._decoder(False, self.config.frame_rates[kind])
+
+    def _reads(self, challenge: str) -> bool:
+        """Whether Whisper checks ``challenge`` (its kind's recogniser)."""
+        return self.config.recognisers[challenge_kind(challenge)] == "whisper"
+
+    def _reader(self) -> Any:
+        """This process's Whisper model (:class:`engine.reader.Reader`), loaded once and
+        shared by its threads."""
+        with self._reader_lock:
+            if self._reader_model is None:
+                from .reader import Reader
+
+                self._reader_model = Reader(self.config.reader_models_dir)
+            return self._reader_model
 
     def _frame_rate(self, challenge: str) -> int:
         """The frames per second ``challenge`` is decoded at: its kind's."""
@@ -834,14 +902,16 @@ class ChallengeChecker:
         alignments: dict[int, Any] = {}  # item -> its alignment
         # (id(audio), frame rate) -> the recording's phone-loop background at that rate
         backgrounds: dict[tuple[int, int], Any] = {}
+        readings: dict[int, Any] = {}  # item -> Whisper's word log-probabilities
         pending: list[int] = []
 
         def loop_key(i: int) -> tuple[int, int]:
             return id(items[i][0]), self._frame_rate(items[i][1])
 
-        def stage(want_align: Sequence[int], want_loop: Sequence[int]) -> None:
+        def stage(want_align: Sequence[int], want_loop: Sequence[int], want_read: Sequence[int] = ()) -> None:
             passes = [self._pass("align", pcms[id(items[i][0])], items[i][1], expected[i])  # type: ignore[arg-type]
                       for i in want_align]
+            passes += [Pass("read", pcms[id(items[i][0])], 0, tuple(expected[i])) for i in want_read]  # type: ignore[arg-type]
             loops: dict[tuple[int, int], int] = {}  # each background wanted, and an item that wants it
             for i in want_loop:
                 if loop_key(i) not in backgrounds:
@@ -849,7 +919,8 @@ class ChallengeChecker:
             passes += [self._pass("loop", pcms[id(items[i][0])], items[i][1]) for i in loops.values()]  # type: ignore[arg-type]
             done = run(passes) if passes else []
             alignments.update(zip(want_align, done))
-            backgrounds.update(zip(loops, done[len(want_align):]))
+            readings.update(zip(want_read, done[len(want_align):]))
+            backgrounds.update(zip(loops, done[len(want_align) + len(want_read):]))
 
         usable: list[int] = []
         for i, (audio, _) in enumerate(items):
@@ -857,8 +928,14 @@ class ChallengeChecker:
                 out[i] = pcm
             else:
                 usable.append(i)
-        stage(usable, [i for i in usable if challenge_kind(items[i][1]) not in self.screens])
-        for i in usable:
+        read = [i for i in usable if self._reads(items[i][1])]
+        aligned = [i for i in usable if not self._reads(items[i][1])]
+        stage(aligned, [i for i in aligned if challenge_kind(items[i][1]) not in self.screens], read)
+        for i in read:
+            parts = _read_parts(readings[i])
+            score = FAILURE_SCORE if parts is None else self._score(parts, items[i][1])
+            out[i] = Verdict(self.accept(score, items[i][1]), score, "read")
+        for i in aligned:
             kind = challenge_kind(items[i][1])
             screen = self.screens.get(kind)
             alignment = alignments[i]
@@ -916,8 +993,16 @@ class ChallengeChecker:
         # one recording scored against several challenges (of one frame rate) is decoded
         # through the phone loop once
         loops: dict[tuple[int, int], tuple[bytes, int] | SampleError] = {}
-        plan: list[tuple[int, int] | SampleError] = []  # per item: (its loop pass, its align pass)
+        plan: list[tuple[int, int] | SampleError] = []  # per item: (its loop pass, or -1 for a reading; its align or read pass)
         for (audio, challenge), words in zip(items, expected):
+            if self._reads(challenge):
+                pcm = pcms[id(audio)]
+                if isinstance(pcm, SampleError):
+                    plan.append(pcm)
+                else:
+                    plan.append((-1, len(passes)))
+                    passes.append(Pass("read", pcm, 0, tuple(words)))
+                continue
             key = id(audio), self._frame_rate(challenge)
             if key not in loops:
                 pcm = pcms[id(audio)]
@@ -938,6 +1023,9 @@ class ChallengeChecker:
             if isinstance(step, SampleError):
                 out.append(step)
                 continue
+            if step[0] < 0:
+                out.append(_read_parts(done[step[1]]))
+                continue
             background, alignment = done[step[0]], done[step[1]]
             out.append(None if background is None or alignment is None else _score_parts(alignment, background))
         return out
@@ -947,6 +1035,13 @@ class ChallengeChecker:
         an alignment (``None``: not aligned, or refused by the decoder) per pass."""
         out: list[Any] = []
         for p in passes:
+            if p.kind == "read":
+                wav = np.frombuffer(p.pcm, dtype="<i2").astype(np.float32) / 32767.0
+                try:
+                    out.append(self._reader().word_logprobs(wav, list(p.words)))
+                except RuntimeError:  # CTranslate2 refused this recording
+                    out.append(None)
+                continue
             dec = self._decoder(p.variants, p.frame_rate)
             try:
                 if p.kind == "loop":

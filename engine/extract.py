@@ -206,7 +206,7 @@ def _init_challenge_worker(config: Any, kind: str) -> None:
     # a worker only decodes, with the engine's checker's configuration; the threshold is
     # applied by that checker, in the engine's process
     _checker = ChallengeChecker(config=config, threshold=0.0)
-    _checker.load_decoder(kind)  # the pocketsphinx model, before the first recording arrives
+    _checker.load_decoder(kind)  # the kind's recogniser, before the first recording arrives
 
 
 def _pass_in_worker(p: Any) -> Any:
@@ -218,7 +218,7 @@ class ChallengePool(_WorkerPool):
     passes run in a pool of worker processes (called from a batcher thread).
 
     Each decoding pass (the alignment of the expected words; the phone-loop background,
-    for the recordings the screen leaves open) is one task: the recordings of a batch, and
+    for the recordings the screen leaves open; Whisper's reading of a phrase) is one task: the recordings of a batch, and
     both passes of a recording whose kind has no screen, run side by side on two cores,
     so a single queued recording can keep both processes busy. Each pass carries the
     recording's PCM (~140 kB for 4.5 s) to the pool.

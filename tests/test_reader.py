@@ -1,0 +1,194 @@
+"""Whisper's reading of the expected words (engine/reader.py), and how the challenge
+checker uses it for the kinds it is configured to check (phrases, by default).
+
+The model tests run the real Whisper base on a speechocean762 recording shipped in
+``samples/``, so they never skip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.audio import decode_audio
+from engine.challenge import (
+    DEFAULT_RECOGNISERS,
+    FAILURE_SCORE,
+    ChallengeChecker,
+    ChallengeConfig,
+    Pass,
+    ScoreParts,
+    Verdict,
+)
+from engine.errors import ConfigError, ModelError, ModelMissing, NoSpeech
+from engine.models import DEFAULT_MODELS_DIR
+from engine.reader import MANIFEST_FILE, Reader, log_mel, reader_text
+
+SR = 16000
+SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "speech" / "SPEAKER0024"
+SAID = "we have climbed one step up the ladder"  # 000240031
+OTHER = "it was good for me"  # 000240010, the same speaker
+
+
+# --------------------------------------------------------------------------- features
+
+
+def test_log_mel_frames_and_range() -> None:
+    t = np.arange(SR, dtype=np.float32) / SR
+    tone = (0.3 * np.sin(2 * np.pi * 1000.0 * t)).astype(np.float32)
+    feats = log_mel(tone)
+    assert feats.shape == (80, 100) and feats.dtype == np.float32  # 10 ms frames, the last one dropped
+    # log10 power floored 8 below its peak, then (x + 4) / 4: a span of at most 2
+    assert feats.max() - feats.min() <= 2.0 + 1e-6
+    # a 1 kHz tone lands in the band centred on 1 kHz: 15 mels (Slaney: 200/3 Hz per mel up to
+    # 1 kHz), with 82 edges spread over the 45.2 mels up to 8 kHz -> filter 15 / 0.551 - 1 = 26
+    band = int(np.argmax(feats[:, 50]))
+    assert band == 26, band
+    assert log_mel(np.zeros(40 * SR, np.float32)).shape == (80, 3000)  # at most Whisper's 30 s
+    with pytest.raises(ValueError):
+        log_mel(np.zeros(100, np.float32))
+
+
+def test_words_are_written_as_in_a_sentence() -> None:
+    assert reader_text(["i", "think", "i'm", "right", "said", "i"]) == ["I", "think", "I'm", "right", "said", "I"]
+    assert reader_text(["we", "have", "it"]) == ["We", "have", "it"]
+    assert reader_text([]) == []
+
+
+# --------------------------------------------------------------------------- the model
+
+
+@pytest.fixture(scope="module")
+def reader() -> Reader:
+    return Reader()
+
+
+@pytest.mark.slow
+def test_the_right_words_are_likely_and_other_words_are_not(reader: Reader) -> None:
+    wav = decode_audio((SAMPLE / "000240031.flac").read_bytes())
+    right = reader.word_logprobs(wav, SAID.split())
+    wrong = reader.word_logprobs(wav, OTHER.split())
+    assert [w for w, _ in right] == SAID.split() and [w for w, _ in wrong] == OTHER.split()
+    mean_right, mean_wrong = np.mean([lp for _, lp in right]), np.mean([lp for _, lp in wrong])
+    assert mean_right > -1.0 and mean_right > mean_wrong + 3.0, (right, wrong)
+    assert all(lp <= 0.0 for _, lp in right + wrong)
+    # the same recording, the same words: the same reading
+    assert reader.word_logprobs(wav, SAID.split()) == right
+    # a word of several tokens gets the sum of its tokens' log-probabilities, once
+    assert len(reader.tokens(["ladder"])[0]) >= 1
+
+
+def _copy_manifest(tmp_path: Path) -> Path:
+    shutil.copy(DEFAULT_MODELS_DIR / MANIFEST_FILE, tmp_path / MANIFEST_FILE)
+    return tmp_path / MANIFEST_FILE
+
+
+@pytest.mark.slow
+def test_a_model_file_that_does_not_match_its_digest_is_refused(tmp_path: Path) -> None:
+    path = _copy_manifest(tmp_path)
+    doc = json.loads(path.read_text())
+    doc["files"]["config.json"]["sha256"] = "0" * 64
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ModelError, match="config.json"):
+        Reader(tmp_path)
+
+
+def test_a_missing_manifest_or_package_is_model_missing(tmp_path: Path) -> None:
+    with pytest.raises(ModelMissing):
+        Reader(tmp_path)
+    path = _copy_manifest(tmp_path)
+    doc = json.loads(path.read_text())
+    doc["files"]["config.json"]["parts"][0]["package"] = "no_such_whisper_package"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ModelMissing):
+        Reader(tmp_path)
+    path.write_text('{"files": {"model.bin": {"parts": "nothing"}}}')
+    with pytest.raises(ModelError):
+        Reader(tmp_path)
+
+
+# --------------------------------------------------------------------------- in the checker
+
+
+def _fake_reading(passes: list[Pass]) -> list:
+    """A reading per pass: -0.5 per word for "open", -6.0 for any other first word; no
+    reading at all for "nothing"."""
+    out: list = []
+    for p in passes:
+        assert p.kind == "read", p
+        if p.words[0] == "nothing":
+            out.append(None)
+        else:
+            out.append(tuple((w, -0.5 if p.words[0] == "open" else -6.0) for w in p.words))
+    return out
+
+
+def test_a_phrase_is_read_in_one_pass_and_decided_on_its_mean() -> None:
+    checker = ChallengeChecker(threshold=-2.0)  # default recognisers: phrases read by Whisper
+    assert checker.config.recognisers == DEFAULT_RECOGNISERS == {"digits": "pocketsphinx", "phrase": "whisper"}
+    wav = np.sin(np.arange(SR, dtype=np.float32) / 7.0) * 0.3
+    right, wrong, none, silent = checker.check_batch(
+        [(wav, "open the door"), (wav, "close the door"), (wav, "nothing here"), (np.zeros(SR, np.float32), "open")],
+        run_passes=_fake_reading)
+    assert right == Verdict(True, -0.5, "read")
+    assert wrong == Verdict(False, -6.0, "read")
+    assert none == Verdict(False, FAILURE_SCORE, "read")
+    assert isinstance(silent, NoSpeech)
+    parts = checker.parts_batch([(wav, "open the door")], run_passes=_fake_reading)[0]
+    assert parts == ScoreParts(words=-0.5, silence=0.0, aligned_words=-0.5,
+                               word_ratios=(("open", -0.5), ("the", -0.5), ("door", -0.5)))
+    assert checker.score_batch([(wav, "close it")], run_passes=_fake_reading) == [-6.0]
+
+
+def test_digit_strings_stay_with_pocketsphinx() -> None:
+    checker = ChallengeChecker(threshold=-50.0)
+    seen: list[Pass] = []
+
+    def run(passes: list[Pass]) -> list:
+        seen.extend(passes)
+        return [np.full(100, -10.0) if p.kind == "loop" else [(p.words[0], 0, 100, -2000.0)] for p in passes]
+
+    wav = np.sin(np.arange(SR, dtype=np.float32) / 7.0) * 0.3
+    (verdict,) = checker.check_batch([(wav, "1")], run_passes=run)
+    assert verdict.stage == "background" and sorted(p.kind for p in seen) == ["align", "loop"]
+
+
+def test_recognisers_are_validated_and_must_match_the_calibration(tmp_path: Path) -> None:
+    for bad in ({"digits": "whisper"}, {"digits": "pocketsphinx", "phrase": "kaldi"}, ["phrase"],
+                {"digits": "pocketsphinx", "phrase": "whisper", "emoji": "whisper"}):
+        with pytest.raises(ConfigError):
+            ChallengeConfig(recognisers=bad)  # type: ignore[arg-type]
+    mine = {"digits": "pocketsphinx", "phrase": "whisper"}
+    config = ChallengeConfig(recognisers=mine)
+    mine["phrase"] = "pocketsphinx"
+    assert config.recognisers["phrase"] == "whisper"  # a copy of its own
+    # a calibration measured with pocketsphinx for phrases (or one from before it said) is
+    # refused by a checker that reads phrases with Whisper, and the other way round
+    path = tmp_path / "challenge.json"
+    doc = json.loads(ChallengeConfig().calibration_path.read_text())
+    for measured, wanted in ((None, DEFAULT_RECOGNISERS), ({"digits": "pocketsphinx", "phrase": "pocketsphinx"}, DEFAULT_RECOGNISERS),
+                             (DEFAULT_RECOGNISERS, {"digits": "pocketsphinx", "phrase": "pocketsphinx"})):
+        if measured is None:
+            doc.pop("recognisers", None)
+        else:
+            doc["recognisers"] = measured
+        path.write_text(json.dumps(doc))
+        cfg = dataclasses.replace(ChallengeConfig(calibration_path=path), recognisers=wanted)
+        with pytest.raises(ModelError, match="recognisers"):
+            ChallengeChecker(config=cfg)
+
+
+@pytest.mark.slow
+def test_the_checker_loads_whisper_for_a_kind_it_reads() -> None:
+    checker = ChallengeChecker(threshold=-2.0)
+    checker.load_decoder("phrase")
+    assert isinstance(checker._reader_model, Reader)
+    assert not getattr(checker._local, "decoders", {})  # no pocketsphinx decoder for phrases
+    wav = decode_audio((SAMPLE / "000240031.flac").read_bytes())
+    right, other = checker.check_batch([(wav, SAID.upper()), (wav, OTHER.upper())])
+    assert (right.passed, right.stage, other.passed) == (True, "read", False), (right, other)
