@@ -320,6 +320,8 @@ class ChallengeConfig:
             raise ConfigError(f"recognisers must give every challenge kind ({', '.join(KINDS)}) one of: "
                               + ", ".join(RECOGNISERS))
         object.__setattr__(self, "recognisers", dict(self.recognisers))
+        if "whisper" in self.recognisers.values() and self.max_seconds > 30.0:
+            raise ConfigError("Whisper reads at most 30 s: max_seconds must be 30 or less")
 
     @property
     def acoustic_model(self) -> Path:
@@ -743,6 +745,10 @@ class ChallengeChecker:
         for path in (config.acoustic_model, config.dictionary):
             if not Path(path).exists():
                 raise ModelMissing(f"pocketsphinx model file {Path(path).name} not found")
+        if "whisper" in config.recognisers.values():
+            from .reader import check_installed
+
+            check_installed(config.reader_models_dir)  # here, not first in a worker process
         per_kind: dict[str, float] = {}
         if threshold is None:
             self.calibration: ChallengeCalibration | None = load_calibration(config.calibration_path)
@@ -1039,7 +1045,7 @@ class ChallengeChecker:
                 wav = np.frombuffer(p.pcm, dtype="<i2").astype(np.float32) / 32767.0
                 try:
                     out.append(self._reader().word_logprobs(wav, list(p.words)))
-                except RuntimeError:  # CTranslate2 refused this recording
+                except (RuntimeError, ValueError):  # CTranslate2 (or the reader) refused this recording
                     out.append(None)
                 continue
             dec = self._decoder(p.variants, p.frame_rate)

@@ -200,16 +200,23 @@ class ModelPool(_WorkerPool):
 
 
 def _init_challenge_worker(config: Any, kind: str) -> None:
-    global _checker
+    global _checker, _models_error
     from .challenge import ChallengeChecker
 
     # a worker only decodes, with the engine's checker's configuration; the threshold is
     # applied by that checker, in the engine's process
-    _checker = ChallengeChecker(config=config, threshold=0.0)
-    _checker.load_decoder(kind)  # the kind's recogniser, before the first recording arrives
+    try:
+        checker = ChallengeChecker(config=config, threshold=0.0)
+        checker.load_decoder(kind)  # the kind's recogniser, before the first recording arrives
+    except Exception as exc:  # kept for warmup and the first task, as in a model worker
+        _models_error = exc
+    else:
+        _checker = checker
 
 
 def _pass_in_worker(p: Any) -> Any:
+    if _checker is None:
+        raise _models_error or RuntimeError("challenge worker not initialised")
     return _checker.run_passes([p])[0]
 
 

@@ -1,9 +1,11 @@
 """The reader: how likely it is that a recording says given words, by Whisper.
 
-Phrase challenges are read English sentences, and many residents read them with an accent
-or slowly. pocketsphinx's US-English acoustic model fits such speech poorly (its genuine
-sentences fail where the words are said but not the way the model expects); OpenAI's
-Whisper, trained on far more and far more varied speech, recognises them better. This
+Phrase challenges are read English sentences, and many residents read them with an accent.
+pocketsphinx's US-English acoustic model fits such speech poorly (its genuine sentences fail
+where the words are said but not the way the model expects); OpenAI's Whisper, trained on
+far more and far more varied speech, recognises them better (on the benchmark's held-apart
+sentences, 90.6 % of genuine readings passed instead of 87.7 %, and 3 of 4,800 wrong ones
+instead of 9; the slowest readers gained little). This
 module scores a recording against the expected words with **Whisper base** (74 M
 parameters, multilingual, MIT licence), run by CTranslate2 in 8-bit integers on the CPU.
 
@@ -53,16 +55,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ModelError, ModelMissing
+from .errors import ModelError, ModelIntegrityError, ModelMissing
 from .models import DEFAULT_MODELS_DIR
 
-__all__ = ["MANIFEST_FILE", "Reader", "log_mel", "reader_text"]
+__all__ = ["MANIFEST_FILE", "MAX_SECONDS", "Reader", "check_installed", "log_mel", "reader_text"]
 
 MANIFEST_FILE = "whisper.json"
 SAMPLE_RATE = 16000
 _N_FFT, _HOP, _N_MELS = 400, 160, 80
 #: Whisper's encoder takes at most 30 s (3,000 frames)
 _MAX_FRAMES = 3000
+MAX_SECONDS = 30.0
 
 
 def _mel_filters() -> np.ndarray:
@@ -125,6 +128,38 @@ def _package_dir(package: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def _manifest(models_dir: Path) -> dict:
+    path = Path(models_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise ModelMissing(f"model manifest {MANIFEST_FILE} not found")
+    try:
+        manifest = json.loads(path.read_text())
+        for spec in manifest["files"].values():
+            if not isinstance(spec["parts"], list) or not spec["parts"]:
+                raise ValueError("no parts")
+            for part in spec["parts"]:
+                str(part["package"]), str(part["member"]), str(spec["sha256"]), int(spec["bytes"])
+        if "tokenizer.json" not in manifest["files"]:
+            raise ValueError("no tokenizer")
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ModelError(f"model manifest {MANIFEST_FILE} is malformed") from exc
+    return manifest
+
+
+def check_installed(models_dir: Path = DEFAULT_MODELS_DIR) -> None:
+    """Refuse now, not in a worker process, what would stop :class:`Reader` from loading:
+    a missing or malformed manifest (:class:`ModelError`), a missing runtime or model
+    package, or a missing file in one (:class:`ModelMissing`). The digests are checked
+    when the model loads."""
+    for runtime in ("ctranslate2", "tokenizers"):
+        if importlib.util.find_spec(runtime) is None:
+            raise ModelMissing(f"{runtime}, which runs the Whisper model, is not installed")
+    for name, spec in _manifest(models_dir)["files"].items():
+        for part in spec["parts"]:
+            if not (_package_dir(part["package"]) / part["member"]).is_file():
+                raise ModelMissing(f"Whisper model file {name}: {part['member']} not found in {part['package']}")
+
+
 class Reader:
     """Whisper base, loaded and digest-checked from the packages ``models/whisper.json``
     names; see the module docstring.
@@ -133,36 +168,35 @@ class Reader:
     """
 
     def __init__(self, models_dir: Path = DEFAULT_MODELS_DIR, *, threads: int = 1, compute_type: str = "int8") -> None:
+        check_installed(models_dir)
         import ctranslate2
         import tokenizers
 
-        path = Path(models_dir) / MANIFEST_FILE
-        if not path.is_file():
-            raise ModelMissing(f"model manifest {MANIFEST_FILE} not found")
-        try:
-            manifest = json.loads(path.read_text())
-            files: dict[str, bytes] = {}
-            for name, spec in manifest["files"].items():
+        manifest = _manifest(models_dir)
+        files: dict[str, bytes] = {}
+        for name, spec in manifest["files"].items():
+            try:
                 data = b"".join((_package_dir(p["package"]) / p["member"]).read_bytes() for p in spec["parts"])
-                digest = hashlib.sha256(data).hexdigest()
-                if digest != spec["sha256"] or len(data) != spec["bytes"]:
-                    raise ModelError(f"Whisper model file {name} does not match {MANIFEST_FILE}: sha256 {digest} "
-                                     f"({len(data)} bytes), expected {spec['sha256']} ({spec['bytes']} bytes)")
-                files[name] = data
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelError(f"model manifest {MANIFEST_FILE} is malformed") from exc
-        except OSError as exc:
-            raise ModelMissing(f"a Whisper model file could not be read: {exc.strerror}") from exc
+            except OSError as exc:
+                raise ModelMissing(f"Whisper model file {name} could not be read: {exc.strerror}") from exc
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != spec["sha256"] or len(data) != int(spec["bytes"]):
+                raise ModelIntegrityError(f"Whisper model file {name} does not match {MANIFEST_FILE}: sha256 {digest} "
+                                          f"({len(data)} bytes), expected {spec['sha256']} ({spec['bytes']} bytes)")
+            files[name] = data
         self.manifest = manifest
-        self._tokenizer = tokenizers.Tokenizer.from_str(files.pop("tokenizer.json").decode("utf-8"))
+        try:
+            self._tokenizer = tokenizers.Tokenizer.from_str(files.pop("tokenizer.json").decode("utf-8"))
+            # the model's name is only a label: every file is given from memory
+            self._model = ctranslate2.models.Whisper("whisper-base", device="cpu", compute_type=compute_type,
+                                                     intra_threads=threads, files=files)
+        except (RuntimeError, ValueError, UnicodeDecodeError) as exc:
+            raise ModelError(f"the Whisper model could not be loaded: {exc}") from exc
         token = self._tokenizer.token_to_id
         self._start = [token("<|startoftranscript|>"), token("<|en|>"), token("<|transcribe|>")]
         if None in self._start:
             raise ModelError("the Whisper tokenizer lacks its special tokens")
         self._ct2 = ctranslate2
-        # the model's name is only a label: every file is given from memory
-        self._model = ctranslate2.models.Whisper("whisper-base", device="cpu", compute_type=compute_type,
-                                                 intra_threads=threads, files=files)
 
     def tokens(self, words: Sequence[str]) -> list[list[int]]:
         """Each word's tokens, as it is written inside the sentence (with its leading space)."""
@@ -173,9 +207,13 @@ class Reader:
         tokens) with the decoder forced through ``words`` over the 16 kHz recording ``wav``."""
         if not words:
             raise ValueError("no words to read")
+        if np.asarray(wav).size > MAX_SECONDS * SAMPLE_RATE:
+            raise ValueError(f"Whisper reads at most {MAX_SECONDS:g} s")
         features = log_mel(wav)
         encoded = self._model.encode(self._ct2.StorageView.from_array(features[None]), to_cpu=False)
         per_word = self.tokens(words)
+        if not all(per_word):
+            raise ValueError("a word without tokens")  # not from [a-z'] words; never scored as certain
         flat = [t for toks in per_word for t in toks]
         probs = np.asarray(self._model.align(encoded, self._start, [flat], [features.shape[1]])[0].text_token_probs,
                            dtype=np.float64)

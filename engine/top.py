@@ -204,10 +204,15 @@ def render(prev: Snapshot | None, cur: Snapshot, *, url: str = "", bold: bool = 
         stage, stage_all = _by(checks, "stage"), _by(cur.series("netid_challenge_checks_total"), "stage")
         failed = _by(checks, "outcome").get("fail", 0.0)
         n, n_all = sum(stage.values()), sum(stage_all.values())
-        share = (lambda d, k: f"{100 * d.get('screen', 0.0) / k:.0f} %" if k else "-")  # noqa: E731
+        # the screen's share of the checks pocketsphinx makes (Whisper's readings have none)
+        aligned = (lambda d: sum(v for k, v in d.items() if k != "read"))  # noqa: E731
+        share = (lambda d: f"{100 * d.get('screen', 0.0) / aligned(d):.0f} %" if aligned(d) else "-")  # noqa: E731
         lines += ["", b("CHALLENGE")]
-        lines.append(f"checks {_num(rate(n)):>7}/s  failed {_num(rate(failed)):>5}/s  total {int(n_all)}   "
-                     f"decided by the screen {share(stage, n)} (since start {share(stage_all, n_all)})")
+        line = (f"checks {_num(rate(n)):>7}/s  failed {_num(rate(failed)):>5}/s  total {int(n_all)}   "
+                f"decided by the screen {share(stage)} (since start {share(stage_all)})")
+        if stage_all.get("read"):
+            line += f"   read by Whisper {int(stage_all['read'])} since start"
+        lines.append(line)
 
     # rejections
     over = _by(_delta(prev, cur, "netid_overloaded_total"), "where")

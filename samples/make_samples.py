@@ -50,11 +50,16 @@ def main() -> None:
     speech = args.data / "speech"
     speakers = sorted(p.name for p in speech.iterdir() if p.is_dir() and p.name.startswith("SPEAKER"))
     spk_chosen = sorted(rng.sample(speakers, args.speakers))
+    transcripts = dict(ln.split(" ", 1) for ln in (speech / "text").read_text().splitlines() if ln.strip())
+    kept: list[str] = []
     for spk in spk_chosen:
         utts = sorted(speech.glob(f"{spk}/*.flac"))[: args.utterances]
         (HERE / "speech" / spk).mkdir(parents=True)
         for u in utts:
             shutil.copy2(u, HERE / "speech" / spk)
+            kept.append(f"{u.stem} {transcripts[u.stem].strip()}\n")
+    # what each recording says, in the corpus's own format (for phrase challenges)
+    (HERE / "speech" / "text").write_text("".join(sorted(kept)))
 
     identities = []
     for i, name in enumerate(chosen):

@@ -25,11 +25,12 @@ from engine.challenge import (
     ScoreParts,
     Verdict,
 )
-from engine.errors import ConfigError, ModelError, ModelMissing, NoSpeech
+from engine.errors import ConfigError, ModelError, ModelIntegrityError, ModelMissing, NoSpeech
 from engine.models import DEFAULT_MODELS_DIR
 from engine.reader import MANIFEST_FILE, Reader, log_mel, reader_text
 
 SR = 16000
+POCKETSPHINX_ONLY = {"digits": "pocketsphinx", "phrase": "pocketsphinx"}
 SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "speech" / "SPEAKER0024"
 SAID = "we have climbed one step up the ladder"  # 000240031
 OTHER = "it was good for me"  # 000240010, the same speaker
@@ -79,8 +80,43 @@ def test_the_right_words_are_likely_and_other_words_are_not(reader: Reader) -> N
     assert all(lp <= 0.0 for _, lp in right + wrong)
     # the same recording, the same words: the same reading
     assert reader.word_logprobs(wav, SAID.split()) == right
-    # a word of several tokens gets the sum of its tokens' log-probabilities, once
-    assert len(reader.tokens(["ladder"])[0]) >= 1
+    with pytest.raises(ValueError):  # past Whisper's 30 s window: refused, not cut
+        reader.word_logprobs(np.zeros(31 * SR, np.float32), ["open"])
+
+
+class _Aligned:
+    def __init__(self, probs: list[float]) -> None:
+        self.text_token_probs = probs
+
+
+@pytest.mark.slow
+def test_each_word_gets_the_sum_of_its_tokens(reader: Reader, monkeypatch: pytest.MonkeyPatch) -> None:
+    words = ["i", "acquaintance", "said"]
+    per_word = reader.tokens(words)
+    assert [len(t) for t in per_word] == [1, 2, 1]  # " acquaintance": " acquaint" + "ance"
+    n = sum(len(t) for t in per_word)
+    probs = [0.25, 0.5, 0.5, 1.0]
+
+    class Model:
+        def __init__(self, probs: list[float]) -> None:
+            self.probs = probs
+
+        def encode(self, *_a, **_k):
+            return None
+
+        def align(self, _enc, start, tokens, frames):
+            assert start == reader._start and tokens == [[t for w in per_word for t in w]] and frames == [100]
+            return [_Aligned(self.probs)]
+
+    monkeypatch.setattr(reader, "_model", Model(probs))
+    wav = np.zeros(SR, np.float32)
+    got = reader.word_logprobs(wav, words)
+    assert [w for w, _ in got] == words
+    assert got[0][1] == pytest.approx(np.log(0.25))
+    assert got[1][1] == pytest.approx(2 * np.log(0.5)) and got[2][1] == 0.0
+    monkeypatch.setattr(reader, "_model", Model([0.5] * (n - 1)))  # a probability short
+    with pytest.raises(ModelError):
+        reader.word_logprobs(wav, words)
 
 
 def _copy_manifest(tmp_path: Path) -> Path:
@@ -94,7 +130,7 @@ def test_a_model_file_that_does_not_match_its_digest_is_refused(tmp_path: Path) 
     doc = json.loads(path.read_text())
     doc["files"]["config.json"]["sha256"] = "0" * 64
     path.write_text(json.dumps(doc))
-    with pytest.raises(ModelError, match="config.json"):
+    with pytest.raises(ModelIntegrityError, match="config.json"):
         Reader(tmp_path)
 
 
@@ -107,9 +143,35 @@ def test_a_missing_manifest_or_package_is_model_missing(tmp_path: Path) -> None:
     path.write_text(json.dumps(doc))
     with pytest.raises(ModelMissing):
         Reader(tmp_path)
-    path.write_text('{"files": {"model.bin": {"parts": "nothing"}}}')
+    for text in ('{"files": {"model.bin": {"parts": "nothing"}}}', '{"files": []}', "not json",
+                 '{"files": {"model.bin": {"parts": [{"package": "x", "member": "y"}], "sha256": "0", "bytes": 1}}}'):
+        path.write_text(text)
+        with pytest.raises(ModelError) as err:
+            Reader(tmp_path)
+        assert type(err.value) is ModelError, text
+    # the checker refuses a kind it cannot read when it is built, not with the first phrase
     with pytest.raises(ModelError):
-        Reader(tmp_path)
+        ChallengeChecker(config=ChallengeConfig(reader_models_dir=tmp_path), threshold=0.0)
+    assert ChallengeChecker(config=ChallengeConfig(reader_models_dir=tmp_path, recognisers=POCKETSPHINX_ONLY), threshold=0.0)
+
+
+@pytest.mark.slow
+def test_a_worker_that_cannot_load_whisper_says_why(tmp_path: Path) -> None:
+    """A digest mismatch found while a challenge worker loads the model is raised by
+    warmup, as the specific error, not as a broken pool."""
+    from engine.extract import ChallengePool
+
+    path = _copy_manifest(tmp_path)
+    doc = json.loads(path.read_text())
+    doc["files"]["config.json"]["sha256"] = "0" * 64
+    path.write_text(json.dumps(doc))
+    checker = ChallengeChecker(config=ChallengeConfig(reader_models_dir=tmp_path), threshold=0.0)
+    pool = ChallengePool(checker, 1, kind="phrase")
+    try:
+        with pytest.raises(ModelIntegrityError):
+            pool.warmup(timeout=120)
+    finally:
+        pool.close()
 
 
 # --------------------------------------------------------------------------- in the checker
@@ -159,6 +221,9 @@ def test_digit_strings_stay_with_pocketsphinx() -> None:
 
 
 def test_recognisers_are_validated_and_must_match_the_calibration(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):  # Whisper reads at most 30 s
+        ChallengeConfig(max_seconds=60.0)
+    assert ChallengeConfig(max_seconds=60.0, recognisers=POCKETSPHINX_ONLY).max_seconds == 60.0
     for bad in ({"digits": "whisper"}, {"digits": "pocketsphinx", "phrase": "kaldi"}, ["phrase"],
                 {"digits": "pocketsphinx", "phrase": "whisper", "emoji": "whisper"}):
         with pytest.raises(ConfigError):
