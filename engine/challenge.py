@@ -4,9 +4,10 @@ Challenges
 ----------
 :func:`new_challenge` draws, with :mod:`secrets`, a string of digits (stored as the digit
 characters, ``"409172"``, and said one digit at a time) or a sentence from the operator's
-phrase list. :func:`load_phrases` checks a phrase list once, when it is loaded: every word
-must be in the recogniser's pronunciation dictionary, or it is a :class:`ConfigError`
-naming the unknown words. :func:`challenge_words` turns a challenge into the words to say.
+phrase list. :func:`load_phrases` checks a phrase list once, when it is loaded: no digits,
+not too long, and, when pocketsphinx checks phrases, every word in its pronunciation
+dictionary, or it is a :class:`ConfigError` naming the unknown words (Whisper, the default
+for phrases, reads any word). :func:`challenge_words` turns a challenge into the words to say.
 
 The check
 ---------
@@ -508,8 +509,9 @@ def load_phrases(phrases: Iterable[str], *, config: ChallengeConfig = ChallengeC
     """Check an operator's phrase list once, when it is loaded.
 
     Blank lines are dropped, whitespace is collapsed and duplicates removed (first kept).
-    A phrase with digits, with more than ``max_phrase_words`` words, or with a word the
-    pronunciation dictionary does not hold is a :class:`ConfigError` that names it.
+    A phrase with digits, with more than ``max_phrase_words`` words, or, when pocketsphinx
+    checks phrases, with a word its pronunciation dictionary does not hold, is a
+    :class:`ConfigError` that names it (Whisper reads any word).
     """
     out: list[str] = []
     seen: set[str] = set()
@@ -523,7 +525,8 @@ def load_phrases(phrases: Iterable[str], *, config: ChallengeConfig = ChallengeC
         words = challenge_words(phrase)
         if len(words) > config.max_phrase_words:
             raise ConfigError(f"phrase {phrase!r} has more than {config.max_phrase_words} words")
-        unknown.update(_unknown_words(words, config))
+        if config.recognisers["phrase"] == "pocketsphinx":
+            unknown.update(_unknown_words(words, config))
         key = " ".join(words)
         if key not in seen:
             seen.add(key)
@@ -966,7 +969,8 @@ class ChallengeChecker:
 
     def _expected(self, items: Sequence[tuple[np.ndarray, str]]) -> list[list[str]]:
         expected = [challenge_words(challenge) for _, challenge in items]
-        unknown = _unknown_words((w for words in expected for w in words), self.config)
+        aligned = (words for (_, challenge), words in zip(items, expected) if not self._reads(challenge))
+        unknown = _unknown_words((w for words in aligned for w in words), self.config)
         if unknown:
             raise ConfigError("words not in the pronunciation dictionary: " + ", ".join(unknown))
         return expected

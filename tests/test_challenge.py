@@ -105,8 +105,11 @@ def test_digit_words_round_trip(digits: str) -> None:
 def test_phrase_list_is_checked_when_loaded() -> None:
     loaded = load_phrases(["  open   the door ", "", "Open the door", "the sun is warm"])
     assert loaded == ("open the door", "the sun is warm")
+    # pocketsphinx needs every word in its dictionary; Whisper (the default for phrases) does not
+    aligned = ChallengeConfig(recognisers={"digits": "pocketsphinx", "phrase": "pocketsphinx"})
     with pytest.raises(ConfigError, match="blorptastic"):
-        load_phrases(["open the door", "a blorptastic morning"])
+        load_phrases(["open the door", "a blorptastic morning"], config=aligned)
+    assert load_phrases(["open the door", "a blorptastic morning"]) == ("open the door", "a blorptastic morning")
     with pytest.raises(ConfigError):
         load_phrases(["", "   "])
     with pytest.raises(ConfigError):
@@ -543,9 +546,11 @@ def test_unusable_recordings_are_sample_errors_one_for_one(checker: ChallengeChe
     assert checker.score_batch([]) == []
 
 
-def test_unknown_words_at_scoring_are_config_errors(checker: ChallengeChecker) -> None:
+def test_unknown_words_at_scoring_are_config_errors() -> None:
+    """For a kind pocketsphinx aligns (Whisper reads any word: tests/test_reader.py)."""
+    aligned = ChallengeChecker(config=ChallengeConfig(recognisers=POCKETSPHINX_ONLY), threshold=0.0)
     with pytest.raises(ConfigError):
-        checker.score_batch([(np.zeros(SR, dtype=np.float32), "the blorptastic door")])
+        aligned.score_batch([(np.zeros(SR, dtype=np.float32), "the blorptastic door")])
 
 
 # --------------------------------------------------------------------------- real speech

@@ -205,6 +205,11 @@ def test_a_phrase_is_read_in_one_pass_and_decided_on_its_mean() -> None:
     assert parts == ScoreParts(words=-0.5, silence=0.0, aligned_words=-0.5,
                                word_ratios=(("open", -0.5), ("the", -0.5), ("door", -0.5)))
     assert checker.score_batch([(wav, "close it")], run_passes=_fake_reading) == [-6.0]
+    # Whisper reads words pocketsphinx's dictionary does not hold; pocketsphinx refuses them
+    assert checker.check_batch([(wav, "open a blorptastic door")], run_passes=_fake_reading)[0].passed
+    with pytest.raises(ConfigError, match="blorptastic"):
+        ChallengeChecker(config=ChallengeConfig(recognisers=POCKETSPHINX_ONLY), threshold=-2.0).check_batch(
+            [(wav, "open a blorptastic door")], run_passes=_fake_reading)
 
 
 def test_digit_strings_stay_with_pocketsphinx() -> None:
