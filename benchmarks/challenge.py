@@ -474,7 +474,8 @@ def _choose_operating_point(results: list[Result], sets: list[str], args: argpar
     # ---- the word offsets of each set with a closed vocabulary, measured on part A
     offsets: dict[str, dict[str, float]] = {}
     for s in sets:
-        if s in WORD_OFFSET_SETS and not args.no_word_offsets:
+        # offsets make up for words pocketsphinx's model fits badly when said well
+        if s in WORD_OFFSET_SETS and not args.no_word_offsets and args.recognisers[KIND_OF_SET[s]] == "pocketsphinx":
             offsets[s], detail = choose_word_offsets(results, s)
             emit({"figure": "challenge_word_offsets", "set": s, "part": "A", "rule": "half-way between the medians of "
                   "each word's ratio in genuine and in wrong-phrase trials", "offsets": offsets[s], "words": detail})
