@@ -11,15 +11,14 @@ for phrases, reads any word). :func:`challenge_words` turns a challenge into the
 
 The check
 ---------
-Each challenge kind has its recogniser (``ChallengeConfig.recognisers``): digit strings are
-checked by pocketsphinx, as below; phrases (read sentences) by **Whisper base**
-(:mod:`engine.reader`), which finds how likely the expected words are given the audio,
-in one pass: the challenge score of a phrase is the mean log-probability per expected
-word, in nats. On the benchmark's held-apart sentences Whisper passed more genuine
-readings and let fewer wrong ones through than the pocketsphinx check below
-(benchmarks/TUNING.md, section 4, "Whisper for sentences"); for the 8 kHz digit strings
-pocketsphinx, with word offsets, already meets the target. Everything below the next
-paragraph is about the pocketsphinx check.
+Each challenge kind has its recogniser (``ChallengeConfig.recognisers``). By default both
+digit strings and phrases are checked by **Whisper base** (:mod:`engine.reader`), which
+finds how likely the expected words are given the audio, in one pass: the challenge score
+is the mean log-probability per expected word, in nats. On the benchmark's held-apart
+sentences and digit strings Whisper passed more genuine recordings than the pocketsphinx
+check below, at less CPU (benchmarks/TUNING.md, section 4, "Whisper for sentences").
+pocketsphinx remains selectable per kind; everything below the next paragraph is about
+its check.
 
 :class:`ChallengeChecker` scores a recording against the words it should say with the
 US-English acoustic model and dictionary shipped in the ``pocketsphinx`` wheel, in two
@@ -161,6 +160,7 @@ of it each; with the screen, 0.063 and 0.039 s. Whisper's reading of a sentence 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -212,7 +212,7 @@ KINDS = ("digits", "phrase")
 #: Whisper's reading of the expected words (:mod:`engine.reader`)
 RECOGNISERS = ("pocketsphinx", "whisper")
 #: the recogniser per challenge kind (:attr:`ChallengeConfig.recognisers`)
-DEFAULT_RECOGNISERS = {"digits": "pocketsphinx", "phrase": "whisper"}
+DEFAULT_RECOGNISERS = {"digits": "whisper", "phrase": "whisper"}
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 #: The score of a recording the expected words cannot be aligned to; below any real score.
 FAILURE_SCORE = -1000.0
@@ -1044,13 +1044,16 @@ class ChallengeChecker:
         """Run decoding passes in this thread, in order: a phone-loop background array or
         an alignment (``None``: not aligned, or refused by the decoder) per pass."""
         out: list[Any] = []
-        for p in passes:
+        for i, p in enumerate(passes):
             if p.kind == "read":
+                if i and passes[i - 1].kind == "read" and passes[i - 1].pcm is p.pcm:
+                    continue  # read with the one before: the same recording, encoded once
+                run = list(itertools.takewhile(lambda q: q.kind == "read" and q.pcm is p.pcm, passes[i:]))
                 wav = np.frombuffer(p.pcm, dtype="<i2").astype(np.float32) / 32767.0
                 try:
-                    out.append(self._reader().word_logprobs(wav, list(p.words)))
+                    out += self._reader().read_many(wav, [list(q.words) for q in run])
                 except (RuntimeError, ValueError):  # CTranslate2 (or the reader) refused this recording
-                    out.append(None)
+                    out += [None] * len(run)
                 continue
             dec = self._decoder(p.variants, p.frame_rate)
             try:

@@ -191,8 +191,8 @@ def _fake_reading(passes: list[Pass]) -> list:
 
 
 def test_a_phrase_is_read_in_one_pass_and_decided_on_its_mean() -> None:
-    checker = ChallengeChecker(threshold=-2.0)  # default recognisers: phrases read by Whisper
-    assert checker.config.recognisers == DEFAULT_RECOGNISERS == {"digits": "pocketsphinx", "phrase": "whisper"}
+    checker = ChallengeChecker(threshold=-2.0)  # default recognisers: both kinds read by Whisper
+    assert checker.config.recognisers == DEFAULT_RECOGNISERS == {"digits": "whisper", "phrase": "whisper"}
     wav = np.sin(np.arange(SR, dtype=np.float32) / 7.0) * 0.3
     right, wrong, none, silent = checker.check_batch(
         [(wav, "open the door"), (wav, "close the door"), (wav, "nothing here"), (np.zeros(SR, np.float32), "open")],
@@ -212,17 +212,19 @@ def test_a_phrase_is_read_in_one_pass_and_decided_on_its_mean() -> None:
             [(wav, "open a blorptastic door")], run_passes=_fake_reading)
 
 
-def test_digit_strings_stay_with_pocketsphinx() -> None:
-    checker = ChallengeChecker(threshold=-50.0)
+def test_each_kind_goes_to_its_own_recogniser() -> None:
+    checker = ChallengeChecker(config=ChallengeConfig(recognisers={"digits": "pocketsphinx", "phrase": "whisper"}), threshold=-50.0)
     seen: list[Pass] = []
 
     def run(passes: list[Pass]) -> list:
         seen.extend(passes)
-        return [np.full(100, -10.0) if p.kind == "loop" else [(p.words[0], 0, 100, -2000.0)] for p in passes]
+        return [np.full(100, -10.0) if p.kind == "loop" else tuple((w, -0.5) for w in p.words) if p.kind == "read"
+                else [(p.words[0], 0, 100, -2000.0)] for p in passes]
 
     wav = np.sin(np.arange(SR, dtype=np.float32) / 7.0) * 0.3
-    (verdict,) = checker.check_batch([(wav, "1")], run_passes=run)
-    assert verdict.stage == "background" and sorted(p.kind for p in seen) == ["align", "loop"]
+    digits, phrase = checker.check_batch([(wav, "1"), (wav, "open it")], run_passes=run)
+    assert digits.stage == "background" and phrase == Verdict(True, -0.5, "read")
+    assert sorted(p.kind for p in seen) == ["align", "loop", "read"]
 
 
 def test_recognisers_are_validated_and_must_match_the_calibration(tmp_path: Path) -> None:
@@ -262,3 +264,21 @@ def test_the_checker_loads_whisper_for_a_kind_it_reads() -> None:
     wav = decode_audio((SAMPLE / "000240031.flac").read_bytes())
     right, other = checker.check_batch([(wav, SAID.upper()), (wav, OTHER.upper())])
     assert (right.passed, right.stage, other.passed) == (True, "read", False), (right, other)
+
+
+def test_readings_of_one_recording_encode_it_once() -> None:
+    """The benchmark checks a recording against many wrong phrases: one encoding for all."""
+    checker = ChallengeChecker(threshold=-2.0)
+    calls: list[list[list[str]]] = []
+
+    class FakeReader:
+        def read_many(self, wav: np.ndarray, texts: list[list[str]]) -> list:
+            calls.append(texts)
+            return [tuple((w, -1.0) for w in words) for words in texts]
+
+    checker._reader_model = FakeReader()
+    a = np.sin(np.arange(SR, dtype=np.float32) / 7.0) * 0.3
+    b = np.sin(np.arange(SR, dtype=np.float32) / 5.0) * 0.3
+    scores = checker.score_batch([(a, "open it"), (a, "close it"), (a, "409172"), (b, "open it")])
+    assert scores == [-1.0, -1.0, -1.0, -1.0]
+    assert calls == [[["open", "it"], ["close", "it"], ["four", "zero", "nine", "one", "seven", "two"]], [["open", "it"]]]
