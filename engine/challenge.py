@@ -112,9 +112,9 @@ apart, sentences passed 79.6 % with 0.12 % of wrong ones accepted, digit strings
 calibration passed 87.7 % of held-apart sentences with 0.19 % of wrong ones accepted, and
 94.5 % of digit strings with 0.08 %; with word offsets for the digit strings (above),
 97.0 % of the same digit strings with 0.02 % (1 of 6,000) of wrong ones accepted. The
-shipped calibration reads phrases with Whisper instead: 90.6 % of the same held-apart
-sentences pass, with 0.06 % (3 of 4,800) of wrong ones accepted (benchmarks/TUNING.md,
-section 4).
+shipped calibration reads both kinds with Whisper instead: 98.5 % of the same held-apart
+digit strings pass with 0.05 % (3 of 6,000) of wrong ones accepted, and 90.6 % of the
+sentences with 0.06 % (3 of 4,800) (benchmarks/TUNING.md, section 4).
 
 On a smaller part-A comparison (100 recordings per set, 500 wrong phrases), scoring only the
 senones each search keeps active (0.05 s) lost 10 points on both sets, because each pass
@@ -154,8 +154,8 @@ holds the GIL while it decodes: threads calling
 :meth:`ChallengeChecker.check_batch` run one after the other, and parallel scoring needs
 processes. Measured cost (``netid bench challenge``, each kind at its frame rate): 0.089
 (digit strings) and 0.058 (sentences) s of CPU per second of audio for both passes, half
-of it each; with the screen, 0.063 and 0.039 s. Whisper's reading of a sentence costs
-0.039 s per second of audio.
+of it each; with the screen, 0.063 and 0.039 s. Whisper's reading costs 0.039-0.045 s
+per second of audio.
 """
 
 from __future__ import annotations

@@ -202,7 +202,11 @@ class ModelPool(_WorkerPool):
 def _init_challenge_worker(config: Any, kind: str) -> None:
     global _checker, _models_error
     from .challenge import ChallengeChecker
+    from .models import limit_blas_threads
 
+    # Whisper's front end multiplies mel filters with numpy: without this, OpenBLAS threads
+    # spin between recordings and take the cores from the other workers
+    limit_blas_threads()
     # a worker only decodes, with the engine's checker's configuration; the threshold is
     # applied by that checker, in the engine's process
     try:

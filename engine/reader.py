@@ -40,9 +40,9 @@ than Whisper's 30 s window, which costs a tenth as much (0.13 against 1.30 CPU s
 Cost and threads
 ----------------
 One check encodes the recording once and runs the decoder over the expected words once:
-0.039 s of CPU per second of audio on one thread (``netid bench challenge``, 958
-speechocean762 sentences of 4.5 s on average), about what pocketsphinx's screened check
-costs. CTranslate2 releases the interpreter lock while it computes; the engine runs the
+0.039-0.045 s of CPU per second of audio on one thread (``netid bench challenge``: 958
+speechocean762 sentences of 4.5 s and 1,200 FSDD digit strings of 4.1 s on average),
+against 0.039 (sentences) and 0.062 (digit strings) for pocketsphinx's screened check. CTranslate2 releases the interpreter lock while it computes; the engine runs the
 reader in its challenge worker processes all the same. A :class:`Reader` may be shared by
 threads: CTranslate2 serialises calls on one model. :meth:`Reader.read_many` reads one
 recording against several texts with one encoding (the benchmark's wrong phrases).
