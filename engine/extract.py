@@ -1,7 +1,7 @@
 """The extractor seam: what the service needs from the biometric models.
 
 Two implementations stand behind it: :func:`onnx_extractors` (the real ONNX
-models: YuNet + SFace, GE2E, and the pocketsphinx challenge check) and
+models: YuNet + SFace, GE2E, and the spoken-challenge check: Whisper, or pocketsphinx) and
 :func:`fake_extractors`, a deterministic stand-in for unit tests of batching
 and protocol. The fake derives an identity from a marker at the start of the
 sample bytes (``b"FACE:alice:..."``, ``b"VOICE:alice:..."``), so tests can
@@ -52,7 +52,8 @@ class Extractors:
 
 # ---- the recogniser in worker processes ------------------------------------------------------------
 # pocketsphinx holds the interpreter lock for a whole decoding pass (hundreds of ms), which
-# would stall the event loop; each worker process keeps its own ChallengeChecker instead.
+# would stall the event loop, and a Whisper reading is most of a verification's CPU; each
+# worker process keeps its own ChallengeChecker instead.
 _checker = None
 
 
