@@ -46,6 +46,7 @@ import shlex
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -475,7 +476,7 @@ def _choose_operating_point(results: list[Result], sets: list[str], args: argpar
     offsets: dict[str, dict[str, float]] = {}
     for s in sets:
         # offsets make up for words pocketsphinx's model fits badly when said well
-        if s in WORD_OFFSET_SETS and not args.no_word_offsets and args.recognisers[KIND_OF_SET[s]] == "pocketsphinx":
+        if s in WORD_OFFSET_SETS and not args.no_word_offsets and not _read(args, s):
             offsets[s], detail = choose_word_offsets(results, s)
             emit({"figure": "challenge_word_offsets", "set": s, "part": "A", "rule": "half-way between the medians of "
                   "each word's ratio in genuine and in wrong-phrase trials", "offsets": offsets[s], "words": detail})
@@ -501,7 +502,7 @@ def _choose_operating_point(results: list[Result], sets: list[str], args: argpar
     screens: dict[str, Screen | None] = {}
     for s in sets:
         # a kind Whisper reads is checked in one pass: nothing to screen
-        no_screen = args.no_screen or args.recognisers[KIND_OF_SET[s]] != "pocketsphinx"
+        no_screen = args.no_screen or _read(args, s)
         screens[s], grid = (None, []) if no_screen else choose_screen(results, s, per_set[s]["threshold"])
         if screens[s] is not None:
             emit({"figure": "challenge_screen", "set": s, "part": "A", "chosen": dataclasses.asdict(screens[s]), "grid": grid})
@@ -530,34 +531,38 @@ def _shipped_operating_point(checker: ChallengeChecker, sets: list[str]) -> Oper
     return OperatingPoint(weights, per_set, screens, checker.threshold, offsets)
 
 
+def _read(args: argparse.Namespace, set_: str) -> bool:
+    """Whether the set's challenges are read in one pass (Whisper), not aligned by pocketsphinx."""
+    return args.recognisers[KIND_OF_SET.get(set_, "phrase")] != "pocketsphinx"  # speech-8k: phrases
+
+
 def _screens_json(screens: dict[str, Screen | None]) -> dict[str, Any]:
     return {s: None if v is None else dataclasses.asdict(v) for s, v in screens.items()}
 
 
-def parse_recognisers(text: str) -> dict[str, str]:
-    """``"digits=pocketsphinx,phrase=whisper"`` -> the recogniser per kind (the default
-    for a kind not named)."""
-    out = dict(ChallengeConfig().recognisers)
-    for item in (x for x in text.split(",") if x.strip()):
-        kind, sep, name = item.partition("=")
-        if not sep:
-            raise ValueError(f"--recognisers: expected KIND=NAME, got {item!r}")
-        out[kind.strip()] = name.strip()
+def _parse_per_kind(text: str, defaults: Mapping[str, Any], flag: str, metavar: str, value: Callable[[str], Any],
+                    what: str) -> dict[str, Any]:
+    """``"digits=A,phrase=B"`` as a mapping of ``value(A)``...; a kind left out keeps its default."""
+    out = dict(defaults)
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        kind, sep, raw = item.partition("=")
+        if not sep or kind not in out:
+            raise ValueError(f"{flag}: expected KIND={metavar} with KIND one of {', '.join(out)}, got {item!r}")
+        try:
+            out[kind] = value(raw.strip())
+        except ValueError:
+            raise ValueError(f"{flag}: {kind} needs {what}, got {raw!r}") from None
     return out
 
 
+def parse_recognisers(text: str) -> dict[str, str]:
+    """``"digits=pocketsphinx,phrase=whisper"``: the recogniser per kind (ChallengeConfig checks the names)."""
+    return _parse_per_kind(text, ChallengeConfig().recognisers, "--recognisers", "NAME", str, "a recogniser's name")
+
+
 def parse_frame_rates(text: str) -> dict[str, int]:
-    """``"digits=100,phrase=55"`` as a mapping; a kind left out keeps its default."""
-    rates = dict(ChallengeConfig().frame_rates)
-    for item in (x.strip() for x in text.split(",") if x.strip()):
-        kind, sep, rate = item.partition("=")
-        if not sep or kind not in rates:
-            raise ValueError(f"--frame-rates: expected KIND=RATE with KIND one of {', '.join(rates)}, got {item!r}")
-        try:
-            rates[kind] = int(rate)
-        except ValueError:
-            raise ValueError(f"--frame-rates: {kind} needs a whole number of frames per second, got {rate!r}") from None
-    return rates
+    """``"digits=100,phrase=55"``: frames per second per kind."""
+    return _parse_per_kind(text, ChallengeConfig().frame_rates, "--frame-rates", "RATE", int, "a whole number of frames per second")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -807,8 +812,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"{100 * e['to_phone_loop']['wrong']:.1f} % of wrong left to the phone loop") if e["screen"] else f"at {e['threshold']:.2f}"
             print(f"  {s:9s} part B, as the engine decides ({how}): genuine pass {_fmt(e['genuine_pass'])}   "
                   f"wrong phrase accepted {_fmt(e['wrong_accept'])}", file=out)
-        reads = args.recognisers[KIND_OF_SET.get(s, "phrase")] != "pocketsphinx"
-        print(f"  {s if 'engine' not in row else '':9s} part B, {'read by Whisper' if reads else 'both passes always'}, at {first['threshold']:.2f}: genuine pass {_fmt(first['genuine_pass'])}   "
+        print(f"  {s if 'engine' not in row else '':9s} part B, {'read by Whisper' if _read(args, s) else 'both passes always'}, at {first['threshold']:.2f}: genuine pass {_fmt(first['genuine_pass'])}   "
               f"wrong phrase accepted {_fmt(first['wrong_accept'])}", file=out)
         if own is not None and op["threshold"] != own["threshold"]:
             print(f"  {'':9s} at the threshold for any kind {op['threshold']:.2f}: genuine {_fmt(op['genuine_pass'])}   "
@@ -828,7 +832,7 @@ def main(argv: list[str] | None = None) -> int:
         d = row["diagnostic_zero_wrong_on_B"]
         print(f"  {'':9s} (diagnostic) no wrong phrase accepted on B at {d['threshold']:.2f}: genuine {_fmt(d['genuine_pass'])}", file=out)
     for s, c in cost.items():
-        if args.recognisers[KIND_OF_SET.get(s, "phrase")] != "pocketsphinx":
+        if _read(args, s):
             print(f"  cost {s:9s}: {c['engine_cpu_s_per_audio_s']:.3f} CPU s per audio s, read by Whisper "
                   f"({c['recordings']} recordings, mean {c['mean_audio_s']:.1f} s)", file=out)
             continue

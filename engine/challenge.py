@@ -1041,34 +1041,41 @@ class ChallengeChecker:
         return out
 
     def run_passes(self, passes: Sequence[Pass]) -> list[Any]:
-        """Run decoding passes in this thread, in order: a phone-loop background array or
-        an alignment (``None``: not aligned, or refused by the decoder) per pass."""
+        """Run decoding passes in this thread, in order: a phone-loop background array, an
+        alignment or a reading (``None``: not aligned, or refused) per pass."""
         out: list[Any] = []
-        for i, p in enumerate(passes):
-            if p.kind == "read":
-                if i and passes[i - 1].kind == "read" and passes[i - 1].pcm is p.pcm:
-                    continue  # read with the one before: the same recording, encoded once
-                run = list(itertools.takewhile(lambda q: q.kind == "read" and q.pcm is p.pcm, passes[i:]))
-                wav = np.frombuffer(p.pcm, dtype="<i2").astype(np.float32) / 32767.0
-                try:
-                    out += self._reader().read_many(wav, [list(q.words) for q in run])
-                except (RuntimeError, ValueError):  # CTranslate2 (or the reader) refused this recording
-                    out += [None] * len(run)
-                continue
-            dec = self._decoder(p.variants, p.frame_rate)
-            try:
-                if p.kind == "loop":
-                    out.append(dec.phone_loop(p.pcm))
-                elif p.kind == "align":
-                    out.append(dec.align(p.pcm, list(p.words)))
-                else:
-                    raise ValueError(f"unknown decoding pass {p.kind!r}")
-            except RuntimeError:
-                # pocketsphinx refused this recording mid-way; its decoder state is not to
-                # be trusted any more: start this thread afresh with a new one.
-                self._local.decoders.pop((p.variants, p.frame_rate), None)
-                out.append(None)
+        # consecutive readings of one recording (the benchmark's wrong phrases) encode it once
+        for recording, group in itertools.groupby(passes, key=lambda p: id(p.pcm) if p.kind == "read" else None):
+            if recording is None:
+                out += [self._decode(p) for p in group]
+            else:
+                out += self._read_together(list(group))
         return out
+
+    def _read_together(self, passes: list[Pass]) -> list[Any]:
+        """Whisper's readings of one recording against each pass's words (``None`` each
+        if CTranslate2 or the reader refused the recording)."""
+        wav = np.frombuffer(passes[0].pcm, dtype="<i2").astype(np.float32) / 32767.0
+        try:
+            return self._reader().read_many(wav, [list(p.words) for p in passes])
+        except (RuntimeError, ValueError):
+            return [None] * len(passes)
+
+    def _decode(self, p: Pass) -> Any:
+        """One pocketsphinx pass: a phone-loop background array or an alignment (``None``:
+        not aligned, or refused by the decoder)."""
+        dec = self._decoder(p.variants, p.frame_rate)
+        try:
+            if p.kind == "loop":
+                return dec.phone_loop(p.pcm)
+            if p.kind == "align":
+                return dec.align(p.pcm, list(p.words))
+            raise ValueError(f"unknown decoding pass {p.kind!r}")
+        except RuntimeError:
+            # pocketsphinx refused this recording mid-way; its decoder state is not to
+            # be trusted any more: start this thread afresh with a new one.
+            self._local.decoders.pop((p.variants, p.frame_rate), None)
+            return None
 
     def threshold_for(self, challenge: str) -> float:
         """The threshold calibrated for this challenge's kind (digits or phrase)."""

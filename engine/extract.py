@@ -66,8 +66,20 @@ def _exit_with(parent: int) -> None:
 
 
 def _start_worker(parent: int, initializer: Callable[..., None], *args: Any) -> None:
+    """Every pool's worker: watch the parent, hold numpy's BLAS to one thread (OpenBLAS
+    threads spin between small products and take the cores from the other workers: the
+    voice front end, Whisper's mel filters), then load what the pool runs. An error in
+    loading is kept for :func:`_ready` and the first task: an initializer that raises
+    breaks the pool without saying why."""
+    global _init_error
+    from .models import limit_blas_threads
+
     threading.Thread(target=_exit_with, args=(parent,), name="parent-watch", daemon=True).start()
-    initializer(*args)
+    limit_blas_threads()
+    try:
+        initializer(*args)
+    except Exception as exc:
+        _init_error = exc
 
 
 class _WorkerPool:
@@ -133,37 +145,31 @@ class _WorkerPool:
 
 
 _models: tuple[Any, Any] | None = None  # (FaceExtractor, VoiceExtractor) in a model worker
-_models_error: BaseException | None = None  # why a model worker could not load them
+_init_error: BaseException | None = None  # why a worker could not load what its pool runs
 
 
 def _ready() -> int:
     """A worker's pid once its initializer is done; the error it kept, if it failed."""
-    if _models_error is not None:
-        raise _models_error
+    if _init_error is not None:
+        raise _init_error
     return os.getpid()
 
 
 def _init_model_worker(models_dir: Path, intra_op_threads: int) -> None:
-    global _models, _models_error
+    global _models
     from .face import FaceExtractor
-    from .models import limit_blas_threads
     from .voice import VoiceExtractor
 
-    limit_blas_threads()
-    try:
-        face = FaceExtractor(models_dir, intra_op_threads=intra_op_threads)
-        voice = VoiceExtractor(models_dir, intra_op_threads=intra_op_threads)
-        face.warmup()
-        voice.warmup()
-    except Exception as exc:  # kept for the first task: an initializer that raises breaks the pool mutely
-        _models_error = exc
-    else:
-        _models = (face, voice)
+    face = FaceExtractor(models_dir, intra_op_threads=intra_op_threads)
+    voice = VoiceExtractor(models_dir, intra_op_threads=intra_op_threads)
+    face.warmup()
+    voice.warmup()
+    _models = (face, voice)
 
 
 def _loaded() -> tuple[Any, Any]:
     if _models is None:
-        raise _models_error or RuntimeError("model worker not initialised")
+        raise _init_error or RuntimeError("model worker not initialised")
     return _models
 
 
@@ -201,27 +207,19 @@ class ModelPool(_WorkerPool):
 
 
 def _init_challenge_worker(config: Any, kind: str) -> None:
-    global _checker, _models_error
+    global _checker
     from .challenge import ChallengeChecker
-    from .models import limit_blas_threads
 
-    # Whisper's front end multiplies mel filters with numpy: without this, OpenBLAS threads
-    # spin between recordings and take the cores from the other workers
-    limit_blas_threads()
     # a worker only decodes, with the engine's checker's configuration; the threshold is
     # applied by that checker, in the engine's process
-    try:
-        checker = ChallengeChecker(config=config, threshold=0.0)
-        checker.load_decoder(kind)  # the kind's recogniser, before the first recording arrives
-    except Exception as exc:  # kept for warmup and the first task, as in a model worker
-        _models_error = exc
-    else:
-        _checker = checker
+    checker = ChallengeChecker(config=config, threshold=0.0)
+    checker.load_decoder(kind)  # the kind's recogniser, before the first recording arrives
+    _checker = checker
 
 
 def _pass_in_worker(p: Any) -> Any:
     if _checker is None:
-        raise _models_error or RuntimeError("challenge worker not initialised")
+        raise _init_error or RuntimeError("challenge worker not initialised")
     return _checker.run_passes([p])[0]
 
 

@@ -137,30 +137,33 @@ def _manifest(models_dir: Path) -> dict:
         raise ModelMissing(f"model manifest {MANIFEST_FILE} not found")
     try:
         manifest = json.loads(path.read_text())
-        for spec in manifest["files"].values():
-            if not isinstance(spec["parts"], list) or not spec["parts"]:
-                raise ValueError("no parts")
-            for part in spec["parts"]:
-                str(part["package"]), str(part["member"]), str(spec["sha256"]), int(spec["bytes"])
-        if "tokenizer.json" not in manifest["files"]:
-            raise ValueError("no tokenizer")
+        files = manifest["files"]
+        well_formed = "tokenizer.json" in files and all(
+            isinstance(spec["sha256"], str) and isinstance(spec["bytes"], int) and isinstance(spec["parts"], list)
+            and spec["parts"] and all(isinstance(p["package"], str) and isinstance(p["member"], str) for p in spec["parts"])
+            for spec in files.values()
+        )
+        if not well_formed:
+            raise ValueError("a file without its parts, digest or size")
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ModelError(f"model manifest {MANIFEST_FILE} is malformed") from exc
     return manifest
 
 
-def check_installed(models_dir: Path = DEFAULT_MODELS_DIR) -> None:
+def check_installed(models_dir: Path = DEFAULT_MODELS_DIR) -> dict:
     """Refuse now, not in a worker process, what would stop :class:`Reader` from loading:
     a missing or malformed manifest (:class:`ModelError`), a missing runtime or model
     package, or a missing file in one (:class:`ModelMissing`). The digests are checked
-    when the model loads."""
+    when the model loads. Returns the manifest."""
     for runtime in ("ctranslate2", "tokenizers"):
         if importlib.util.find_spec(runtime) is None:
             raise ModelMissing(f"{runtime}, which runs the Whisper model, is not installed")
-    for name, spec in _manifest(models_dir)["files"].items():
+    manifest = _manifest(models_dir)
+    for name, spec in manifest["files"].items():
         for part in spec["parts"]:
             if not (_package_dir(part["package"]) / part["member"]).is_file():
                 raise ModelMissing(f"Whisper model file {name}: {part['member']} not found in {part['package']}")
+    return manifest
 
 
 class Reader:
@@ -171,11 +174,10 @@ class Reader:
     """
 
     def __init__(self, models_dir: Path = DEFAULT_MODELS_DIR, *, threads: int = 1, compute_type: str = "int8") -> None:
-        check_installed(models_dir)
+        manifest = check_installed(models_dir)
         import ctranslate2
         import tokenizers
 
-        manifest = _manifest(models_dir)
         files: dict[str, bytes] = {}
         for name, spec in manifest["files"].items():
             try:
@@ -183,7 +185,7 @@ class Reader:
             except OSError as exc:
                 raise ModelMissing(f"Whisper model file {name} could not be read: {exc.strerror}") from exc
             digest = hashlib.sha256(data).hexdigest()
-            if digest != spec["sha256"] or len(data) != int(spec["bytes"]):
+            if digest != spec["sha256"] or len(data) != spec["bytes"]:
                 raise ModelIntegrityError(f"Whisper model file {name} does not match {MANIFEST_FILE}: sha256 {digest} "
                                           f"({len(data)} bytes), expected {spec['sha256']} ({spec['bytes']} bytes)")
             files[name] = data

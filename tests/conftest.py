@@ -12,6 +12,8 @@ import nacl.signing
 import pytest
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+#: ChallengeConfig.recognisers for tests of pocketsphinx's alignment, for both kinds
+POCKETSPHINX_ONLY = {"digits": "pocketsphinx", "phrase": "pocketsphinx"}
 
 
 class _Decision(NamedTuple):

@@ -47,6 +47,8 @@ from engine.errors import (
 )
 from engine.pronunciation import VARIANTS_VERSION, pronunciation_variants
 
+from .conftest import POCKETSPHINX_ONLY
+
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 SPEECH = DATA / "speech"
 DIGITS = DATA / "digits"
@@ -135,8 +137,7 @@ def test_config_is_validated() -> None:
 
 # --------------------------------------------------------------------------- calibration
 
-#: the scoring tests below are of pocketsphinx's alignment, for both kinds
-POCKETSPHINX_ONLY = {"digits": "pocketsphinx", "phrase": "pocketsphinx"}
+# the scoring tests below are of pocketsphinx's alignment, for both kinds (POCKETSPHINX_ONLY)
 
 
 def _calibration(tmp_path: Path, threshold: float, *, measured: dict | None = None, **per_kind: float) -> ChallengeConfig:

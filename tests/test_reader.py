@@ -29,8 +29,9 @@ from engine.errors import ConfigError, ModelError, ModelIntegrityError, ModelMis
 from engine.models import DEFAULT_MODELS_DIR
 from engine.reader import MANIFEST_FILE, Reader, log_mel, reader_text
 
+from .conftest import POCKETSPHINX_ONLY
+
 SR = 16000
-POCKETSPHINX_ONLY = {"digits": "pocketsphinx", "phrase": "pocketsphinx"}
 SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "speech" / "SPEAKER0024"
 SAID = "we have climbed one step up the ladder"  # 000240031
 OTHER = "it was good for me"  # 000240010, the same speaker
