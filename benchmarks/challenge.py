@@ -67,12 +67,14 @@ from engine.challenge import (
     Pass,
     ScoreParts,
     Screen,
+    challenge_kind,
     challenge_words,
     load_phrases,
 )
 from engine.errors import ConfigError, ModelError, SampleError
 from engine.models import DEFAULT_MODELS_DIR
 from engine.pronunciation import VARIANTS_VERSION
+from engine.reader import COHORT_DIR, COHORT_FILE, load_cohort
 
 __all__ = ["main"]
 
@@ -120,6 +122,9 @@ class Result:
     audio_s: float = 0.0
     #: per expected challenge, the engine's decision with the screen (filled in by ``main``)
     passed: list[bool] = field(default_factory=list)
+    #: CPU seconds of what the genuine challenge needs once, before its first check in a
+    #: worker: a phrase's cohort passes (0: done before, or a kind without them)
+    prepare_cpu_s: float = 0.0
     #: per expected challenge, whether the screen decided it without the phone loop
     screened: list[bool] = field(default_factory=list)
 
@@ -146,6 +151,14 @@ def speech_tasks(root: Path, *, per_part: int | None, wrong: int, rng: np.random
             continue
         usable[utt] = sentence.strip()
     part_of = split_of(sorted(set(utt2spk.values())), DEFAULT_SALT, "speech")
+    if config.relative_kinds:
+        # the reader's cohort: calibration speakers only, and none of its recordings a trial
+        cohort = json.loads((Path(config.reader_models_dir) / COHORT_DIR / COHORT_FILE).read_text())["recordings"]
+        outside = sorted({c["speaker"] for c in cohort if part_of.get(c["speaker"]) != "A"})
+        if outside:
+            raise ConfigError(f"the reader cohort holds speakers outside part A: {', '.join(outside)}")
+        for c in cohort:
+            usable.pop(Path(c["file"]).stem, None)
     sentences = sorted({" ".join(challenge_words(s)) for s in usable.values()})
     tasks: list[Task] = []
     for part in ("A", "B"):
@@ -270,6 +283,12 @@ def score_task(task: Task) -> Result:
             cpu[p.kind] += time.process_time() - t
         return out
 
+    # a phrase's cohort passes run once, on its first check (the reader keeps them): timed
+    # apart, so that the genuine check's time is what every later check of it costs
+    if challenge_kind(task.expected[0]) in _checker.config.relative_kinds:
+        t0 = time.process_time()
+        if _checker.prepare(task.expected[0]):
+            res.prepare_cpu_s = time.process_time() - t0
     t0 = time.process_time()
     first = _checker.parts_batch([(wav, task.expected[0])], run_passes=timed)
     res.genuine_cpu_s = time.process_time() - t0
@@ -536,6 +555,11 @@ def _read(args: argparse.Namespace, set_: str) -> bool:
     return args.recognisers[KIND_OF_SET.get(set_, "phrase")] != "pocketsphinx"  # speech-8k: phrases
 
 
+def _cohort_digest(config: ChallengeConfig) -> str | None:
+    """The sha256 of the reader cohort's manifest, where a kind is scored relative to it."""
+    return load_cohort(config.reader_models_dir)[1] if config.relative_kinds else None
+
+
 def _screens_json(screens: dict[str, Screen | None]) -> dict[str, Any]:
     return {s: None if v is None else dataclasses.asdict(v) for s, v in screens.items()}
 
@@ -587,6 +611,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="challenge kinds aligned with pronunciation variants too (comma-separated; '' for none; default %(default)s)")
     p.add_argument("--recognisers", default=",".join(f"{k}={r}" for k, r in ChallengeConfig().recognisers.items()),
                    metavar="KIND=NAME,...", help="what checks each challenge kind: pocketsphinx or whisper (default %(default)s)")
+    p.add_argument("--cohort-kinds", default=",".join(ChallengeConfig().cohort_kinds), metavar="KINDS",
+                   help="challenge kinds whose Whisper score is relative to the reader's cohort "
+                        "(comma-separated; '' for none; default %(default)s)")
     p.add_argument("--no-word-offsets", action="store_true",
                    help="no word offsets: every word's ratio counts as measured (default: offsets for the digit strings)")
     p.add_argument("--no-screen", action="store_true",
@@ -619,7 +646,8 @@ def main(argv: list[str] | None = None) -> int:
         config = ChallengeConfig(silence_weight=args.silence_weight, frame_step=args.frame_step, top_gaussians=args.top_gaussians,
                                  variant_kinds=tuple(k for k in args.variant_kinds.split(",") if k),
                                  frame_rates=parse_frame_rates(args.frame_rates),
-                                 recognisers=parse_recognisers(args.recognisers))
+                                 recognisers=parse_recognisers(args.recognisers),
+                                 cohort_kinds=tuple(k for k in args.cohort_kinds.split(",") if k))
         args.recognisers = dict(config.recognisers)
     except (ConfigError, ValueError) as exc:
         p.error(str(exc))
@@ -629,17 +657,22 @@ def main(argv: list[str] | None = None) -> int:
             shipped = ChallengeChecker(config=dataclasses.replace(config, calibration_path=Path(args.models) / CALIBRATION_FILE))
         except (ConfigError, ModelError) as exc:
             p.error(f"--calibrated: {exc}")
-    rng = np.random.default_rng(args.seed)
+    # a stream per set: what one set draws (its usable sentences, the reader's cohort left
+    # out) does not change another set's trials
+    rng = {name: np.random.default_rng([args.seed, i]) for i, name in enumerate(("speech", "speech-8k", "digits"))}
     wall0 = time.perf_counter()
 
     tasks: list[Task] = []
     info: dict[str, Any] = {}
     if args.speech_utts > 0 and (args.data / "speech" / "text").is_file():
-        st, info["speech"] = speech_tasks(args.data, per_part=args.speech_utts, wrong=args.wrong, rng=rng, config=config)
+        try:
+            st, info["speech"] = speech_tasks(args.data, per_part=args.speech_utts, wrong=args.wrong, rng=rng["speech"], config=config)
+        except ConfigError as exc:
+            p.error(str(exc))
         tasks += st
-        tasks += bandlimited_tasks(st, args.bandlimited, min(args.wrong, 3), rng)
+        tasks += bandlimited_tasks(st, args.bandlimited, min(args.wrong, 3), rng["speech-8k"])
     if args.digit_strings > 0 and (args.data / "digits").is_dir():
-        tasks += digit_tasks(args.data, per_part=args.digit_strings, wrong=args.wrong, rng=rng)
+        tasks += digit_tasks(args.data, per_part=args.digit_strings, wrong=args.wrong, rng=rng["digits"])
     if shipped is not None:  # the operating point is given: part A is not needed
         tasks = [t for t in tasks if t.part == "B"]
     if not tasks:
@@ -740,6 +773,10 @@ def main(argv: list[str] | None = None) -> int:
                    "loop_cpu_s_per_audio_s": sum(r.pass_cpu_s.get("loop", 0.0) for r in rs) / audio if audio else math.nan,
                    "read_cpu_s_per_audio_s": sum(r.pass_cpu_s.get("read", 0.0) for r in rs) / audio if audio else math.nan,
                    "recordings": len(rs), "mean_audio_s": audio / len(rs) if rs else math.nan}
+        firsts = [r.prepare_cpu_s for r in rs if r.prepare_cpu_s > 0.0]
+        if firsts:
+            cost[s]["phrase_first_use_cpu_s"] = {"n": len(firsts), "mean": float(np.mean(firsts)),
+                                                 "what": "the cohort passes of a phrase, once per phrase and worker"}
     emit({"figure": "challenge_cost", "what": "CPU seconds per second of audio of one check: both decoding passes "
           "(cpu_s_per_audio_s), and as the engine runs it, the phone loop only where the screen leaves it open "
           "(engine_cpu_s_per_audio_s)", **cost})
@@ -752,7 +789,8 @@ def main(argv: list[str] | None = None) -> int:
           "sample_errors": dict(errors), "data": info, "silence_weights": weights, "word_offsets": offsets,
           "screens": _screens_json(screens),
           "frame_step": config.frame_step, "frame_rates": dict(config.frame_rates), "top_gaussians": config.top_gaussians,
-          "beam": config.beam, "variant_kinds": list(config.variant_kinds), "recognisers": dict(config.recognisers)})
+          "beam": config.beam, "variant_kinds": list(config.variant_kinds), "recognisers": dict(config.recognisers),
+          "relative_kinds": list(config.relative_kinds)})
 
     if args.write_calibration:
         path = Path(args.models) / CALIBRATION_FILE
@@ -763,8 +801,11 @@ def main(argv: list[str] | None = None) -> int:
             "thresholds": {KIND_OF_SET[s]: per_set[s]["threshold"] for s in sets},
             "score": "pocketsphinx: mean per-word log-likelihood ratio (forced alignment vs free phone loop, every "
                      "senone scored) less the word's offset, + silence_weight * min(0, silence ratio); whisper: mean "
-                     "per-word log-probability of the expected words, the decoder forced through them; engine/challenge.py",
+                     "per-word log-probability of the expected words, the decoder forced through them, for relative_kinds each "
+                     "word's less its mean over the reader cohort's recordings (models/reader_cohort); engine/challenge.py",
             "recognisers": dict(config.recognisers),
+            "relative_kinds": list(config.relative_kinds),
+            "reader_cohort": _cohort_digest(config),
             "silence_weights": {KIND_OF_SET[s]: weights[s] for s in sets},
             "word_offsets": {KIND_OF_SET[s]: v for s, v in offsets.items()},
             "frame_step": config.frame_step,
@@ -835,6 +876,9 @@ def main(argv: list[str] | None = None) -> int:
         if _read(args, s):
             print(f"  cost {s:9s}: {c['engine_cpu_s_per_audio_s']:.3f} CPU s per audio s, read by Whisper "
                   f"({c['recordings']} recordings, mean {c['mean_audio_s']:.1f} s)", file=out)
+            if "phrase_first_use_cpu_s" in c:
+                print(f"  {'':14s} and once per phrase and worker, its cohort passes: "
+                      f"{c['phrase_first_use_cpu_s']['mean']:.2f} CPU s", file=out)
             continue
         print(f"  cost {s:9s}: {c['engine_cpu_s_per_audio_s']:.3f} CPU s per audio s as the engine checks (both passes always "
               f"{c['cpu_s_per_audio_s']:.3f}; {c['recordings']} recordings, mean {c['mean_audio_s']:.1f} s)", file=out)

@@ -14,11 +14,14 @@ The check
 Each challenge kind has its recogniser (``ChallengeConfig.recognisers``). By default both
 digit strings and phrases are checked by **Whisper base** (:mod:`engine.reader`), which
 finds how likely the expected words are given the audio, in one pass: the challenge score
-is the mean log-probability per expected word, in nats. On the benchmark's held-apart
-sentences and digit strings Whisper passed more genuine recordings than the pocketsphinx
-check below, at less CPU (benchmarks/TUNING.md, section 4, "Whisper for sentences").
-pocketsphinx remains selectable per kind; everything below the next paragraph is about
-its check.
+is the mean log-probability per expected word, in nats. For the kinds in
+``ChallengeConfig.cohort_kinds`` (phrases) each word's log-probability is first taken
+relative to the cohort's (:meth:`engine.reader.Reader.relative`): less its mean over a few
+recordings of other sentences, which removes how likely the phrase is whatever is said.
+On the benchmark's held-apart sentences and digit strings Whisper passed more genuine
+recordings than the pocketsphinx check below, at less CPU (benchmarks/TUNING.md, section 4,
+"Whisper for sentences" and "Phrases relative to a cohort of other speech"). pocketsphinx
+remains selectable per kind; everything below the next paragraph is about its check.
 
 :class:`ChallengeChecker` scores a recording against the words it should say with the
 US-English acoustic model and dictionary shipped in the ``pocketsphinx`` wheel, in two
@@ -288,8 +291,15 @@ class ChallengeConfig:
     #: benchmark: Whisper for read sentences, pocketsphinx for digit strings; the
     #: calibration records them.
     recognisers: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_RECOGNISERS))
-    #: where ``whisper.json`` (the Whisper model's manifest) is read from.
+    #: where ``whisper.json`` (the Whisper model's manifest) and the reader's cohort
+    #: (``reader_cohort/``) are read from.
     reader_models_dir: Path = DEFAULT_MODELS_DIR
+    #: the challenge kinds whose Whisper score is relative to the reader's cohort: each
+    #: word's log-probability less its mean over recordings of other sentences
+    #: (:meth:`engine.reader.Reader.relative`). Chosen on the benchmark's calibration part:
+    #: it lifts slow readers' sentences; a phrase's cohort passes are run once and kept,
+    #: where every digit string is new. The calibration records them.
+    cohort_kinds: tuple[str, ...] = ("phrase",)
 
     def __post_init__(self) -> None:
         if self.silence_weight is not None and not 0.0 <= self.silence_weight <= 100.0:
@@ -315,6 +325,9 @@ class ChallengeConfig:
             raise ConfigError("max_phrase_words must be positive")
         if not set(self.variant_kinds) <= set(KINDS):
             raise ConfigError("variant_kinds must name challenge kinds: " + ", ".join(KINDS))
+        if isinstance(self.cohort_kinds, str) or not set(self.cohort_kinds) <= set(KINDS):
+            raise ConfigError("cohort_kinds must name challenge kinds: " + ", ".join(KINDS))
+        object.__setattr__(self, "cohort_kinds", tuple(self.cohort_kinds))
         if not isinstance(self.recognisers, Mapping) or set(self.recognisers) != set(KINDS) or not all(
             r in RECOGNISERS for r in self.recognisers.values()
         ):
@@ -323,6 +336,12 @@ class ChallengeConfig:
         object.__setattr__(self, "recognisers", dict(self.recognisers))
         if "whisper" in self.recognisers.values() and self.max_seconds > 30.0:
             raise ConfigError("Whisper reads at most 30 s: max_seconds must be 30 or less")
+
+    @property
+    def relative_kinds(self) -> tuple[str, ...]:
+        """The kinds scored relative to the reader's cohort: those of ``cohort_kinds``
+        that Whisper reads (pocketsphinx has its phone loop)."""
+        return tuple(k for k in KINDS if k in self.cohort_kinds and self.recognisers[k] == "whisper")
 
     @property
     def acoustic_model(self) -> Path:
@@ -732,6 +751,8 @@ class Pass(NamedTuple):
     words: tuple[str, ...] = ()
     #: align with the words' pronunciation variants too
     variants: bool = False
+    #: a reading taken relative to the reader's cohort (:attr:`ChallengeConfig.cohort_kinds`)
+    relative: bool = False
 
 
 class ChallengeChecker:
@@ -752,6 +773,12 @@ class ChallengeChecker:
             from .reader import check_installed
 
             check_installed(config.reader_models_dir)  # here, not first in a worker process
+        #: the sha256 of the reader cohort's manifest, where a kind is scored relative to it
+        self.cohort_digest: str | None = None
+        if config.relative_kinds:
+            from .reader import load_cohort
+
+            _, self.cohort_digest = load_cohort(config.reader_models_dir)
         per_kind: dict[str, float] = {}
         if threshold is None:
             self.calibration: ChallengeCalibration | None = load_calibration(config.calibration_path)
@@ -772,6 +799,10 @@ class ChallengeChecker:
             if recognisers != config.recognisers:
                 wanted = ", ".join(f"{k} {r}" for k, r in config.recognisers.items())
                 raise ModelError(f"challenge calibration {name} was not measured with recognisers {wanted}")
+            relative = measured.get("relative_kinds", [])
+            if relative != list(config.relative_kinds) or (relative and measured.get("reader_cohort") != self.cohort_digest):
+                wanted = ", ".join(config.relative_kinds) or "no kind"
+                raise ModelError(f"challenge calibration {name} was not measured with {wanted} relative to this reader cohort")
             cal = self.calibration
             if cal.variant_kinds != set(config.variant_kinds) or (cal.variant_kinds and cal.variants_version != VARIANTS_VERSION):
                 wanted = ", ".join(config.variant_kinds) or "none"
@@ -804,13 +835,28 @@ class ChallengeChecker:
 
     def load_decoder(self, kind: str) -> None:
         """Load what checks challenges of ``kind`` now rather than on the first recording:
-        Whisper, or this thread's pocketsphinx decoder without variants at the kind's frame
-        rate, which its phone loop (and a digit string's alignment) uses. Any other decoder
-        (~28 MB and 0.17 s each) loads with the first challenge that needs it."""
+        Whisper (with the cohort encoded, for a kind relative to it), or this thread's
+        pocketsphinx decoder without variants at the kind's frame rate, which its phone loop
+        (and a digit string's alignment) uses. Any other decoder (~28 MB and 0.17 s each)
+        loads with the first challenge that needs it."""
         if self.config.recognisers[kind] == "whisper":
-            self._reader()
+            reader = self._reader()
+            if kind in self.config.relative_kinds:
+                reader.encode_cohort()
         else:
             self._decoder(False, self.config.frame_rates[kind])
+
+    def prepare(self, challenge: str) -> bool:
+        """Run now what checking ``challenge`` needs once whatever the recording: for a
+        kind scored relative to the reader's cohort, the phrase's cohort passes (the reader
+        keeps their result). Whether there was anything to run."""
+        if challenge_kind(challenge) not in self.config.relative_kinds:
+            return False
+        reader, words = self._reader(), challenge_words(challenge)
+        if reader.knows(words):
+            return False
+        reader.prior(words)
+        return True
 
     def _reads(self, challenge: str) -> bool:
         """Whether Whisper checks ``challenge`` (its kind's recogniser)."""
@@ -835,6 +881,11 @@ class ChallengeChecker:
         frame rate (and, for an alignment, its kind's pronunciation variants)."""
         variants = kind == "align" and challenge_kind(challenge) in self.config.variant_kinds
         return Pass(kind, pcm, self._frame_rate(challenge), tuple(words), variants)
+
+    def _read_pass(self, pcm: bytes, challenge: str, words: Sequence[str]) -> Pass:
+        """Whisper's reading of a recording against ``challenge``, relative to the cohort
+        if its kind is."""
+        return Pass("read", pcm, 0, tuple(words), relative=challenge_kind(challenge) in self.config.relative_kinds)
 
     def _decoder(self, variants: bool, frame_rate: int) -> _Decoder:
         """This thread's decoder with or without pronunciation variants, at ``frame_rate``
@@ -920,7 +971,7 @@ class ChallengeChecker:
         def stage(want_align: Sequence[int], want_loop: Sequence[int], want_read: Sequence[int] = ()) -> None:
             passes = [self._pass("align", pcms[id(items[i][0])], items[i][1], expected[i])  # type: ignore[arg-type]
                       for i in want_align]
-            passes += [Pass("read", pcms[id(items[i][0])], 0, tuple(expected[i])) for i in want_read]  # type: ignore[arg-type]
+            passes += [self._read_pass(pcms[id(items[i][0])], items[i][1], expected[i]) for i in want_read]  # type: ignore[arg-type]
             loops: dict[tuple[int, int], int] = {}  # each background wanted, and an item that wants it
             for i in want_loop:
                 if loop_key(i) not in backgrounds:
@@ -1011,7 +1062,7 @@ class ChallengeChecker:
                     plan.append(pcm)
                 else:
                     plan.append((-1, len(passes)))
-                    passes.append(Pass("read", pcm, 0, tuple(words)))
+                    passes.append(self._read_pass(pcm, challenge, words))
                 continue
             key = id(audio), self._frame_rate(challenge)
             if key not in loops:
@@ -1056,8 +1107,10 @@ class ChallengeChecker:
         """Whisper's readings of one recording against each pass's words (``None`` each
         if CTranslate2 or the reader refused the recording)."""
         wav = np.frombuffer(passes[0].pcm, dtype="<i2").astype(np.float32) / 32767.0
+        reader = self._reader()
         try:
-            return self._reader().read_many(wav, [list(p.words) for p in passes])
+            readings = reader.read_many(wav, [list(p.words) for p in passes])
+            return [reader.relative(r) if p.relative else r for p, r in zip(passes, readings)]
         except (RuntimeError, ValueError):
             return [None] * len(passes)
 

@@ -31,6 +31,16 @@ the challenge score is their mean (nats per word; 0 is certain). A recording of 
 gives each expected word a low probability; a genuine reading, even an accented one, a
 high one for most words.
 
+A phrase's probability also depends on the phrase: common words in a common order are
+likely whatever is said, and a slow reader's genuine reading of an unusual sentence can
+score below a wrong phrase of everyday words. For the kinds in
+``ChallengeConfig.cohort_kinds`` (phrases, by default) each word's log-probability is taken
+relative to the cohort (:meth:`Reader.relative`): less its mean over eight recordings of
+other sentences shipped in ``models/reader_cohort/`` (:meth:`Reader.prior`), so that the
+score says how much more likely this recording makes the words than other speech does
+(a positive number for a genuine reading). A phrase's cohort passes run on its first check
+and are kept; digit strings, new every time, are scored as read.
+
 The text given to the decoder is the words in sentence case (first letter upper case, and
 the pronoun "I"), as Whisper writes sentences; the same words in capitals cost a genuine
 reading several nats per word. The encoder is given the recording's own length rather
@@ -53,15 +63,19 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from .errors import ModelError, ModelIntegrityError, ModelMissing
 from .models import DEFAULT_MODELS_DIR
 
-__all__ = ["MANIFEST_FILE", "MAX_SECONDS", "Reader", "check_installed", "log_mel", "reader_text"]
+__all__ = ["COHORT_DIR", "COHORT_FILE", "MANIFEST_FILE", "MAX_SECONDS", "CohortRecording", "Reader", "check_installed",
+           "load_cohort", "log_mel", "reader_text"]
 
 MANIFEST_FILE = "whisper.json"
 SAMPLE_RATE = 16000
@@ -69,6 +83,11 @@ _N_FFT, _HOP, _N_MELS = 400, 160, 80
 #: Whisper's encoder takes at most 30 s (3,000 frames)
 _MAX_FRAMES = 3000
 MAX_SECONDS = 30.0
+#: the cohort's folder in the models directory, and its manifest in that folder
+COHORT_DIR = "reader_cohort"
+COHORT_FILE = "reader_cohort.json"
+#: phrases whose prior a reader keeps (an operator's list is rarely longer)
+_PRIORS_KEPT = 4096
 
 
 def _mel_filters() -> np.ndarray:
@@ -166,6 +185,50 @@ def check_installed(models_dir: Path = DEFAULT_MODELS_DIR) -> dict:
     return manifest
 
 
+class CohortRecording(NamedTuple):
+    """One recording of the cohort: the words it says, and its samples (16 kHz, as the
+    16-bit PCM every checked recording becomes)."""
+
+    words: tuple[str, ...]
+    wav: np.ndarray
+
+
+def load_cohort(models_dir: Path = DEFAULT_MODELS_DIR) -> tuple[list[CohortRecording], str]:
+    """The cohort of ``models_dir/reader_cohort/`` and the sha256 of its manifest (what a
+    calibration records). Every file is checked against the manifest's digest:
+    :class:`ModelMissing` for a missing file, :class:`ModelIntegrityError` for a changed
+    one, :class:`ModelError` for a malformed manifest."""
+    from .audio import decode_audio
+    from .errors import SampleError
+
+    folder = Path(models_dir) / COHORT_DIR
+    path = folder / COHORT_FILE
+    if not path.is_file():
+        raise ModelMissing(f"the reader's cohort manifest {COHORT_DIR}/{COHORT_FILE} not found")
+    raw = path.read_bytes()
+    try:
+        entries = [(str(r["file"]), str(r["sha256"]), tuple(str(r["words"]).split())) for r in json.loads(raw)["recordings"]]
+        if not entries or any(Path(f).name != f or not words for f, _, words in entries):
+            raise ValueError("no recordings, a path outside the folder, or a recording without words")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"the reader's cohort manifest {COHORT_FILE} is malformed") from exc
+    out = []
+    for name, digest, words in entries:
+        try:
+            data = (folder / name).read_bytes()
+        except OSError as exc:
+            raise ModelMissing(f"cohort recording {name} could not be read: {exc.strerror}") from exc
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise ModelIntegrityError(f"cohort recording {name} does not match {COHORT_FILE}")
+        try:
+            wav = decode_audio(data, max_seconds=MAX_SECONDS)
+        except SampleError as exc:
+            raise ModelError(f"cohort recording {name} could not be decoded: {exc}") from exc
+        pcm = (np.clip(wav, -1.0, 1.0) * 32767.0).astype("<i2")
+        out.append(CohortRecording(words, pcm.astype(np.float32) / 32767.0))
+    return out, hashlib.sha256(raw).hexdigest()
+
+
 class Reader:
     """Whisper base, loaded and digest-checked from the packages ``models/whisper.json``
     names; see the module docstring.
@@ -202,6 +265,10 @@ class Reader:
         if None in self._start:
             raise ModelError("the Whisper tokenizer lacks its special tokens")
         self._ct2 = ctranslate2
+        self._models_dir = Path(models_dir)
+        self._cohort: list[tuple[tuple[str, ...], object, int]] | None = None
+        self._priors: OrderedDict[tuple[str, ...], tuple[float, ...]] = OrderedDict()
+        self._priors_lock = threading.Lock()
 
     def tokens(self, words: Sequence[str]) -> list[list[int]]:
         """Each word's tokens, as it is written inside the sentence (with its leading space)."""
@@ -237,3 +304,50 @@ class Reader:
             out.append((word, float(logs[at : at + len(toks)].sum())))
             at += len(toks)
         return tuple(out)
+
+    def encode_cohort(self) -> list[tuple[tuple[str, ...], object, int]]:
+        """The cohort's recordings (:func:`load_cohort`) encoded, now if not yet: each with
+        its words and its number of frames."""
+        with self._priors_lock:
+            if self._cohort is None:
+                cohort = []
+                for rec in load_cohort(self._models_dir)[0]:
+                    features = log_mel(rec.wav)
+                    encoded = self._model.encode(self._ct2.StorageView.from_array(features[None]), to_cpu=False)
+                    cohort.append((rec.words, encoded, features.shape[1]))
+                self._cohort = cohort
+            return self._cohort
+
+    def knows(self, words: Sequence[str]) -> bool:
+        """Whether :meth:`prior` keeps ``words``' prior (it would not run the decoder)."""
+        with self._priors_lock:
+            return tuple(words) in self._priors
+
+    def prior(self, words: Sequence[str]) -> tuple[float, ...]:
+        """Each of ``words``' log-probability (as :meth:`word_logprobs` gives it), averaged
+        over the cohort's recordings of other sentences: how likely Whisper finds the
+        words whatever is said. The cohort is encoded on the first call
+        (:meth:`encode_cohort`); the last 4,096 phrases' priors are kept, so a phrase list
+        costs its decoder passes once."""
+        key = tuple(words)
+        with self._priors_lock:
+            if key in self._priors:
+                self._priors.move_to_end(key)
+                return self._priors[key]
+        cohort = self.encode_cohort()
+        # a cohort recording of these very words would make them look likely anyway
+        rows = [[lp for _, lp in self._forced(encoded, frames, key)] for said, encoded, frames in cohort if said != key]
+        if not rows:
+            raise ModelError("the reader's cohort holds no recording of other words")
+        prior = tuple(float(x) for x in np.mean(rows, axis=0))
+        with self._priors_lock:
+            self._priors[key] = prior
+            while len(self._priors) > _PRIORS_KEPT:
+                self._priors.popitem(last=False)
+        return prior
+
+    def relative(self, reading: Sequence[tuple[str, float]]) -> tuple[tuple[str, float], ...]:
+        """A reading (:meth:`word_logprobs`) with each word's :meth:`prior` subtracted: how
+        much more likely the recording makes each word than other speech does."""
+        prior = self.prior([w for w, _ in reading])
+        return tuple((w, lp - p) for (w, lp), p in zip(reading, prior))

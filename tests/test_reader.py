@@ -8,6 +8,7 @@ The model tests run the real Whisper base on a speechocean762 recording shipped 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -27,7 +28,7 @@ from engine.challenge import (
 )
 from engine.errors import ConfigError, ModelError, ModelIntegrityError, ModelMissing, NoSpeech
 from engine.models import DEFAULT_MODELS_DIR
-from engine.reader import MANIFEST_FILE, Reader, log_mel, reader_text
+from engine.reader import COHORT_DIR, COHORT_FILE, MANIFEST_FILE, Reader, load_cohort, log_mel, reader_text
 
 from .conftest import POCKETSPHINX_ONLY
 
@@ -166,7 +167,7 @@ def test_a_worker_that_cannot_load_whisper_says_why(tmp_path: Path) -> None:
     doc = json.loads(path.read_text())
     doc["files"]["config.json"]["sha256"] = "0" * 64
     path.write_text(json.dumps(doc))
-    checker = ChallengeChecker(config=ChallengeConfig(reader_models_dir=tmp_path), threshold=0.0)
+    checker = ChallengeChecker(config=ChallengeConfig(reader_models_dir=tmp_path, cohort_kinds=()), threshold=0.0)
     pool = ChallengePool(checker, 1, kind="phrase")
     try:
         with pytest.raises(ModelIntegrityError):
@@ -258,7 +259,7 @@ def test_recognisers_are_validated_and_must_match_the_calibration(tmp_path: Path
 
 @pytest.mark.slow
 def test_the_checker_loads_whisper_for_a_kind_it_reads() -> None:
-    checker = ChallengeChecker(threshold=-2.0)
+    checker = ChallengeChecker()  # the calibrated thresholds: phrases relative to the cohort
     checker.load_decoder("phrase")
     assert isinstance(checker._reader_model, Reader)
     assert not getattr(checker._local, "decoders", {})  # no pocketsphinx decoder for phrases
@@ -277,9 +278,112 @@ def test_readings_of_one_recording_encode_it_once() -> None:
             calls.append(texts)
             return [tuple((w, -1.0) for w in words) for words in texts]
 
+        def relative(self, reading: tuple) -> tuple:
+            return tuple((w, lp + 3.0) for w, lp in reading)
+
     checker._reader_model = FakeReader()
     a = np.sin(np.arange(SR, dtype=np.float32) / 7.0) * 0.3
     b = np.sin(np.arange(SR, dtype=np.float32) / 5.0) * 0.3
     scores = checker.score_batch([(a, "open it"), (a, "close it"), (a, "409172"), (b, "open it")])
-    assert scores == [-1.0, -1.0, -1.0, -1.0]
+    # phrases relative to the cohort (by default), digit strings as read
+    assert scores == [2.0, 2.0, -1.0, 2.0]
     assert calls == [[["open", "it"], ["close", "it"], ["four", "zero", "nine", "one", "seven", "two"]], [["open", "it"]]]
+
+
+# --------------------------------------------------------------------------- the cohort
+
+
+def _small_cohort(tmp_path: Path, said: dict[str, str]) -> Path:
+    """A models directory with Whisper's manifest and a cohort of the shipped sample
+    recordings ``said`` (file -> words)."""
+    _copy_manifest(tmp_path)
+    folder = tmp_path / COHORT_DIR
+    folder.mkdir()
+    recordings = []
+    for name, words in said.items():
+        shutil.copy(SAMPLE / name, folder / name)
+        recordings.append({"file": name, "words": words, "sha256": hashlib.sha256((SAMPLE / name).read_bytes()).hexdigest()})
+    (folder / COHORT_FILE).write_text(json.dumps({"format": 1, "recordings": recordings}))
+    return tmp_path
+
+
+def test_the_shipped_cohort_is_whole_and_from_calibration_speakers() -> None:
+    from benchmarks.datasets import DEFAULT_SALT, split_of
+
+    recordings, digest = load_cohort()
+    assert len(recordings) == 8 and len(digest) == 64
+    assert all(r.wav.dtype == np.float32 and r.wav.size > 2 * SR and r.words for r in recordings)
+    doc = json.loads((DEFAULT_MODELS_DIR / COHORT_DIR / COHORT_FILE).read_text())
+    # the split is over every speaker of the corpus; the data may be absent, the manifest says
+    assert {r["part"] for r in doc["recordings"]} == {"A"}
+    speech = DEFAULT_MODELS_DIR.parent.parent / "shared" / "data" / "speech" / "utt2spk"
+    if speech.is_file():
+        speakers = sorted({ln.split()[1] for ln in speech.read_text().splitlines() if ln.strip()})
+        part = split_of(speakers, DEFAULT_SALT, "speech")
+        assert all(part[r["speaker"]] == "A" for r in doc["recordings"])
+
+
+def test_a_changed_missing_or_malformed_cohort_is_refused(tmp_path: Path) -> None:
+    models = _small_cohort(tmp_path, {"000240010.flac": OTHER})
+    folder = models / COHORT_DIR
+    assert [r.words for r in load_cohort(models)[0]] == [tuple(OTHER.split())]
+    data = (folder / "000240010.flac").read_bytes()
+    (folder / "000240010.flac").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(ModelIntegrityError, match="000240010"):
+        load_cohort(models)
+    (folder / "000240010.flac").unlink()
+    with pytest.raises(ModelMissing):
+        load_cohort(models)
+    for text in ("not json", '{"recordings": []}', '{"recordings": [{"file": "../x.flac", "words": "a", "sha256": "0"}]}',
+                 '{"recordings": [{"file": "x.flac", "words": "", "sha256": "0"}]}', '{"recordings": [{"file": "x.flac"}]}'):
+        (folder / COHORT_FILE).write_text(text)
+        with pytest.raises(ModelError) as err:
+            load_cohort(models)
+        assert type(err.value) is ModelError, text
+    (folder / COHORT_FILE).unlink()
+    with pytest.raises(ModelMissing):
+        load_cohort(models)
+    # a checker that scores a kind relative to the cohort refuses to start without it
+    with pytest.raises(ModelMissing):
+        ChallengeChecker(config=ChallengeConfig(reader_models_dir=models), threshold=0.0)
+    assert ChallengeChecker(config=ChallengeConfig(reader_models_dir=models, cohort_kinds=()), threshold=0.0)
+
+
+@pytest.mark.slow
+def test_the_prior_is_the_mean_over_recordings_of_other_words(tmp_path: Path) -> None:
+    cohort = {"000240010.flac": OTHER, "000240031.flac": SAID}
+    reader = Reader(_small_cohort(tmp_path, cohort))
+    readings = {}
+    for name, words in cohort.items():
+        wav = decode_audio((SAMPLE / name).read_bytes())
+        wav = (np.clip(wav, -1.0, 1.0) * 32767.0).astype("<i2").astype(np.float32) / 32767.0  # as the cohort is read
+        readings[name] = {w: reader.word_logprobs(wav, w.split()) for w in (OTHER, SAID, "open the door")}
+    # words no cohort recording says: the mean of both readings, word by word
+    want = np.mean([[lp for _, lp in readings[n]["open the door"]] for n in cohort], axis=0)
+    assert reader.prior("open the door".split()) == pytest.approx(want, abs=1e-4)
+    # a cohort recording of the very words is left out: the other recording alone
+    assert reader.prior(SAID.split()) == pytest.approx([lp for _, lp in readings["000240010.flac"][SAID]], abs=1e-4)
+    # relative: each word less its prior
+    got = reader.relative(readings["000240031.flac"][SAID])
+    assert [w for w, _ in got] == SAID.split()
+    assert [lp for _, lp in got] == pytest.approx(
+        [a - b for (_, a), b in zip(readings["000240031.flac"][SAID], reader.prior(SAID.split()))], abs=1e-9)
+    assert np.mean([lp for _, lp in got]) > 2.0  # the recording makes its own words far likelier than other speech does
+
+
+def test_cohort_kinds_are_validated_and_must_match_the_calibration(tmp_path: Path) -> None:
+    for bad in (("emoji",), "phrase"):
+        with pytest.raises(ConfigError):
+            ChallengeConfig(cohort_kinds=bad)  # type: ignore[arg-type]
+    assert ChallengeConfig().relative_kinds == ("phrase",)
+    assert ChallengeConfig(cohort_kinds=("digits", "phrase")).relative_kinds == ("digits", "phrase")
+    # pocketsphinx has its own background: a kind it checks is never relative to the cohort
+    assert ChallengeConfig(cohort_kinds=("digits", "phrase"), recognisers=POCKETSPHINX_ONLY).relative_kinds == ()
+    path = tmp_path / "challenge.json"
+    doc = json.loads(ChallengeConfig().calibration_path.read_text())
+    for change in ({"relative_kinds": []}, {"relative_kinds": ["digits", "phrase"]}, {"reader_cohort": "0" * 64}):
+        path.write_text(json.dumps({**doc, **change}))
+        with pytest.raises(ModelError, match="cohort"):
+            ChallengeChecker(config=ChallengeConfig(calibration_path=path))
+    path.write_text(json.dumps(doc))
+    assert ChallengeChecker(config=ChallengeConfig(calibration_path=path)).thresholds["phrase"] == doc["thresholds"]["phrase"]
