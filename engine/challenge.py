@@ -297,8 +297,9 @@ class ChallengeConfig:
     #: the challenge kinds whose Whisper score is relative to the reader's cohort: each
     #: word's log-probability less its mean over recordings of other sentences
     #: (:meth:`engine.reader.Reader.relative`). Chosen on the benchmark's calibration part:
-    #: it lifts slow readers' sentences; a phrase's cohort passes are run once and kept,
-    #: where every digit string is new. The calibration records them.
+    #: it lifts slow readers' sentences. A phrase's cohort passes run on its first check in
+    #: each challenge worker and are kept, where every digit string would need its own.
+    #: The calibration records them.
     cohort_kinds: tuple[str, ...] = ("phrase",)
 
     def __post_init__(self) -> None:
@@ -869,7 +870,7 @@ class ChallengeChecker:
             if self._reader_model is None:
                 from .reader import Reader
 
-                self._reader_model = Reader(self.config.reader_models_dir)
+                self._reader_model = Reader(self.config.reader_models_dir, cohort_digest=self.cohort_digest)
             return self._reader_model
 
     def _frame_rate(self, challenge: str) -> int:
@@ -1110,9 +1111,12 @@ class ChallengeChecker:
         reader = self._reader()
         try:
             readings = reader.read_many(wav, [list(p.words) for p in passes])
-            return [reader.relative(r) if p.relative else r for p, r in zip(passes, readings)]
         except (RuntimeError, ValueError):
             return [None] * len(passes)
+        try:  # the cohort's passes: a failure there is the model's, not this recording's
+            return [reader.relative(r) if p.relative else r for p, r in zip(passes, readings)]
+        except (RuntimeError, ValueError) as exc:
+            raise ModelError(f"the reader's cohort passes failed: {exc}") from exc
 
     def _decode(self, p: Pass) -> Any:
         """One pocketsphinx pass: a phone-loop background array or an alignment (``None``:
@@ -1138,7 +1142,10 @@ class ChallengeChecker:
         """Whether a challenge score clears the calibrated threshold (NaN never does).
 
         With the expected ``challenge``, its kind's own threshold is used; without it, the
-        threshold that holds for every kind (the stricter one).
+        highest of the kinds' thresholds. Their scores are in different units (nats per
+        word, relative to the reader's cohort for phrases, as read for digit strings; or
+        pocketsphinx's ratios), so a check without its challenge is only meaningful with an
+        explicit threshold.
         """
         threshold = self.threshold if challenge is None else self.threshold_for(challenge)
         return bool(score >= threshold)

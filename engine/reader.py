@@ -39,7 +39,8 @@ relative to the cohort (:meth:`Reader.relative`): less its mean over eight recor
 other sentences shipped in ``models/reader_cohort/`` (:meth:`Reader.prior`), so that the
 score says how much more likely this recording makes the words than other speech does
 (a positive number for a genuine reading). A phrase's cohort passes run on its first check
-and are kept; digit strings, new every time, are scored as read.
+in each challenge worker (about 0.2 CPU s) and are kept; digit strings, new every time,
+are scored as read.
 
 The text given to the decoder is the words in sentence case (first letter upper case, and
 the pronoun "I"), as Whisper writes sentences; the same words in capitals cost a genuine
@@ -63,6 +64,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -88,6 +90,8 @@ COHORT_DIR = "reader_cohort"
 COHORT_FILE = "reader_cohort.json"
 #: phrases whose prior a reader keeps (an operator's list is rarely longer)
 _PRIORS_KEPT = 4096
+#: a cohort recording's words as a challenge's are written (``engine.challenge.challenge_words``)
+_COHORT_WORD = re.compile(r"[a-z](?:[a-z']*[a-z])?")
 
 
 def _mel_filters() -> np.ndarray:
@@ -208,8 +212,9 @@ def load_cohort(models_dir: Path = DEFAULT_MODELS_DIR) -> tuple[list[CohortRecor
     raw = path.read_bytes()
     try:
         entries = [(str(r["file"]), str(r["sha256"]), tuple(str(r["words"]).split())) for r in json.loads(raw)["recordings"]]
-        if not entries or any(Path(f).name != f or not words for f, _, words in entries):
-            raise ValueError("no recordings, a path outside the folder, or a recording without words")
+        if not entries or any(Path(f).name != f or f in ("", ".", "..") or not words
+                              or not all(_COHORT_WORD.fullmatch(w) for w in words) for f, _, words in entries):
+            raise ValueError("no recordings, a path outside the folder, or words not written as a challenge's")
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"the reader's cohort manifest {COHORT_FILE} is malformed") from exc
     out = []
@@ -234,9 +239,12 @@ class Reader:
     names; see the module docstring.
 
     ``threads``: CTranslate2 intra-op threads (1 in each challenge worker process).
+    ``cohort_digest``: the sha256 the cohort's manifest must have when it is loaded (the
+    one the calibration was measured with); ``None``: any.
     """
 
-    def __init__(self, models_dir: Path = DEFAULT_MODELS_DIR, *, threads: int = 1, compute_type: str = "int8") -> None:
+    def __init__(self, models_dir: Path = DEFAULT_MODELS_DIR, *, threads: int = 1, compute_type: str = "int8",
+                 cohort_digest: str | None = None) -> None:
         manifest = check_installed(models_dir)
         import ctranslate2
         import tokenizers
@@ -266,7 +274,9 @@ class Reader:
             raise ModelError("the Whisper tokenizer lacks its special tokens")
         self._ct2 = ctranslate2
         self._models_dir = Path(models_dir)
+        self._cohort_digest = cohort_digest
         self._cohort: list[tuple[tuple[str, ...], object, int]] | None = None
+        self._cohort_lock = threading.Lock()
         self._priors: OrderedDict[tuple[str, ...], tuple[float, ...]] = OrderedDict()
         self._priors_lock = threading.Lock()
 
@@ -307,11 +317,16 @@ class Reader:
 
     def encode_cohort(self) -> list[tuple[tuple[str, ...], object, int]]:
         """The cohort's recordings (:func:`load_cohort`) encoded, now if not yet: each with
-        its words and its number of frames."""
-        with self._priors_lock:
+        its words and its number of frames. A cohort whose manifest is not the one given
+        as ``cohort_digest`` is a :class:`ModelIntegrityError`."""
+        with self._cohort_lock:
             if self._cohort is None:
+                recordings, digest = load_cohort(self._models_dir)
+                if self._cohort_digest is not None and digest != self._cohort_digest:
+                    raise ModelIntegrityError(f"the reader's cohort ({COHORT_FILE} sha256 {digest}) is not the one "
+                                              f"the challenge calibration was measured with ({self._cohort_digest})")
                 cohort = []
-                for rec in load_cohort(self._models_dir)[0]:
+                for rec in recordings:
                     features = log_mel(rec.wav)
                     encoded = self._model.encode(self._ct2.StorageView.from_array(features[None]), to_cpu=False)
                     cohort.append((rec.words, encoded, features.shape[1]))
@@ -326,9 +341,10 @@ class Reader:
     def prior(self, words: Sequence[str]) -> tuple[float, ...]:
         """Each of ``words``' log-probability (as :meth:`word_logprobs` gives it), averaged
         over the cohort's recordings of other sentences: how likely Whisper finds the
-        words whatever is said. The cohort is encoded on the first call
-        (:meth:`encode_cohort`); the last 4,096 phrases' priors are kept, so a phrase list
-        costs its decoder passes once."""
+        words whatever is said (over seven recordings where the eighth says these very
+        words). The cohort is encoded on the first call (:meth:`encode_cohort`); the last
+        4,096 phrases' priors are kept, so a phrase costs its cohort passes once per
+        reader (once in each challenge worker process)."""
         key = tuple(words)
         with self._priors_lock:
             if key in self._priors:

@@ -314,13 +314,13 @@ def test_the_shipped_cohort_is_whole_and_from_calibration_speakers() -> None:
     assert len(recordings) == 8 and len(digest) == 64
     assert all(r.wav.dtype == np.float32 and r.wav.size > 2 * SR and r.words for r in recordings)
     doc = json.loads((DEFAULT_MODELS_DIR / COHORT_DIR / COHORT_FILE).read_text())
-    # the split is over every speaker of the corpus; the data may be absent, the manifest says
-    assert {r["part"] for r in doc["recordings"]} == {"A"}
+    # the split is over every speaker of the corpus, so it needs the data set
     speech = DEFAULT_MODELS_DIR.parent.parent / "shared" / "data" / "speech" / "utt2spk"
-    if speech.is_file():
-        speakers = sorted({ln.split()[1] for ln in speech.read_text().splitlines() if ln.strip()})
-        part = split_of(speakers, DEFAULT_SALT, "speech")
-        assert all(part[r["speaker"]] == "A" for r in doc["recordings"])
+    if not speech.is_file():
+        pytest.skip("the speechocean762 set is not beside the repository")
+    speakers = sorted({ln.split()[1] for ln in speech.read_text().splitlines() if ln.strip()})
+    part = split_of(speakers, DEFAULT_SALT, "speech")
+    assert sorted(part[r["speaker"]] for r in doc["recordings"]) == ["A"] * 8
 
 
 def test_a_changed_missing_or_malformed_cohort_is_refused(tmp_path: Path) -> None:
@@ -335,7 +335,11 @@ def test_a_changed_missing_or_malformed_cohort_is_refused(tmp_path: Path) -> Non
     with pytest.raises(ModelMissing):
         load_cohort(models)
     for text in ("not json", '{"recordings": []}', '{"recordings": [{"file": "../x.flac", "words": "a", "sha256": "0"}]}',
-                 '{"recordings": [{"file": "x.flac", "words": "", "sha256": "0"}]}', '{"recordings": [{"file": "x.flac"}]}'):
+                 '{"recordings": [{"file": "x.flac", "words": "", "sha256": "0"}]}', '{"recordings": [{"file": "x.flac"}]}',
+                 '{"recordings": [{"file": "..", "words": "a", "sha256": "0"}]}',
+                 # words as a challenge's are written: lower case, no punctuation around them
+                 '{"recordings": [{"file": "x.flac", "words": "That\'s it", "sha256": "0"}]}',
+                 '{"recordings": [{"file": "x.flac", "words": "it is done.", "sha256": "0"}]}'):
         (folder / COHORT_FILE).write_text(text)
         with pytest.raises(ModelError) as err:
             load_cohort(models)
@@ -387,3 +391,60 @@ def test_cohort_kinds_are_validated_and_must_match_the_calibration(tmp_path: Pat
             ChallengeChecker(config=ChallengeConfig(calibration_path=path))
     path.write_text(json.dumps(doc))
     assert ChallengeChecker(config=ChallengeConfig(calibration_path=path)).thresholds["phrase"] == doc["thresholds"]["phrase"]
+
+
+@pytest.mark.slow
+def test_a_cohort_other_than_the_calibrated_one_is_refused(tmp_path: Path) -> None:
+    models = _small_cohort(tmp_path, {"000240010.flac": OTHER})
+    digest = load_cohort(models)[1]
+    assert Reader(models, cohort_digest=digest).prior(["open", "it"])
+    with pytest.raises(ModelIntegrityError, match="calibration"):
+        Reader(models, cohort_digest="0" * 64).prior(["open", "it"])
+
+
+class _CohortReader:
+    """A reader whose readings are -1.0 per word and whose cohort passes are counted (and
+    fail where told to)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.priors: dict[tuple[str, ...], tuple[float, ...]] = {}
+        self.runs, self.fail = 0, fail
+
+    def read_many(self, wav: np.ndarray, texts: list[list[str]]) -> list:
+        return [tuple((w, -1.0) for w in words) for words in texts]
+
+    def knows(self, words: list[str]) -> bool:
+        return tuple(words) in self.priors
+
+    def prior(self, words: list[str]) -> tuple[float, ...]:
+        if self.fail:
+            raise RuntimeError("out of memory")
+        if tuple(words) not in self.priors:
+            self.runs += 1
+            self.priors[tuple(words)] = tuple(-4.0 for _ in words)
+        return self.priors[tuple(words)]
+
+    def relative(self, reading: tuple) -> tuple:
+        return tuple((w, lp - p) for (w, lp), p in zip(reading, self.prior([w for w, _ in reading])))
+
+
+def test_a_phrase_prepares_its_cohort_passes_once() -> None:
+    checker = ChallengeChecker(threshold=0.0)
+    checker._reader_model = fake = _CohortReader()
+    assert checker.prepare("Open the door") and fake.runs == 1
+    assert not checker.prepare("open the door.") and fake.runs == 1  # the same words
+    assert not checker.prepare("409172") and fake.runs == 1  # digit strings: scored as read
+    wav = np.sin(np.arange(SR, dtype=np.float32) / 7.0) * 0.3
+    assert checker.score_batch([(wav, "open the door"), (wav, "409172")]) == [3.0, -1.0]
+    assert fake.runs == 1
+
+
+def test_a_failure_in_the_cohort_passes_is_the_models_not_the_recordings() -> None:
+    """A recording the reader refuses fails its check; the cohort failing is a model error
+    (the resident's reading is not to be failed for it)."""
+    checker = ChallengeChecker(threshold=0.0)
+    checker._reader_model = _CohortReader(fail=True)
+    wav = np.sin(np.arange(SR, dtype=np.float32) / 7.0) * 0.3
+    assert checker.score_batch([(wav, "409172")]) == [-1.0]  # no cohort for digit strings
+    with pytest.raises(ModelError, match="cohort"):
+        checker.score_batch([(wav, "open the door")])
