@@ -20,7 +20,11 @@ trials. A word whose sounds the recogniser fits badly even when it is said (``si
 likely because 8 kHz recordings hold little of its /s/) then no longer drags down every
 string it is in. Then it chooses the
 silence weight of the score (from ``SILENCE_WEIGHTS``, the one passing
-most genuine A trials at A's own threshold), then the threshold at that weight: it is the
+most genuine A trials at A's own threshold), then the threshold at that weight. By default
+(``--bound upper``) the threshold lets through as many of A's wrong phrases as keep the 95 %
+upper bound of their rate within the target, so that the rate itself is within it with
+confidence (at 0.1 % of 9,400 trials: 3 instead of 9); ``--bound point`` lets through target
+x n of them, and the rate on B then lands either side of the target. It is the
 threshold of that challenge kind (speech: phrases, digits: digit strings) in
 ``models/challenge.json``, which also holds the higher of the two for a
 caller that does not name the kind. Part B reports the genuine pass rate and the
@@ -335,7 +339,7 @@ def apply_weight(results: list[Result], set_: str, weight: float, offsets: dict[
 
 
 def choose_weight(results: list[Result], set_: str, target: float,
-                  offsets: dict[str, float] | None = None) -> tuple[float, list[dict[str, Any]]]:
+                  offsets: dict[str, float] | None = None, bound: str = "point") -> tuple[float, list[dict[str, Any]]]:
     """The silence weight that lets most part-A genuine trials through at part A's own
     threshold for ``target`` (the smaller weight on a tie), and the whole grid."""
     grid: list[dict[str, Any]] = []
@@ -344,7 +348,7 @@ def choose_weight(results: list[Result], set_: str, target: float,
     for w in SILENCE_WEIGHTS:
         apply_weight(results, set_, w, offsets)
         wa, ga = _scores(results, set_, "A", "wrong"), _scores(results, set_, "A", "genuine")
-        thr, _ = threshold_for(wa, target)
+        thr, _ = threshold_for(wa, target, bound)
         grid.append({"silence_weight": w, "threshold": thr, "genuine_pass_A": float((ga >= thr).mean()) if ga.size else math.nan})
     best = max(grid, key=lambda g: (g["genuine_pass_A"], -g["silence_weight"]))
     return best["silence_weight"], grid
@@ -439,9 +443,16 @@ def _scores(results: list[Result], set_: str, part: str, label: str) -> np.ndarr
     return np.asarray(out, dtype=np.float64)
 
 
-def threshold_for(wrong: np.ndarray, target: float) -> tuple[float, int]:
-    """Lowest threshold letting at most floor(target * n) wrong-phrase scores through."""
-    allowed = int(math.floor(target * wrong.size + 1e-9))
+def threshold_for(wrong: np.ndarray, target: float, bound: str = "point") -> tuple[float, int]:
+    """Lowest threshold letting through at most ``allowed`` of the n wrong-phrase scores:
+    ``bound="point"``, floor(target * n); ``"upper"``, the most whose 95 % upper bound
+    (Clopper-Pearson; rule of three for none) is still within the target (0 if none is)."""
+    if bound == "point":
+        allowed = int(math.floor(target * wrong.size + 1e-9))
+    else:
+        allowed = 0
+        while allowed < wrong.size and rate_interval(allowed + 1, int(wrong.size)).upper <= target:
+            allowed += 1
     thr, _ = ExactScores(wrong).threshold_for(allowed)
     return float(thr), allowed
 
@@ -505,14 +516,14 @@ def _choose_operating_point(results: list[Result], sets: list[str], args: argpar
         if args.silence_weight is not None:
             weights[s] = args.silence_weight
         else:
-            weights[s], grid = choose_weight(results, s, args.target, offsets.get(s))
+            weights[s], grid = choose_weight(results, s, args.target, offsets.get(s), args.bound)
             emit({"figure": "challenge_silence_weight", "set": s, "part": "A", "chosen": weights[s], "grid": grid})
         apply_weight(results, s, weights[s], offsets.get(s))
     # ---- calibration on part A
     per_set: dict[str, dict[str, Any]] = {}
     for s in sets:
         wa, ga = _scores(results, s, "A", "wrong"), _scores(results, s, "A", "genuine")
-        thr, allowed = threshold_for(wa, args.target)
+        thr, allowed = threshold_for(wa, args.target, args.bound)
         per_set[s] = {"threshold": thr, "allowed": allowed, "n_wrong": int(wa.size), "n_genuine": int(ga.size),
                       "genuine_pass": _rate(int((ga >= thr).sum()), int(ga.size))}
         emit({"figure": "challenge_calibration", "set": s, "part": "A", "target_wrong_phrase_acceptance": args.target,
@@ -598,6 +609,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speech-utts", type=int, default=150, help="speechocean762 utterances per part (0: none)")
     p.add_argument("--digit-strings", type=int, default=300, help="FSDD 6-digit strings per part (0: none)")
     p.add_argument("--wrong", type=int, default=10, help="wrong phrases per recording")
+    p.add_argument("--bound", choices=("upper", "point"), default="upper",
+                   help="the threshold on part A lets through as many wrong phrases as keep the 95 %% upper bound "
+                        "of their rate within the target (upper, the default), or target x n of them (point)")
     p.add_argument("--bandlimited", type=int, default=20, help="part-B speech utterances re-scored at 8 kHz bandwidth (0: skip)")
     p.add_argument("--silence-weight", type=float, default=None,
                    help="weight of the silence ratio for both sets (default: chosen per set on part A)")
@@ -798,6 +812,7 @@ def main(argv: list[str] | None = None) -> int:
             "format": 1,
             "threshold": operating,
             "target_wrong_phrase_acceptance": args.target,
+            "bound": args.bound,
             "thresholds": {KIND_OF_SET[s]: per_set[s]["threshold"] for s in sets},
             "score": "pocketsphinx: mean per-word log-likelihood ratio (forced alignment vs free phone loop, every "
                      "senone scored) less the word's offset, + silence_weight * min(0, silence ratio); whisper: mean "
@@ -819,7 +834,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"Whisper base (models/whisper.json) run by ctranslate2 {importlib.metadata.version('ctranslate2')}, int8",
             "rule": "per challenge kind, on part A of its set: for a closed vocabulary (digits), each word's offset "
                     "half-way between the medians of its ratio in genuine and in wrong-phrase trials; the silence weight "
-                    "passing most genuine trials at the target, then its threshold; threshold: the highest of them; screen: accept above every wrong "
+                    "passing most genuine trials at the target, then its threshold (letting through as many wrong phrases as "
+                    + ("keep the 95 % upper bound of their rate within the target" if args.bound == "upper" else "target x n")
+                    + "); threshold: the highest of them; screen: accept above every wrong "
                     "phrase's alignment-only score, reject below every passing genuine one, the weight leaving fewest "
                     "genuine trials to the phone loop",
             "measured_on": {s: {"part": "A", **{k: v for k, v in per_set[s].items() if k != "genuine_pass"},

@@ -626,3 +626,21 @@ def test_threads_each_get_their_own_decoder(checker: ChallengeChecker) -> None:
     for t in threads:
         t.join(timeout=60)
     assert results == [expected, expected]
+
+
+def test_the_threshold_keeps_the_wrong_phrase_rate_within_the_target_with_confidence() -> None:
+    """``--bound upper`` lets through as many of part A's wrong phrases as keep the 95 %
+    upper bound of their rate within the target; ``point`` lets through target x n."""
+    from benchmarks.challenge import threshold_for
+    from benchmarks.stats import rate_interval
+
+    wrong = np.random.default_rng(5).normal(size=9400)
+    top = np.sort(wrong)[::-1]
+    thr, allowed = threshold_for(wrong, 0.001, "point")
+    assert allowed == 9 and int((wrong >= thr).sum()) == 9 and thr > top[9]
+    thr, allowed = threshold_for(wrong, 0.001, "upper")
+    assert allowed == 3 and int((wrong >= thr).sum()) == 3
+    assert rate_interval(3, 9400).upper <= 0.001 < rate_interval(4, 9400).upper
+    # too few trials for the target: none let through (the rule of three is still above it)
+    thr, allowed = threshold_for(wrong[:1000], 0.001, "upper")
+    assert allowed == 0 and int((wrong[:1000] >= thr).sum()) == 0
