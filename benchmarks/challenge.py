@@ -78,7 +78,7 @@ from engine.challenge import (
 from engine.errors import ConfigError, ModelError, SampleError
 from engine.models import DEFAULT_MODELS_DIR
 from engine.pronunciation import VARIANTS_VERSION
-from engine.reader import COHORT_DIR, COHORT_FILE, load_cohort
+from engine.reader import COHORT_FILE, check_cohort
 
 __all__ = ["main"]
 
@@ -157,7 +157,7 @@ def speech_tasks(root: Path, *, per_part: int | None, wrong: int, rng: np.random
     part_of = split_of(sorted(set(utt2spk.values())), DEFAULT_SALT, "speech")
     if config.relative_kinds:
         # the reader's cohort: calibration speakers only, and none of its recordings a trial
-        cohort = json.loads((Path(config.reader_models_dir) / COHORT_DIR / COHORT_FILE).read_text())["recordings"]
+        cohort = json.loads((Path(config.reader_cohort_dir) / COHORT_FILE).read_text())["recordings"]
         outside = sorted({c["speaker"] for c in cohort if part_of.get(c["speaker"]) != "A"})
         if outside:
             raise ConfigError(f"the reader cohort holds speakers outside part A: {', '.join(outside)}")
@@ -566,11 +566,6 @@ def _read(args: argparse.Namespace, set_: str) -> bool:
     return args.recognisers[KIND_OF_SET.get(set_, "phrase")] != "pocketsphinx"  # speech-8k: phrases
 
 
-def _cohort_digest(config: ChallengeConfig) -> str | None:
-    """The sha256 of the reader cohort's manifest, where a kind is scored relative to it."""
-    return load_cohort(config.reader_models_dir)[1] if config.relative_kinds else None
-
-
 def _screens_json(screens: dict[str, Screen | None]) -> dict[str, Any]:
     return {s: None if v is None else dataclasses.asdict(v) for s, v in screens.items()}
 
@@ -817,10 +812,10 @@ def main(argv: list[str] | None = None) -> int:
             "score": "pocketsphinx: mean per-word log-likelihood ratio (forced alignment vs free phone loop, every "
                      "senone scored) less the word's offset, + silence_weight * min(0, silence ratio); whisper: mean "
                      "per-word log-probability of the expected words, the decoder forced through them, for relative_kinds each "
-                     "word's less its mean over the reader cohort's recordings (models/reader_cohort); engine/challenge.py",
+                     "word's less its mean over the reader cohort's recordings (samples/reader_cohort); engine/challenge.py",
             "recognisers": dict(config.recognisers),
             "relative_kinds": list(config.relative_kinds),
-            "reader_cohort": _cohort_digest(config),
+            "reader_cohort": check_cohort(config.reader_cohort_dir) if config.relative_kinds else None,
             "silence_weights": {KIND_OF_SET[s]: weights[s] for s in sets},
             "word_offsets": {KIND_OF_SET[s]: v for s, v in offsets.items()},
             "frame_step": config.frame_step,

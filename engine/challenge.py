@@ -194,6 +194,7 @@ from .errors import (
 )
 from .models import DEFAULT_MODELS_DIR
 from .pronunciation import VARIANTS_VERSION, pronunciation_variants
+from .reader import DEFAULT_COHORT_DIR
 
 __all__ = [
     "KINDS",
@@ -295,9 +296,11 @@ class ChallengeConfig:
     #: benchmark: Whisper for read sentences, pocketsphinx for digit strings; the
     #: calibration records them.
     recognisers: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_RECOGNISERS))
-    #: where ``whisper.json`` (the Whisper model's manifest) and the reader's cohort
-    #: (``reader_cohort/``) are read from.
+    #: where ``whisper.json`` (the Whisper model's manifest) is read from.
     reader_models_dir: Path = DEFAULT_MODELS_DIR
+    #: the reader's cohort: recordings of other sentences and their manifest
+    #: (:func:`engine.reader.load_cohort`).
+    reader_cohort_dir: Path = DEFAULT_COHORT_DIR
     #: the challenge kinds whose Whisper score is relative to the reader's cohort: each
     #: word's log-probability less its mean over recordings of other sentences
     #: (:meth:`engine.reader.Reader.relative`). Chosen on the benchmark's calibration part:
@@ -781,9 +784,9 @@ class ChallengeChecker:
         #: the sha256 of the reader cohort's manifest, where a kind is scored relative to it
         self.cohort_digest: str | None = None
         if config.relative_kinds:
-            from .reader import load_cohort
+            from .reader import check_cohort
 
-            _, self.cohort_digest = load_cohort(config.reader_models_dir)
+            self.cohort_digest = check_cohort(config.reader_cohort_dir)
         per_kind: dict[str, float] = {}
         if threshold is None:
             self.calibration: ChallengeCalibration | None = load_calibration(config.calibration_path)
@@ -874,7 +877,8 @@ class ChallengeChecker:
             if self._reader_model is None:
                 from .reader import Reader
 
-                self._reader_model = Reader(self.config.reader_models_dir, cohort_digest=self.cohort_digest)
+                self._reader_model = Reader(self.config.reader_models_dir, cohort_dir=self.config.reader_cohort_dir,
+                                            cohort_digest=self.cohort_digest)
             return self._reader_model
 
     def _frame_rate(self, challenge: str) -> int:

@@ -38,7 +38,7 @@ likely whatever is said, and a slow reader's genuine reading of an unusual sente
 score below a wrong phrase of everyday words. For the kinds in
 ``ChallengeConfig.cohort_kinds`` (phrases, by default) each word's log-probability is taken
 relative to the cohort (:meth:`Reader.relative`): less its mean over eight recordings of
-other sentences shipped in ``models/reader_cohort/`` (:meth:`Reader.prior`), so that the
+other sentences shipped in ``samples/reader_cohort/`` (:meth:`Reader.prior`), so that the
 score says how much more likely this recording makes the words than other speech does
 (a positive number for a genuine reading). A phrase's cohort passes run on its first check
 in each challenge worker (about 0.2 CPU s) and are kept; digit strings, new every time,
@@ -78,8 +78,8 @@ import numpy as np
 from .errors import ModelError, ModelIntegrityError, ModelMissing
 from .models import DEFAULT_MODELS_DIR
 
-__all__ = ["COHORT_DIR", "COHORT_FILE", "MANIFEST_FILE", "MAX_SECONDS", "CohortRecording", "Reader", "check_installed",
-           "load_cohort", "log_mel", "reader_text"]
+__all__ = ["COHORT_FILE", "DEFAULT_COHORT_DIR", "MANIFEST_FILE", "MAX_SECONDS", "CohortRecording", "Reader",
+           "check_cohort", "check_installed", "load_cohort", "log_mel", "reader_text"]
 
 MANIFEST_FILE = "whisper.json"
 SAMPLE_RATE = 16000
@@ -87,8 +87,9 @@ _N_FFT, _HOP, _N_MELS = 400, 160, 80
 #: Whisper's encoder takes at most 30 s (3,000 frames)
 _MAX_FRAMES = 3000
 MAX_SECONDS = 30.0
-#: the cohort's folder in the models directory, and its manifest in that folder
-COHORT_DIR = "reader_cohort"
+#: the cohort's recordings (beside the demo sample: they are speechocean762 recordings too),
+#: and its manifest in that folder
+DEFAULT_COHORT_DIR = DEFAULT_MODELS_DIR.parent / "samples" / "reader_cohort"
 COHORT_FILE = "reader_cohort.json"
 #: phrases whose prior a reader keeps (an operator's list is rarely longer)
 _PRIORS_KEPT = 4096
@@ -199,18 +200,12 @@ class CohortRecording(NamedTuple):
     wav: np.ndarray
 
 
-def load_cohort(models_dir: Path = DEFAULT_MODELS_DIR) -> tuple[list[CohortRecording], str]:
-    """The cohort of ``models_dir/reader_cohort/`` and the sha256 of its manifest (what a
-    calibration records). Every file is checked against the manifest's digest:
-    :class:`ModelMissing` for a missing file, :class:`ModelIntegrityError` for a changed
-    one, :class:`ModelError` for a malformed manifest."""
-    from .audio import decode_audio
-    from .errors import SampleError
-
-    folder = Path(models_dir) / COHORT_DIR
-    path = folder / COHORT_FILE
+def _cohort_files(folder: Path) -> tuple[list[tuple[str, tuple[str, ...], bytes]], str]:
+    """Each cohort recording's name, words and bytes, checked against the manifest's
+    digests, and the sha256 of the manifest: see :func:`check_cohort`."""
+    path = Path(folder) / COHORT_FILE
     if not path.is_file():
-        raise ModelMissing(f"the reader's cohort manifest {COHORT_DIR}/{COHORT_FILE} not found")
+        raise ModelMissing(f"the reader's cohort manifest {COHORT_FILE} not found in {folder}")
     raw = path.read_bytes()
     try:
         entries = [(str(r["file"]), str(r["sha256"]), tuple(str(r["words"]).split())) for r in json.loads(raw)["recordings"]]
@@ -222,18 +217,39 @@ def load_cohort(models_dir: Path = DEFAULT_MODELS_DIR) -> tuple[list[CohortRecor
     out = []
     for name, digest, words in entries:
         try:
-            data = (folder / name).read_bytes()
+            data = (Path(folder) / name).read_bytes()
         except OSError as exc:
             raise ModelMissing(f"cohort recording {name} could not be read: {exc.strerror}") from exc
         if hashlib.sha256(data).hexdigest() != digest:
             raise ModelIntegrityError(f"cohort recording {name} does not match {COHORT_FILE}")
+        out.append((name, words, data))
+    return out, hashlib.sha256(raw).hexdigest()
+
+
+def check_cohort(folder: Path = DEFAULT_COHORT_DIR) -> str:
+    """The sha256 of the cohort's manifest (what a calibration records), once every
+    recording it names is checked against its digest: :class:`ModelMissing` for a missing
+    manifest or file, :class:`ModelIntegrityError` for a changed file, :class:`ModelError`
+    for a malformed manifest. Nothing is decoded."""
+    return _cohort_files(folder)[1]
+
+
+def load_cohort(folder: Path = DEFAULT_COHORT_DIR) -> tuple[list[CohortRecording], str]:
+    """The cohort's recordings, decoded, and the sha256 of its manifest; refused as by
+    :func:`check_cohort`, or as :class:`ModelError` for a recording that cannot be decoded."""
+    from .audio import decode_audio
+    from .errors import SampleError
+
+    files, digest = _cohort_files(folder)
+    out = []
+    for name, words, data in files:
         try:
             wav = decode_audio(data, max_seconds=MAX_SECONDS)
         except SampleError as exc:
             raise ModelError(f"cohort recording {name} could not be decoded: {exc}") from exc
         pcm = (np.clip(wav, -1.0, 1.0) * 32767.0).astype("<i2")
         out.append(CohortRecording(words, pcm.astype(np.float32) / 32767.0))
-    return out, hashlib.sha256(raw).hexdigest()
+    return out, digest
 
 
 class Reader:
@@ -241,12 +257,13 @@ class Reader:
     names; see the module docstring.
 
     ``threads``: CTranslate2 intra-op threads (1 in each challenge worker process).
-    ``cohort_digest``: the sha256 the cohort's manifest must have when it is loaded (the
-    one the calibration was measured with); ``None``: any.
+    ``cohort_dir``: the cohort's folder (:func:`load_cohort`); ``cohort_digest``: the
+    sha256 its manifest must have when it is loaded (the one the calibration was measured
+    with); ``None``: any.
     """
 
     def __init__(self, models_dir: Path = DEFAULT_MODELS_DIR, *, threads: int = 1, compute_type: str = "int8",
-                 cohort_digest: str | None = None) -> None:
+                 cohort_dir: Path = DEFAULT_COHORT_DIR, cohort_digest: str | None = None) -> None:
         manifest = check_installed(models_dir)
         import ctranslate2
         import tokenizers
@@ -275,7 +292,7 @@ class Reader:
         if None in self._start:
             raise ModelError("the Whisper tokenizer lacks its special tokens")
         self._ct2 = ctranslate2
-        self._models_dir = Path(models_dir)
+        self._cohort_dir = Path(cohort_dir)
         self._cohort_digest = cohort_digest
         self._cohort: list[tuple[tuple[str, ...], object, int]] | None = None
         self._cohort_lock = threading.Lock()
@@ -323,7 +340,7 @@ class Reader:
         as ``cohort_digest`` is a :class:`ModelIntegrityError`."""
         with self._cohort_lock:
             if self._cohort is None:
-                recordings, digest = load_cohort(self._models_dir)
+                recordings, digest = load_cohort(self._cohort_dir)
                 if self._cohort_digest is not None and digest != self._cohort_digest:
                     raise ModelIntegrityError(f"the reader's cohort ({COHORT_FILE} sha256 {digest}) is not the one "
                                               f"the challenge calibration was measured with ({self._cohort_digest})")

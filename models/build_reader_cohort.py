@@ -1,4 +1,4 @@
-"""Rebuild ``models/reader_cohort/``: the recordings Whisper's phrase scores are relative to.
+"""Rebuild ``samples/reader_cohort/``: the recordings Whisper's phrase scores are relative to.
 
 A phrase's log-probability under Whisper depends on the phrase as much as on the audio:
 common words in a common order are likely whatever is said. The challenge check therefore
@@ -11,7 +11,8 @@ subtracts, word by word, the mean log-probability the phrase gets over a few rec
   :func:`benchmarks.datasets.split_of`), so that no recording of a speaker the benchmark
   reports on (part B) is part of the score;
 * copied byte for byte (FLAC, 16 kHz), with what each says and its sha256 in
-  ``reader_cohort/reader_cohort.json``, which the engine checks before using them.
+  ``reader_cohort/reader_cohort.json``, which the engine checks before using them. They sit
+  beside the demo sample's speechocean762 recordings (credited in ``samples/README.md``).
 
 Usage: ``python models/build_reader_cohort.py [--data ../shared/data]``; ``--check`` only
 compares the selection with the files in place.
@@ -32,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.datasets import DEFAULT_SALT, split_of  # noqa: E402
-from engine.reader import COHORT_DIR, COHORT_FILE  # noqa: E402
+from engine.reader import COHORT_FILE, DEFAULT_COHORT_DIR  # noqa: E402
 
 SEED = 762
 PER_GENDER = 4
@@ -59,7 +60,7 @@ def select(speech: Path) -> list[dict[str, str]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
-    p.add_argument("--out", type=Path, default=REPO / "models" / COHORT_DIR)
+    p.add_argument("--out", type=Path, default=DEFAULT_COHORT_DIR)
     p.add_argument("--check", action="store_true", help="compare with the files in place; write nothing")
     args = p.parse_args(argv)
     speech = args.data / "speech"

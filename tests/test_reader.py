@@ -28,7 +28,7 @@ from engine.challenge import (
 )
 from engine.errors import ConfigError, ModelError, ModelIntegrityError, ModelMissing, NoSpeech
 from engine.models import DEFAULT_MODELS_DIR
-from engine.reader import COHORT_DIR, COHORT_FILE, MANIFEST_FILE, Reader, load_cohort, log_mel, reader_text
+from engine.reader import COHORT_FILE, DEFAULT_COHORT_DIR, MANIFEST_FILE, Reader, check_cohort, load_cohort, log_mel, reader_text
 
 from .conftest import POCKETSPHINX_ONLY
 
@@ -294,26 +294,24 @@ def test_readings_of_one_recording_encode_it_once() -> None:
 
 
 def _small_cohort(tmp_path: Path, said: dict[str, str]) -> Path:
-    """A models directory with Whisper's manifest and a cohort of the shipped sample
-    recordings ``said`` (file -> words)."""
-    _copy_manifest(tmp_path)
-    folder = tmp_path / COHORT_DIR
+    """A cohort folder of the shipped sample recordings ``said`` (file -> words)."""
+    folder = tmp_path / "cohort"
     folder.mkdir()
     recordings = []
     for name, words in said.items():
         shutil.copy(SAMPLE / name, folder / name)
         recordings.append({"file": name, "words": words, "sha256": hashlib.sha256((SAMPLE / name).read_bytes()).hexdigest()})
     (folder / COHORT_FILE).write_text(json.dumps({"format": 1, "recordings": recordings}))
-    return tmp_path
+    return folder
 
 
 def test_the_shipped_cohort_is_whole_and_from_calibration_speakers() -> None:
     from benchmarks.datasets import DEFAULT_SALT, split_of
 
     recordings, digest = load_cohort()
-    assert len(recordings) == 8 and len(digest) == 64
+    assert len(recordings) == 8 and digest == check_cohort() and len(digest) == 64
     assert all(r.wav.dtype == np.float32 and r.wav.size > 2 * SR and r.words for r in recordings)
-    doc = json.loads((DEFAULT_MODELS_DIR / COHORT_DIR / COHORT_FILE).read_text())
+    doc = json.loads((DEFAULT_COHORT_DIR / COHORT_FILE).read_text())
     # the split is over every speaker of the corpus, so it needs the data set
     speech = DEFAULT_MODELS_DIR.parent.parent / "shared" / "data" / "speech" / "utt2spk"
     if not speech.is_file():
@@ -324,16 +322,17 @@ def test_the_shipped_cohort_is_whole_and_from_calibration_speakers() -> None:
 
 
 def test_a_changed_missing_or_malformed_cohort_is_refused(tmp_path: Path) -> None:
-    models = _small_cohort(tmp_path, {"000240010.flac": OTHER})
-    folder = models / COHORT_DIR
-    assert [r.words for r in load_cohort(models)[0]] == [tuple(OTHER.split())]
+    folder = _small_cohort(tmp_path, {"000240010.flac": OTHER})
+    assert [r.words for r in load_cohort(folder)[0]] == [tuple(OTHER.split())]
+    assert check_cohort(folder) == load_cohort(folder)[1]
     data = (folder / "000240010.flac").read_bytes()
     (folder / "000240010.flac").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
-    with pytest.raises(ModelIntegrityError, match="000240010"):
-        load_cohort(models)
+    for check in (check_cohort, load_cohort):
+        with pytest.raises(ModelIntegrityError, match="000240010"):
+            check(folder)
     (folder / "000240010.flac").unlink()
     with pytest.raises(ModelMissing):
-        load_cohort(models)
+        load_cohort(folder)
     for text in ("not json", '{"recordings": []}', '{"recordings": [{"file": "../x.flac", "words": "a", "sha256": "0"}]}',
                  '{"recordings": [{"file": "x.flac", "words": "", "sha256": "0"}]}', '{"recordings": [{"file": "x.flac"}]}',
                  '{"recordings": [{"file": "..", "words": "a", "sha256": "0"}]}',
@@ -342,21 +341,21 @@ def test_a_changed_missing_or_malformed_cohort_is_refused(tmp_path: Path) -> Non
                  '{"recordings": [{"file": "x.flac", "words": "it is done.", "sha256": "0"}]}'):
         (folder / COHORT_FILE).write_text(text)
         with pytest.raises(ModelError) as err:
-            load_cohort(models)
+            load_cohort(folder)
         assert type(err.value) is ModelError, text
     (folder / COHORT_FILE).unlink()
     with pytest.raises(ModelMissing):
-        load_cohort(models)
+        load_cohort(folder)
     # a checker that scores a kind relative to the cohort refuses to start without it
     with pytest.raises(ModelMissing):
-        ChallengeChecker(config=ChallengeConfig(reader_models_dir=models), threshold=0.0)
-    assert ChallengeChecker(config=ChallengeConfig(reader_models_dir=models, cohort_kinds=()), threshold=0.0)
+        ChallengeChecker(config=ChallengeConfig(reader_cohort_dir=folder), threshold=0.0)
+    assert ChallengeChecker(config=ChallengeConfig(reader_cohort_dir=folder, cohort_kinds=()), threshold=0.0)
 
 
 @pytest.mark.slow
 def test_the_prior_is_the_mean_over_recordings_of_other_words(tmp_path: Path) -> None:
     cohort = {"000240010.flac": OTHER, "000240031.flac": SAID}
-    reader = Reader(_small_cohort(tmp_path, cohort))
+    reader = Reader(cohort_dir=_small_cohort(tmp_path, cohort))
     readings = {}
     for name, words in cohort.items():
         wav = decode_audio((SAMPLE / name).read_bytes())
@@ -395,11 +394,11 @@ def test_cohort_kinds_are_validated_and_must_match_the_calibration(tmp_path: Pat
 
 @pytest.mark.slow
 def test_a_cohort_other_than_the_calibrated_one_is_refused(tmp_path: Path) -> None:
-    models = _small_cohort(tmp_path, {"000240010.flac": OTHER})
-    digest = load_cohort(models)[1]
-    assert Reader(models, cohort_digest=digest).prior(["open", "it"])
+    folder = _small_cohort(tmp_path, {"000240010.flac": OTHER})
+    digest = check_cohort(folder)
+    assert Reader(cohort_dir=folder, cohort_digest=digest).prior(["open", "it"])
     with pytest.raises(ModelIntegrityError, match="calibration"):
-        Reader(models, cohort_digest="0" * 64).prior(["open", "it"])
+        Reader(cohort_dir=folder, cohort_digest="0" * 64).prior(["open", "it"])
 
 
 class _CohortReader:
