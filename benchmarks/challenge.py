@@ -812,9 +812,11 @@ def main(argv: list[str] | None = None) -> int:
             "score": "pocketsphinx: mean per-word log-likelihood ratio (forced alignment vs free phone loop, every "
                      "senone scored) less the word's offset, + silence_weight * min(0, silence ratio); whisper: mean "
                      "per-word log-probability of the expected words, the decoder forced through them, for relative_kinds each "
-                     "word's less its mean over the reader cohort's recordings (samples/reader_cohort); engine/challenge.py",
+                     "word's, and the sentence's end (the full stop after the words) as one more word, less its mean over the reader "
+                     "cohort's recordings (samples/reader_cohort); engine/challenge.py",
             "recognisers": dict(config.recognisers),
             "relative_kinds": list(config.relative_kinds),
+            "relative_end": bool(config.relative_kinds),
             "reader_cohort": check_cohort(config.reader_cohort_dir) if config.relative_kinds else None,
             "silence_weights": {KIND_OF_SET[s]: weights[s] for s in sets},
             "word_offsets": {KIND_OF_SET[s]: v for s, v in offsets.items()},

@@ -17,7 +17,9 @@ finds how likely the expected words are given the audio, in one pass: the challe
 is the mean log-probability per expected word, in nats. For the kinds in
 ``ChallengeConfig.cohort_kinds`` (phrases) each word's log-probability is first taken
 relative to the cohort's (:meth:`engine.reader.Reader.relative`): less its mean over a few
-recordings of other sentences, which removes how likely the phrase is whatever is said.
+recordings of other sentences, which removes how likely the phrase is whatever is said;
+the sentence's end after the words (the full stop Whisper writes) counts as one more word,
+so that a recording that goes on past them scores lower.
 On the benchmark's held-apart sentences and digit strings Whisper passed more genuine
 recordings than the pocketsphinx check below, at less CPU (benchmarks/TUNING.md, section 4,
 "Whisper for sentences" and "Phrases relative to a cohort of other speech"). pocketsphinx
@@ -118,10 +120,11 @@ calibration passed 87.7 % of held-apart sentences with 0.19 % of wrong ones acce
 calibration read both kinds with Whisper instead: 98.5 % of the same held-apart digit
 strings passed with 0.05 % (3 of 6,000) of wrong ones accepted, and 90.6 % of the sentences
 with 0.06 % (3 of 4,800). The shipped calibration reads phrases relative to the reader's
-cohort and sets each threshold so that the upper bound of part A's wrong-phrase rate is
-within the target, on a new draw with 20 wrong phrases per recording: 97.5 % of held-apart
-digit strings pass with 0.04 % (5 of 12,000) of wrong ones accepted, and 97.1 % of the
-sentences with 0.104 % (10 of 9,600) (benchmarks/TUNING.md, section 4).
+cohort, with the sentence's end as one more word, and sets each threshold so that the
+upper bound of part A's wrong-phrase rate is within the target, on a new draw with 20 wrong
+phrases per recording: 97.5 % of held-apart digit strings pass with 0.03 % (4 of 12,000) of
+wrong ones accepted, and 97.3 % of the sentences with 0.01 % (1 of 9,600)
+(benchmarks/TUNING.md, section 4).
 
 On a smaller part-A comparison (100 recordings per set, 500 wrong phrases), scoring only the
 senones each search keeps active (0.05 s) lost 10 points on both sets, because each pass
@@ -195,6 +198,7 @@ from .errors import (
 from .models import DEFAULT_MODELS_DIR
 from .pronunciation import VARIANTS_VERSION, pronunciation_variants
 from .reader import DEFAULT_COHORT_DIR
+from .reader import END as READ_END
 
 __all__ = [
     "KINDS",
@@ -302,8 +306,8 @@ class ChallengeConfig:
     #: (:func:`engine.reader.load_cohort`).
     reader_cohort_dir: Path = DEFAULT_COHORT_DIR
     #: the challenge kinds whose Whisper score is relative to the reader's cohort: each
-    #: word's log-probability less its mean over recordings of other sentences
-    #: (:meth:`engine.reader.Reader.relative`). Chosen on the benchmark's calibration part:
+    #: word's log-probability, and the sentence's end's after them, less its mean over
+    #: recordings of other sentences (:meth:`engine.reader.Reader.relative`). Chosen on the benchmark's calibration part:
     #: it lifts slow readers' sentences. A phrase's cohort passes run on its first check in
     #: each challenge worker and are kept, where every digit string would need its own.
     #: The calibration records them.
@@ -808,7 +812,8 @@ class ChallengeChecker:
                 wanted = ", ".join(f"{k} {r}" for k, r in config.recognisers.items())
                 raise ModelError(f"challenge calibration {name} was not measured with recognisers {wanted}")
             relative = measured.get("relative_kinds", [])
-            if relative != list(config.relative_kinds) or (relative and measured.get("reader_cohort") != self.cohort_digest):
+            if relative != list(config.relative_kinds) or (relative and (measured.get("reader_cohort") != self.cohort_digest
+                                                                         or not measured.get("relative_end", False))):
                 wanted = ", ".join(config.relative_kinds) or "no kind"
                 raise ModelError(f"challenge calibration {name} was not measured with {wanted} relative to this reader cohort")
             cal = self.calibration
@@ -860,7 +865,7 @@ class ChallengeChecker:
         keeps their result). Whether there was anything to run."""
         if challenge_kind(challenge) not in self.config.relative_kinds:
             return False
-        reader, words = self._reader(), challenge_words(challenge)
+        reader, words = self._reader(), self._read_words(challenge, challenge_words(challenge))
         if reader.knows(words):
             return False
         reader.prior(words)
@@ -891,10 +896,18 @@ class ChallengeChecker:
         variants = kind == "align" and challenge_kind(challenge) in self.config.variant_kinds
         return Pass(kind, pcm, self._frame_rate(challenge), tuple(words), variants)
 
+    def _read_words(self, challenge: str, words: Sequence[str]) -> tuple[str, ...]:
+        """What Whisper reads for ``challenge``: its words, and for a kind relative to the
+        cohort the sentence's end after them (:data:`engine.reader.END`)."""
+        if challenge_kind(challenge) in self.config.relative_kinds:
+            return (*words, READ_END)
+        return tuple(words)
+
     def _read_pass(self, pcm: bytes, challenge: str, words: Sequence[str]) -> Pass:
         """Whisper's reading of a recording against ``challenge``, relative to the cohort
-        if its kind is."""
-        return Pass("read", pcm, 0, tuple(words), relative=challenge_kind(challenge) in self.config.relative_kinds)
+        if its kind is (with the sentence's end scored too)."""
+        return Pass("read", pcm, 0, self._read_words(challenge, words),
+                    relative=challenge_kind(challenge) in self.config.relative_kinds)
 
     def _decoder(self, variants: bool, frame_rate: int) -> _Decoder:
         """This thread's decoder with or without pronunciation variants, at ``frame_rate``

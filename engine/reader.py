@@ -8,7 +8,7 @@ where the words are said but not the way the model expects); OpenAI's Whisper, t
 far more and far more varied speech, recognises them better (on the benchmark's held-apart
 sentences, 90.6 % of genuine readings passed instead of 87.7 %, and 3 of 4,800 wrong ones
 instead of 9; the slowest readers gained little until the score was made relative to a
-cohort of other speech, below: 97.1 % then, with 10 of 9,600 wrong ones). On the
+cohort of other speech, below: 97.3 % then, with 1 of 9,600 wrong ones). On the
 benchmark's 8 kHz digit strings it also passed more genuine strings than pocketsphinx with
 per-digit offsets, at less CPU.
 This module scores a recording against the expected words with **Whisper base** (74 M
@@ -40,7 +40,10 @@ score below a wrong phrase of everyday words. For the kinds in
 relative to the cohort (:meth:`Reader.relative`): less its mean over eight recordings of
 other sentences shipped in ``samples/reader_cohort/`` (:meth:`Reader.prior`), so that the
 score says how much more likely this recording makes the words than other speech does
-(a positive number for a genuine reading). A phrase's cohort passes run on its first check
+(a positive number for a genuine reading). The sentence's end (:data:`END`, the full stop
+Whisper writes after it) is scored as one more word, relative to the cohort too: a
+recording that goes on past the expected words, as a longer sentence read in place of a
+short one does, makes the end unlikely. A phrase's cohort passes run on its first check
 in each challenge worker (about 0.2 CPU s) and are kept; digit strings, new every time,
 are scored as read.
 
@@ -78,7 +81,7 @@ import numpy as np
 from .errors import ModelError, ModelIntegrityError, ModelMissing
 from .models import DEFAULT_MODELS_DIR
 
-__all__ = ["COHORT_FILE", "DEFAULT_COHORT_DIR", "MANIFEST_FILE", "MAX_SECONDS", "CohortRecording", "Reader",
+__all__ = ["COHORT_FILE", "DEFAULT_COHORT_DIR", "END", "MANIFEST_FILE", "MAX_SECONDS", "CohortRecording", "Reader",
            "check_cohort", "check_installed", "load_cohort", "log_mel", "reader_text"]
 
 MANIFEST_FILE = "whisper.json"
@@ -95,6 +98,9 @@ COHORT_FILE = "reader_cohort.json"
 _PRIORS_KEPT = 4096
 #: a cohort recording's words as a challenge's are written (``engine.challenge.challenge_words``)
 _COHORT_WORD = re.compile(r"[a-z](?:[a-z']*[a-z])?")
+#: the sentence's end, given as the last of a text's words: the full stop Whisper writes
+#: after a sentence, scored as one more word (the recording ends where the words do)
+END = "."
 
 
 def _mel_filters() -> np.ndarray:
@@ -300,8 +306,10 @@ class Reader:
         self._priors_lock = threading.Lock()
 
     def tokens(self, words: Sequence[str]) -> list[list[int]]:
-        """Each word's tokens, as it is written inside the sentence (with its leading space)."""
-        return [self._tokenizer.encode(" " + w, add_special_tokens=False).ids for w in reader_text(words)]
+        """Each word's tokens, as it is written inside the sentence (with its leading space;
+        :data:`END`, the full stop, without one)."""
+        return [self._tokenizer.encode(w if w == END else " " + w, add_special_tokens=False).ids
+                for w in reader_text(words)]
 
     def word_logprobs(self, wav: np.ndarray, words: Sequence[str]) -> tuple[tuple[str, float], ...]:
         """Each expected word and its log-probability (natural log, summed over its
@@ -361,17 +369,18 @@ class Reader:
         """Each of ``words``' log-probability (as :meth:`word_logprobs` gives it), averaged
         over the cohort's recordings of other sentences: how likely Whisper finds the
         words whatever is said (over seven recordings where the eighth says these very
-        words). The cohort is encoded on the first call (:meth:`encode_cohort`); the last
-        4,096 phrases' priors are kept, so a phrase costs its cohort passes once per
-        reader (once in each challenge worker process)."""
+        words, with or without :data:`END` after them). The cohort is encoded on the first
+        call (:meth:`encode_cohort`); the last 4,096 phrases' priors are kept, so a phrase
+        costs its cohort passes once per reader (once in each challenge worker process)."""
         key = tuple(words)
+        said_key = key[:-1] if key[-1:] == (END,) else key
         with self._priors_lock:
             if key in self._priors:
                 self._priors.move_to_end(key)
                 return self._priors[key]
         cohort = self.encode_cohort()
         # a cohort recording of these very words would make them look likely anyway
-        rows = [[lp for _, lp in self._forced(encoded, frames, key)] for said, encoded, frames in cohort if said != key]
+        rows = [[lp for _, lp in self._forced(encoded, frames, key)] for said, encoded, frames in cohort if said != said_key]
         if not rows:
             raise ModelError("the reader's cohort holds no recording of other words")
         prior = tuple(float(x) for x in np.mean(rows, axis=0))

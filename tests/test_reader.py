@@ -28,7 +28,7 @@ from engine.challenge import (
 )
 from engine.errors import ConfigError, ModelError, ModelIntegrityError, ModelMissing, NoSpeech
 from engine.models import DEFAULT_MODELS_DIR
-from engine.reader import COHORT_FILE, DEFAULT_COHORT_DIR, MANIFEST_FILE, Reader, check_cohort, load_cohort, log_mel, reader_text
+from engine.reader import COHORT_FILE, DEFAULT_COHORT_DIR, END, MANIFEST_FILE, Reader, check_cohort, load_cohort, log_mel, reader_text
 
 from .conftest import POCKETSPHINX_ONLY
 
@@ -204,8 +204,9 @@ def test_a_phrase_is_read_in_one_pass_and_decided_on_its_mean() -> None:
     assert none == Verdict(False, FAILURE_SCORE, "read")
     assert isinstance(silent, NoSpeech)
     parts = checker.parts_batch([(wav, "open the door")], run_passes=_fake_reading)[0]
+    # a phrase's words are read with the sentence's end after them
     assert parts == ScoreParts(words=-0.5, silence=0.0, aligned_words=-0.5,
-                               word_ratios=(("open", -0.5), ("the", -0.5), ("door", -0.5)))
+                               word_ratios=(("open", -0.5), ("the", -0.5), ("door", -0.5), (END, -0.5)))
     assert checker.score_batch([(wav, "close it")], run_passes=_fake_reading) == [-6.0]
     # Whisper reads words pocketsphinx's dictionary does not hold; pocketsphinx refuses them
     assert checker.check_batch([(wav, "open a blorptastic door")], run_passes=_fake_reading)[0].passed
@@ -285,9 +286,11 @@ def test_readings_of_one_recording_encode_it_once() -> None:
     a = np.sin(np.arange(SR, dtype=np.float32) / 7.0) * 0.3
     b = np.sin(np.arange(SR, dtype=np.float32) / 5.0) * 0.3
     scores = checker.score_batch([(a, "open it"), (a, "close it"), (a, "409172"), (b, "open it")])
-    # phrases relative to the cohort (by default), digit strings as read
+    # phrases relative to the cohort (by default) and read with the sentence's end, digit
+    # strings as read
     assert scores == [2.0, 2.0, -1.0, 2.0]
-    assert calls == [[["open", "it"], ["close", "it"], ["four", "zero", "nine", "one", "seven", "two"]], [["open", "it"]]]
+    assert calls == [[["open", "it", END], ["close", "it", END], ["four", "zero", "nine", "one", "seven", "two"]],
+                     [["open", "it", END]]]
 
 
 # --------------------------------------------------------------------------- the cohort
@@ -356,10 +359,10 @@ def test_a_changed_missing_or_malformed_cohort_is_refused(tmp_path: Path) -> Non
 def test_the_prior_is_the_mean_over_recordings_of_other_words(tmp_path: Path) -> None:
     cohort = {"000240010.flac": OTHER, "000240031.flac": SAID}
     reader = Reader(cohort_dir=_small_cohort(tmp_path, cohort))
-    readings = {}
+    readings, wavs = {}, {}
     for name, words in cohort.items():
         wav = decode_audio((SAMPLE / name).read_bytes())
-        wav = (np.clip(wav, -1.0, 1.0) * 32767.0).astype("<i2").astype(np.float32) / 32767.0  # as the cohort is read
+        wavs[name] = wav = (np.clip(wav, -1.0, 1.0) * 32767.0).astype("<i2").astype(np.float32) / 32767.0  # as the cohort is read
         readings[name] = {w: reader.word_logprobs(wav, w.split()) for w in (OTHER, SAID, "open the door")}
     # words no cohort recording says: the mean of both readings, word by word
     want = np.mean([[lp for _, lp in readings[n]["open the door"]] for n in cohort], axis=0)
@@ -372,6 +375,19 @@ def test_the_prior_is_the_mean_over_recordings_of_other_words(tmp_path: Path) ->
     assert [lp for _, lp in got] == pytest.approx(
         [a - b for (_, a), b in zip(readings["000240031.flac"][SAID], reader.prior(SAID.split()))], abs=1e-9)
     assert np.mean([lp for _, lp in got]) > 2.0  # the recording makes its own words far likelier than other speech does
+    # the sentence's end: the full stop's token alone, scored after the words; the cohort's
+    # recording of the very words is left out of its prior too
+    assert reader.tokens(["it", END]) == [reader.tokens(["it"])[0], reader._tokenizer.encode(".", add_special_tokens=False).ids]
+    ended = [*SAID.split(), END]
+    assert reader.prior(ended) == pytest.approx([lp for _, lp in reader.word_logprobs(wavs["000240010.flac"], ended)], abs=1e-4)
+    said = reader.word_logprobs(wavs["000240031.flac"], ended)
+    assert [w for w, _ in said] == ended
+    assert [lp for _, lp in said[:-1]] == pytest.approx([lp for _, lp in readings["000240031.flac"][SAID]], abs=1e-4)
+    # where the recording ends with the words, the end is likelier than on other speech;
+    # cut short, the end is unlikely where the recording goes on
+    assert reader.relative(said)[-1][1] > 0.5
+    short = reader.word_logprobs(wavs["000240031.flac"], ["we", "have", END])
+    assert short[-1][1] < said[-1][1] - 2.0
 
 
 def test_cohort_kinds_are_validated_and_must_match_the_calibration(tmp_path: Path) -> None:
@@ -384,7 +400,8 @@ def test_cohort_kinds_are_validated_and_must_match_the_calibration(tmp_path: Pat
     assert ChallengeConfig(cohort_kinds=("digits", "phrase"), recognisers=POCKETSPHINX_ONLY).relative_kinds == ()
     path = tmp_path / "challenge.json"
     doc = json.loads(ChallengeConfig().calibration_path.read_text())
-    for change in ({"relative_kinds": []}, {"relative_kinds": ["digits", "phrase"]}, {"reader_cohort": "0" * 64}):
+    for change in ({"relative_kinds": []}, {"relative_kinds": ["digits", "phrase"]}, {"reader_cohort": "0" * 64},
+                   {"relative_end": False}):
         path.write_text(json.dumps({**doc, **change}))
         with pytest.raises(ModelError, match="cohort"):
             ChallengeChecker(config=ChallengeConfig(calibration_path=path))
