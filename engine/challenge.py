@@ -307,9 +307,11 @@ class ChallengeConfig:
     reader_cohort_dir: Path = DEFAULT_COHORT_DIR
     #: the challenge kinds whose Whisper score is relative to the reader's cohort: each
     #: word's log-probability, and the sentence's end's after them, less its mean over
-    #: recordings of other sentences (:meth:`engine.reader.Reader.relative`). Chosen on the benchmark's calibration part:
-    #: it lifts slow readers' sentences. A phrase's cohort passes run on its first check in
-    #: each challenge worker and are kept, where every digit string would need its own.
+    #: recordings of other sentences (:meth:`engine.reader.Reader.relative`). Chosen on
+    #: the benchmark's calibration part: it lifts slow readers' sentences, and the end
+    #: keeps a shorter phrase from matching the start of a longer recording. A phrase's
+    #: cohort passes run on its first check in each challenge worker and are kept, where
+    #: every digit string would need its own.
     #: The calibration records them.
     cohort_kinds: tuple[str, ...] = ("phrase",)
 
@@ -741,7 +743,8 @@ def _score_parts(entries: Sequence[tuple[str, int, int, float]], background: np.
 
 def _read_parts(word_logprobs: Sequence[tuple[str, float]] | None) -> ScoreParts | None:
     """The score parts of Whisper's reading (:meth:`engine.reader.Reader.word_logprobs`):
-    ``words`` the mean log-probability per expected word, and no silence."""
+    ``words`` the mean log-probability per expected word (the sentence's end, where read,
+    counted as one), and no silence."""
     if not word_logprobs:
         return None
     mean = float(np.mean([lp for _, lp in word_logprobs]))
@@ -812,10 +815,12 @@ class ChallengeChecker:
                 wanted = ", ".join(f"{k} {r}" for k, r in config.recognisers.items())
                 raise ModelError(f"challenge calibration {name} was not measured with recognisers {wanted}")
             relative = measured.get("relative_kinds", [])
-            if relative != list(config.relative_kinds) or (relative and (measured.get("reader_cohort") != self.cohort_digest
-                                                                         or not measured.get("relative_end", False))):
+            if relative != list(config.relative_kinds) or (relative and measured.get("reader_cohort") != self.cohort_digest):
                 wanted = ", ".join(config.relative_kinds) or "no kind"
                 raise ModelError(f"challenge calibration {name} was not measured with {wanted} relative to this reader cohort")
+            if relative and not measured.get("relative_end", False):
+                raise ModelError(f"challenge calibration {name} was not measured with the sentence's end scored "
+                                 "after the words (relative_end)")
             cal = self.calibration
             if cal.variant_kinds != set(config.variant_kinds) or (cal.variant_kinds and cal.variants_version != VARIANTS_VERSION):
                 wanted = ", ".join(config.variant_kinds) or "none"

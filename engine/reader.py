@@ -8,7 +8,8 @@ where the words are said but not the way the model expects); OpenAI's Whisper, t
 far more and far more varied speech, recognises them better (on the benchmark's held-apart
 sentences, 90.6 % of genuine readings passed instead of 87.7 %, and 3 of 4,800 wrong ones
 instead of 9; the slowest readers gained little until the score was made relative to a
-cohort of other speech, below: 97.3 % then, with 1 of 9,600 wrong ones). On the
+cohort of other speech and the sentence's end was scored, below: 97.3 % then, with 1 of
+9,600 wrong ones). On the
 benchmark's 8 kHz digit strings it also passed more genuine strings than pocketsphinx with
 per-digit offsets, at less CPU.
 This module scores a recording against the expected words with **Whisper base** (74 M

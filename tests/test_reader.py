@@ -400,11 +400,14 @@ def test_cohort_kinds_are_validated_and_must_match_the_calibration(tmp_path: Pat
     assert ChallengeConfig(cohort_kinds=("digits", "phrase"), recognisers=POCKETSPHINX_ONLY).relative_kinds == ()
     path = tmp_path / "challenge.json"
     doc = json.loads(ChallengeConfig().calibration_path.read_text())
-    for change in ({"relative_kinds": []}, {"relative_kinds": ["digits", "phrase"]}, {"reader_cohort": "0" * 64},
-                   {"relative_end": False}):
+    for change in ({"relative_kinds": []}, {"relative_kinds": ["digits", "phrase"]}, {"reader_cohort": "0" * 64}):
         path.write_text(json.dumps({**doc, **change}))
         with pytest.raises(ModelError, match="cohort"):
             ChallengeChecker(config=ChallengeConfig(calibration_path=path))
+    # measured before the sentence's end was scored: refused too
+    path.write_text(json.dumps({k: v for k, v in doc.items() if k != "relative_end"}))
+    with pytest.raises(ModelError, match="sentence's end"):
+        ChallengeChecker(config=ChallengeConfig(calibration_path=path))
     path.write_text(json.dumps(doc))
     assert ChallengeChecker(config=ChallengeConfig(calibration_path=path)).thresholds["phrase"] == doc["thresholds"]["phrase"]
 
@@ -448,6 +451,7 @@ def test_a_phrase_prepares_its_cohort_passes_once() -> None:
     checker = ChallengeChecker(threshold=0.0)
     checker._reader_model = fake = _CohortReader()
     assert checker.prepare("Open the door") and fake.runs == 1
+    assert list(fake.priors) == [("open", "the", "door", END)]  # the words and the end, as the check reads them
     assert not checker.prepare("open the door.") and fake.runs == 1  # the same words
     assert not checker.prepare("409172") and fake.runs == 1  # digit strings: scored as read
     wav = np.sin(np.arange(SR, dtype=np.float32) / 7.0) * 0.3
