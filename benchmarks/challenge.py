@@ -630,7 +630,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="scoring processes (pocketsphinx holds the GIL)")
     p.add_argument("--quick", action="store_true", help="small run: 12 utterances, 12 strings per part, 3 wrong each")
     p.add_argument("--limit", type=int, default=None, help="cap utterances and strings per part")
-    p.add_argument("--write-calibration", action="store_true", help=f"write the operating point to models/{CALIBRATION_FILE}")
+    p.add_argument("--write-calibration", action="store_true",
+                   help=f"write the operating point to models/{CALIBRATION_FILE} (use --wrong 40 or more: the threshold "
+                        "rests on part A's few highest wrong phrases; then check it with --calibrated on a new --seed)")
     p.add_argument("--calibrated", action="store_true",
                    help=f"report part B at the operating point already in models/{CALIBRATION_FILE} (chosen on part A "
                         "by an earlier --write-calibration run) instead of choosing one; part A is not scored")

@@ -123,7 +123,8 @@ with 0.06 % (3 of 4,800). The shipped calibration reads phrases relative to the 
 cohort, with the sentence's end as one more word, and sets each threshold so that the
 upper bound of part A's wrong-phrase rate is within the target, on a new draw with 20 wrong
 phrases per recording: 97.5 % of held-apart digit strings pass with 0.03 % (4 of 12,000) of
-wrong ones accepted, and 97.3 % of the sentences with 0.01 % (1 of 9,600)
+wrong ones accepted, and 97.3 % of the sentences with 0.01 % (1 of 9,600); on a fresh draw
+with twice the wrong phrases, 0.037 % (9 of 24,000) and 0.036 % (7 of 19,200)
 (benchmarks/TUNING.md, section 4).
 
 On a smaller part-A comparison (100 recordings per set, 500 wrong phrases), scoring only the
