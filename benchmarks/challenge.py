@@ -71,7 +71,6 @@ from engine.challenge import (
     Pass,
     ScoreParts,
     Screen,
-    challenge_kind,
     challenge_words,
     load_phrases,
 )
@@ -289,10 +288,9 @@ def score_task(task: Task) -> Result:
 
     # a phrase's cohort passes run once, on its first check (the reader keeps them): timed
     # apart, so that the genuine check's time is what every later check of it costs
-    if challenge_kind(task.expected[0]) in _checker.config.relative_kinds:
-        t0 = time.process_time()
-        if _checker.prepare(task.expected[0]):
-            res.prepare_cpu_s = time.process_time() - t0
+    t0 = time.process_time()
+    if _checker.prepare(task.expected[0]):
+        res.prepare_cpu_s = time.process_time() - t0
     t0 = time.process_time()
     first = _checker.parts_batch([(wav, task.expected[0])], run_passes=timed)
     res.genuine_cpu_s = time.process_time() - t0

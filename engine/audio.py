@@ -35,7 +35,9 @@ __all__ = [
     "N_MELS",
     "PARTIAL_FRAMES",
     "decode_audio",
+    "from_pcm16",
     "normalize_volume",
+    "to_pcm16",
     "trim_silence",
     "mel_filterbank",
     "mel_frames",
@@ -144,6 +146,17 @@ def _decode_container(data: bytes, max_seconds: float) -> tuple[np.ndarray, int]
 
 
 # --------------------------------------------------------------------------- VAD trim
+
+
+def to_pcm16(wav: np.ndarray) -> bytes:
+    """Float samples as the 16-bit PCM a spoken-challenge check reads: clipped to full
+    scale, times 32767, truncated."""
+    return (np.clip(wav, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+
+
+def from_pcm16(pcm: bytes) -> np.ndarray:
+    """:func:`to_pcm16`'s bytes as float32 samples again (divided by 32767)."""
+    return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32767.0
 
 
 def normalize_volume(wav: np.ndarray, target_dbfs: float = TARGET_DBFS) -> np.ndarray:

@@ -196,6 +196,7 @@ from .errors import (
     TooLittleSpeech,
     UndecodableSample,
 )
+from .audio import from_pcm16, to_pcm16
 from .models import DEFAULT_MODELS_DIR
 from .pronunciation import VARIANTS_VERSION, pronunciation_variants
 from .reader import DEFAULT_COHORT_DIR
@@ -948,7 +949,7 @@ class ChallengeChecker:
         level = 20.0 * math.log10(float(np.percentile(rms, 95)) + 1e-12)
         if level < self.config.min_level_dbfs:
             raise NoSpeech("no speech found in the recording")
-        return (np.clip(wav, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+        return to_pcm16(wav)
 
     def score_batch(
         self, items: Sequence[tuple[np.ndarray, str]], *, run_passes: Callable[[list[Pass]], list[Any]] | None = None
@@ -1134,7 +1135,7 @@ class ChallengeChecker:
     def _read_together(self, passes: list[Pass]) -> list[Any]:
         """Whisper's readings of one recording against each pass's words (``None`` each
         if CTranslate2 or the reader refused the recording)."""
-        wav = np.frombuffer(passes[0].pcm, dtype="<i2").astype(np.float32) / 32767.0
+        wav = from_pcm16(passes[0].pcm)
         reader = self._reader()
         try:
             readings = reader.read_many(wav, [list(p.words) for p in passes])

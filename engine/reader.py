@@ -244,7 +244,7 @@ def check_cohort(folder: Path = DEFAULT_COHORT_DIR) -> str:
 def load_cohort(folder: Path = DEFAULT_COHORT_DIR) -> tuple[list[CohortRecording], str]:
     """The cohort's recordings, decoded, and the sha256 of its manifest; refused as by
     :func:`check_cohort`, or as :class:`ModelError` for a recording that cannot be decoded."""
-    from .audio import decode_audio
+    from .audio import decode_audio, from_pcm16, to_pcm16
     from .errors import SampleError
 
     files, digest = _cohort_files(folder)
@@ -254,8 +254,7 @@ def load_cohort(folder: Path = DEFAULT_COHORT_DIR) -> tuple[list[CohortRecording
             wav = decode_audio(data, max_seconds=MAX_SECONDS)
         except SampleError as exc:
             raise ModelError(f"cohort recording {name} could not be decoded: {exc}") from exc
-        pcm = (np.clip(wav, -1.0, 1.0) * 32767.0).astype("<i2")
-        out.append(CohortRecording(words, pcm.astype(np.float32) / 32767.0))
+        out.append(CohortRecording(words, from_pcm16(to_pcm16(wav))))
     return out, digest
 
 
@@ -324,9 +323,13 @@ class Reader:
             raise ValueError("no words to read")
         if np.asarray(wav).size > MAX_SECONDS * SAMPLE_RATE:
             raise ValueError(f"Whisper reads at most {MAX_SECONDS:g} s")
+        encoded, frames = self._encode(wav)
+        return [self._forced(encoded, frames, words) for words in texts]
+
+    def _encode(self, wav: np.ndarray) -> tuple[object, int]:
+        """The encoder's output for a 16 kHz recording, and its number of mel frames."""
         features = log_mel(wav)
-        encoded = self._model.encode(self._ct2.StorageView.from_array(features[None]), to_cpu=False)
-        return [self._forced(encoded, features.shape[1], words) for words in texts]
+        return self._model.encode(self._ct2.StorageView.from_array(features[None]), to_cpu=False), features.shape[1]
 
     def _forced(self, encoded: object, frames: int, words: Sequence[str]) -> tuple[tuple[str, float], ...]:
         per_word = self.tokens(words)
@@ -353,12 +356,7 @@ class Reader:
                 if self._cohort_digest is not None and digest != self._cohort_digest:
                     raise ModelIntegrityError(f"the reader's cohort ({COHORT_FILE} sha256 {digest}) is not the one "
                                               f"the challenge calibration was measured with ({self._cohort_digest})")
-                cohort = []
-                for rec in recordings:
-                    features = log_mel(rec.wav)
-                    encoded = self._model.encode(self._ct2.StorageView.from_array(features[None]), to_cpu=False)
-                    cohort.append((rec.words, encoded, features.shape[1]))
-                self._cohort = cohort
+                self._cohort = [(rec.words, *self._encode(rec.wav)) for rec in recordings]
             return self._cohort
 
     def knows(self, words: Sequence[str]) -> bool:

@@ -8,7 +8,7 @@ subtracts, word by word, the mean log-probability the phrase gets over a few rec
 * eight speechocean762 recordings (``speech/`` of the shared data), one from each of four
   female and four male speakers, drawn with a fixed seed;
 * only speakers of the challenge benchmark's calibration part (A of
-  :func:`benchmarks.datasets.split_of`), so that no recording of a speaker the benchmark
+  :func:`benchmarks.datasets.load_speech`), so that no recording of a speaker the benchmark
   reports on (part B) is part of the score;
 * copied byte for byte (FLAC, 16 kHz), with what each says and its sha256 in
   ``reader_cohort/reader_cohort.json``, which the engine checks before using them. They sit
@@ -32,7 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.datasets import DEFAULT_SALT, split_of  # noqa: E402
+from benchmarks.datasets import load_speech  # noqa: E402
 from engine.reader import COHORT_FILE, DEFAULT_COHORT_DIR  # noqa: E402
 
 SEED = 762
@@ -42,15 +42,14 @@ PER_GENDER = 4
 def select(speech: Path) -> list[dict[str, str]]:
     """The cohort: one utterance of each of ``PER_GENDER`` female and male part-A speakers."""
     read = lambda name: dict(ln.split(" ", 1) for ln in (speech / name).read_text().splitlines() if ln.strip())  # noqa: E731
-    text, utt2spk, gender = read("text"), read("utt2spk"), read("spk2gender")
-    utt2spk = {u: s.strip() for u, s in utt2spk.items()}
-    part = split_of(sorted(set(utt2spk.values())), DEFAULT_SALT, "speech")
+    text, gender = read("text"), read("spk2gender")
+    corpus = load_speech(speech.parent)
     rng = np.random.default_rng(SEED)
     out = []
     for g in ("f", "m"):
-        speakers = sorted(s for s in part if part[s] == "A" and gender[s].strip() == g)
+        speakers = sorted(s for s, p in corpus.part.items() if p == "A" and gender[s].strip() == g)
         for spk in sorted(rng.choice(speakers, size=PER_GENDER, replace=False).tolist()):
-            utts = sorted(u for u, s in utt2spk.items() if s == spk)
+            utts = [u.utt for u in corpus.speakers[spk]]  # sorted by utterance id
             utt = utts[int(rng.integers(len(utts)))]
             out.append({"file": f"{utt}.flac", "speaker": spk, "gender": g, "part": "A",
                         "words": " ".join(text[utt].lower().split())})

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.audio import decode_audio
+from engine.audio import decode_audio, from_pcm16, to_pcm16
 from engine.challenge import (
     DEFAULT_RECOGNISERS,
     FAILURE_SCORE,
@@ -309,18 +309,17 @@ def _small_cohort(tmp_path: Path, said: dict[str, str]) -> Path:
 
 
 def test_the_shipped_cohort_is_whole_and_from_calibration_speakers() -> None:
-    from benchmarks.datasets import DEFAULT_SALT, split_of
+    from benchmarks.datasets import load_speech
 
     recordings, digest = load_cohort()
     assert len(recordings) == 8 and digest == check_cohort() and len(digest) == 64
     assert all(r.wav.dtype == np.float32 and r.wav.size > 2 * SR and r.words for r in recordings)
     doc = json.loads((DEFAULT_COHORT_DIR / COHORT_FILE).read_text())
     # the split is over every speaker of the corpus, so it needs the data set
-    speech = DEFAULT_MODELS_DIR.parent.parent / "shared" / "data" / "speech" / "utt2spk"
-    if not speech.is_file():
+    data = DEFAULT_MODELS_DIR.parent.parent / "shared" / "data"
+    if not (data / "speech" / "utt2spk").is_file():
         pytest.skip("the speechocean762 set is not beside the repository")
-    speakers = sorted({ln.split()[1] for ln in speech.read_text().splitlines() if ln.strip()})
-    part = split_of(speakers, DEFAULT_SALT, "speech")
+    part = load_speech(data).part
     assert sorted(part[r["speaker"]] for r in doc["recordings"]) == ["A"] * 8
 
 
@@ -362,7 +361,7 @@ def test_the_prior_is_the_mean_over_recordings_of_other_words(tmp_path: Path) ->
     readings, wavs = {}, {}
     for name, words in cohort.items():
         wav = decode_audio((SAMPLE / name).read_bytes())
-        wavs[name] = wav = (np.clip(wav, -1.0, 1.0) * 32767.0).astype("<i2").astype(np.float32) / 32767.0  # as the cohort is read
+        wavs[name] = wav = from_pcm16(to_pcm16(wav))  # as the cohort is read
         readings[name] = {w: reader.word_logprobs(wav, w.split()) for w in (OTHER, SAID, "open the door")}
     # words no cohort recording says: the mean of both readings, word by word
     want = np.mean([[lp for _, lp in readings[n]["open the door"]] for n in cohort], axis=0)
