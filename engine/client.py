@@ -88,6 +88,9 @@ class Connection:
         self._push_send, self.pushes = trio.open_memory_channel(push_buffer)
         self.closed_error: BaseException | None = None
         self._closed = False
+        self._last_send = 0.0
+        #: pushed results that did not fit in ``pushes`` (fetch them with fetch_result)
+        self.pushes_dropped = 0
 
     @property
     def engine_key(self) -> bytes:
@@ -107,7 +110,7 @@ class Connection:
                     try:
                         self._push_send.send_nowait(msg)
                     except trio.WouldBlock:
-                        pass
+                        self.pushes_dropped += 1
                 elif isinstance(msg, P.Error):  # connection-level error (broken frame)
                     self.closed_error = error_from_code(msg.code, msg.message)
         except (trio.BrokenResourceError, trio.ClosedResourceError, EngineError, msgspec.DecodeError) as exc:
@@ -122,6 +125,17 @@ class Connection:
     async def send_raw(self, frame: bytes) -> None:
         async with self._send_lock:
             await self.stream.send_all(frame)
+            self._last_send = trio.current_time()
+
+    async def _keepalive(self, every: float) -> None:
+        self._last_send = trio.current_time()
+        while not self._closed:
+            await trio.sleep_until(self._last_send + every)
+            if trio.current_time() >= self._last_send + every and not self._closed:
+                try:
+                    await self.ping()
+                except (EngineError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    return
 
     async def request(self, msg_type: type, **fields: Any) -> Any:
         """Send one request and wait for its reply; raise the typed error on an error reply."""
@@ -150,8 +164,13 @@ class Connection:
 
 
 @asynccontextmanager
-async def open_connection(host: str, port: int, *, ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[Connection]:
-    """Connect (TLS when ``ssl_context`` is given), read the engine's hello, run the reply router."""
+async def open_connection(
+    host: str, port: int, *, ssl_context: ssl.SSLContext | None = None, keepalive: float | None = None
+) -> AsyncIterator[Connection]:
+    """Connect (TLS when ``ssl_context`` is given), read the engine's hello, run the reply router.
+
+    ``keepalive``: send a ``ping`` after this many seconds without a request, so that the
+    engine's idle timeout does not close a stream that only waits for pushed results."""
     if ssl_context is not None:
         stream: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(host, port, ssl_context=ssl_context)
     else:
@@ -162,6 +181,8 @@ async def open_connection(host: str, port: int, *, ssl_context: ssl.SSLContext |
         if body is None:
             raise trio.BrokenResourceError("engine closed the connection before hello")
         hello = P.decode_server_message(body)
+        if isinstance(hello, P.Error):  # refused at the door (too_many_connections)
+            raise error_from_code(hello.code, hello.message, hello.retry_after_ms)
         if not isinstance(hello, P.Hello):
             raise InvalidMessage("expected hello")
     except BaseException:
@@ -171,6 +192,8 @@ async def open_connection(host: str, port: int, *, ssl_context: ssl.SSLContext |
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(conn._read_loop)
+            if keepalive:
+                nursery.start_soon(conn._keepalive, keepalive)
             try:
                 yield conn
             finally:
@@ -236,9 +259,11 @@ async def open_relying_party(
     box_key: nacl.public.PrivateKey,
     engine_key: bytes | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    keepalive: float | None = 60.0,
 ) -> AsyncIterator[RelyingPartyClient]:
-    """Connect and authenticate; ``engine_key`` pins the engine's published key if given."""
-    async with open_connection(host, port, ssl_context=ssl_context) as conn:
+    """Connect and authenticate; ``engine_key`` pins the engine's published key if given.
+    The stream pings every ``keepalive`` seconds without a request (None: never)."""
+    async with open_connection(host, port, ssl_context=ssl_context, keepalive=keepalive) as conn:
         if engine_key is not None and engine_key != conn.engine_key:
             raise BadSignature("engine key does not match the pinned key")
         sig = signing_key.sign(P.auth_message(conn.hello.nonce, rp_id)).signature

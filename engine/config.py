@@ -39,13 +39,67 @@ class LimitsConfig:
     admission_wait: float = 0.5
     min_admitted: int = 4
     request_deadline: float = 10.0  # seconds for any one request, set at the boundary
-    first_frame_timeout: float = 30.0  # a connection must send its first request within this
+    #: Verify attempts on one session that do not count (not signed by the key bound to an
+    #: active credential: a stranger who saw the QR code, a bad signature, an inactive
+    #: credential). Each is answered to its sender and the session stays open, except the
+    #: one that reaches this number: it closes the session with a ``fail``
+    #: (``too_many_attempts``) to the relying party.
+    max_failed_attempts: int = 5
+    #: ``fetch_result`` has its own token bucket, this many times the relying party's
+    #: ``open_session`` quota: a relying party at its quota can still collect what it is owed.
+    fetch_quota_factor: float = 2.0
+
+    # ---- connections (benchmarks/TUNING.md section 7 has the measurements) ----------------------
+    #: Open connections, engine-wide. Each idle one costs about 20 KiB in the engine and one
+    #: file descriptor; the CLI lowers this to fit the open-files limit.
+    max_connections: int = 10_000
+    #: Connections not (yet) authenticated as a relying party: holders' phones, and relying
+    #: parties before ``auth``. The difference to ``max_connections`` is kept for
+    #: authenticated streams. At either cap a new connection evicts the unauthenticated one
+    #: that has nothing in flight and has been quiet longest; if there is none it is refused
+    #: with ``too_many_connections``.
+    max_unauthenticated: int = 9_000
+    #: Seconds to send the first frame after ``hello``.
+    first_frame_timeout: float = 10.0
+    #: Seconds an unauthenticated connection with nothing in flight may stay silent.
+    idle_timeout: float = 60.0
+    #: Seconds an authenticated relying-party stream with nothing in flight may stay silent
+    #: (engine.client pings every ``keepalive`` seconds, 60 by default).
+    rp_idle_timeout: float = 600.0
+    #: Inside a frame: at least ``min_receive_rate`` bytes/s over each ``rate_window``
+    #: seconds, or the frame completes within the window (32 kbit/s: a GPRS-class link).
+    min_receive_rate: int = 4096
+    rate_window: float = 10.0
+    #: Seconds a write to the peer may take (a peer that does not read its replies).
+    write_timeout: float = 30.0
+    #: Bytes one connection may hold: request bodies in flight plus the frame being read.
+    #: Past it, the engine stops reading that connection until replies free room.
+    max_connection_bytes: int = 16 * 1024 * 1024
+    #: Bytes of partly received frames, engine-wide (reserved from the length prefix on).
+    #: A frame that does not fit is answered ``frame_budget`` and the connection closed.
+    frame_budget: int = 128 * 1024 * 1024
+    #: Seconds spent, after the last frame, discarding what the peer still sends before
+    #: closing, so that the close is not a reset that loses that frame.
+    linger: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_frame < 1024:
             raise ConfigError("max_frame must be at least 1024 bytes")
         if self.max_in_flight < 1 or self.outbox < 1:
             raise ConfigError("max_in_flight and outbox must be positive")
+        if self.outbox <= self.max_in_flight:
+            raise ConfigError("outbox must be larger than max_in_flight (every reply must fit)")
+        if not 1 <= self.max_unauthenticated <= self.max_connections:
+            raise ConfigError("max_unauthenticated must be between 1 and max_connections")
+        if self.max_connection_bytes < self.max_frame or self.frame_budget < self.max_frame:
+            raise ConfigError("max_connection_bytes and frame_budget must hold at least one max_frame")
+        for name in ("first_frame_timeout", "idle_timeout", "rp_idle_timeout", "rate_window", "write_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive")
+        if self.min_receive_rate < 0 or self.linger < 0:
+            raise ConfigError("min_receive_rate and linger cannot be negative")
+        if self.max_failed_attempts < 1 or self.fetch_quota_factor <= 0:
+            raise ConfigError("max_failed_attempts and fetch_quota_factor must be positive")
         if not 1.0 <= self.session_ttl <= 3600.0:
             raise ConfigError("session_ttl must be between 1 s and 1 h")
         if self.request_deadline <= 0:

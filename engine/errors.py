@@ -12,6 +12,11 @@ or templates: they may reach a relying party.
     │   ├── UnknownMessage              unknown_message
     │   ├── TooManyInFlight             too_many_in_flight
     │   └── NotAuthenticated            not_authenticated
+    ├── ConnectionLimit                 connection_limit       (connection closed)
+    │   ├── TooManyConnections          too_many_connections
+    │   ├── IdleTimeout                 idle_timeout
+    │   ├── TooSlow                     too_slow               (below the minimum receive rate)
+    │   └── FrameBudgetExhausted        frame_budget           (retry_after_ms)
     ├── AuthError                       auth_failed
     │   ├── BadSignature                bad_signature
     │   ├── UnknownRelyingParty         unknown_relying_party
@@ -68,6 +73,11 @@ __all__ = [
     "UnknownMessage",
     "TooManyInFlight",
     "NotAuthenticated",
+    "ConnectionLimit",
+    "TooManyConnections",
+    "IdleTimeout",
+    "TooSlow",
+    "FrameBudgetExhausted",
     "AuthError",
     "BadSignature",
     "UnknownRelyingParty",
@@ -171,6 +181,37 @@ class NotAuthenticated(ProtocolError):
     """This request needs an authenticated relying-party stream."""
 
     code = "not_authenticated"
+
+
+class ConnectionLimit(EngineError):
+    """A connection limit was reached; the connection is closed after this error."""
+
+    code = "connection_limit"
+    fatal = True
+
+
+class TooManyConnections(ConnectionLimit):
+    """The engine has no room for another connection of this kind; retry later."""
+
+    code = "too_many_connections"
+
+
+class IdleTimeout(ConnectionLimit):
+    """The connection sent nothing for too long and had no request in flight."""
+
+    code = "idle_timeout"
+
+
+class TooSlow(ConnectionLimit):
+    """The frame arrived slower than the minimum receive rate."""
+
+    code = "too_slow"
+
+
+class FrameBudgetExhausted(ConnectionLimit):
+    """The engine holds as many partly received frames as its memory budget allows; retry later."""
+
+    code = "frame_budget"
 
 
 class AuthError(EngineError):

@@ -71,6 +71,11 @@ class Metrics:
             "(screen: the alignment alone; background: against the phone loop too; read: by Whisper) and outcome.",
             ["stage", "outcome"], registry=r,
         )
+        self.voice_bands = Counter(
+            "netid_voice_comparisons", "Voice comparisons, by the band of the enrollment and of the "
+            "recording compared (wide: 16 kHz capture; narrow: 8 kHz or telephone band).",
+            ["enrolled", "probe"], registry=r,
+        )
         self.in_flight = Gauge("netid_in_flight", "Requests being processed.", registry=r)
         self.overloaded = Counter(
             "netid_overloaded", "Requests refused with 'overloaded', by where they were refused.",
@@ -83,6 +88,32 @@ class Metrics:
             "netid_credentials", "Credentials by status.", ["status"], registry=r,
         )
         self.connections = Gauge("netid_connections", "Open client connections.", registry=r)
+        self.connections_unauthenticated = Gauge(
+            "netid_connections_unauthenticated", "Open connections not authenticated as a relying party.", registry=r,
+        )
+        self.connections_closed = Counter(
+            "netid_connections_closed", "Connections closed, by why: peer (it closed or went away), drain, "
+            "or the error code sent before closing (frame_too_large, idle_timeout, too_many_connections, ...).",
+            ["reason"], registry=r,
+        )
+        self.frame_bytes = Gauge(
+            "netid_partial_frame_bytes", "Bytes reserved for partly received frames, engine-wide (see LimitsConfig.frame_budget).",
+            registry=r,
+        )
+        self.log_suppressed = Counter(
+            "netid_log_lines_suppressed", "Log lines about client mistakes or internal errors held back by the log pacing.",
+            registry=r,
+        )
+        self.results_not_pushed = Counter(
+            "netid_results_not_pushed", "Results not pushed to a relying-party stream, by why (outbox_full, no_stream); "
+            "each is kept for fetch_result.",
+            ["why"], registry=r,
+        )
+        self.failed_attempts = Counter(
+            "netid_session_failed_attempts", "Verify attempts that did not count against a session (not signed by the "
+            "key bound to an active credential), by error code; and sessions closed after too many (code too_many_attempts).",
+            ["code"], registry=r,
+        )
 
     def render(self) -> bytes:
         """The registry in the Prometheus text exposition format."""

@@ -174,7 +174,7 @@ class _Msg(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", omit_def
 
 
 class Hello(_Msg, kw_only=True, tag="hello"):
-    version: int = PROTOCOL_VERSION
+    version: int  # no default: ``omit_defaults`` would leave it off the wire
     nonce: bytes
     engine_key: bytes
     engine_box_key: bytes
@@ -268,36 +268,119 @@ class _Peek(msgspec.Struct):
 _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(Request)
 _server_decoder = msgspec.msgpack.Decoder(ServerMessage)
+class _PeekId(msgspec.Struct):
+    id: int | None = None
+
+
 _peek_decoder = msgspec.msgpack.Decoder(_Peek)
+_peek_id_decoder = msgspec.msgpack.Decoder(_PeekId)  # when ``type`` itself is undecodable
 
 
 def encode(msg: msgspec.Struct) -> bytes:
     return _encoder.encode(msg)
 
 
+#: What a failed decode of untrusted bytes can raise: msgspec's own errors, and from its C
+#: decoder also invalid UTF-8 (``UnicodeDecodeError``), nesting past the interpreter's limit
+#: (``RecursionError``) and, for absurd sizes, ``MemoryError``/``OverflowError``.
+_UNDECODABLE = (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError, MemoryError, OverflowError, TypeError)
+
+
+def _why(exc: BaseException) -> str:
+    """A short, bounded description of a decode failure (never echoes the input)."""
+    if isinstance(exc, (msgspec.DecodeError, msgspec.ValidationError)):
+        return str(exc)[:200]
+    if isinstance(exc, UnicodeDecodeError):
+        return "a string is not valid UTF-8"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return f"undecodable ({type(exc).__name__})"
+
+
+def _peek(body: bytes) -> _Peek | None:
+    try:
+        return _peek_decoder.decode(body)
+    except _UNDECODABLE:
+        return None
+
+
+def _scan_id(body: bytes) -> int | None:
+    """The top-level ``id`` of a map, read by hand up to the first value that is not a
+    scalar: for bodies that no decoder gets through (nesting too deep, say)."""
+    if not body:
+        return None
+    b, pos = body[0], 1
+    if 0x80 <= b <= 0x8F:
+        count = b & 0x0F
+    elif b in (0xDE, 0xDF):
+        width = 2 if b == 0xDE else 4
+        count, pos = int.from_bytes(body[1 : 1 + width], "big"), 1 + width
+    else:
+        return None
+    for _ in range(min(count, 64) * 2):
+        if pos >= len(body):
+            return None
+        b = body[pos]
+        if b == 0xA2 and body[pos + 1 : pos + 3] == b"id":
+            v = body[pos + 3 : pos + 4]
+            if v and v[0] <= 0x7F:
+                return v[0]
+            sizes = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+            if v and v[0] in sizes:
+                return int.from_bytes(body[pos + 4 : pos + 4 + sizes[v[0]]], "big")
+            return None
+        if b <= 0x7F or b >= 0xE0 or b in (0xC0, 0xC2, 0xC3):
+            pos += 1
+        elif 0xA0 <= b <= 0xBF:
+            pos += 1 + (b & 0x1F)
+        elif b in (0xCC, 0xD0):
+            pos += 2
+        elif b in (0xCD, 0xD1):
+            pos += 3
+        elif b in (0xCE, 0xD2, 0xCA):
+            pos += 5
+        elif b in (0xCF, 0xD3, 0xCB):
+            pos += 9
+        elif b in (0xD9, 0xC4):
+            pos += 2 + body[pos + 1] if pos + 1 < len(body) else len(body)
+        elif b in (0xDA, 0xC5):
+            pos += 3 + int.from_bytes(body[pos + 1 : pos + 3], "big")
+        elif b in (0xDB, 0xC6):
+            pos += 5 + int.from_bytes(body[pos + 1 : pos + 5], "big")
+        else:
+            return None  # an array, a map or an ext: stop here
+    return None
+
+
 def peek_id(body: bytes) -> int | None:
     """Best-effort request id of a body that failed to decode, to address the error reply."""
-    try:
-        rid = _peek_decoder.decode(body).id
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
+    peeked = _peek(body)
+    if peeked is None:
+        try:
+            peeked = _peek_id_decoder.decode(body)
+        except _UNDECODABLE:
+            peeked = _PeekId(id=_scan_id(body))
+    rid = peeked.id
     return rid if isinstance(rid, int) and 0 <= rid <= 2**53 else None
 
 
 def decode_request(body: bytes) -> Request:
-    """Decode one request; raise InvalidMessage / UnknownMessage with a useful message."""
+    """Decode one request; raise InvalidMessage / UnknownMessage with a useful message.
+
+    Total over all byte strings: whatever the body holds, the result is a request or one of
+    those two errors (tests/test_protocol.py checks it with Hypothesis)."""
     try:
         return _request_decoder.decode(body)
     except msgspec.ValidationError as exc:
-        try:
-            kind = _peek_decoder.decode(body).type
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            kind = None
+        peeked = _peek(body)
+        kind = peeked.type if peeked is not None else None
         if kind is not None and kind not in REQUEST_TYPES:
             raise UnknownMessage(f"unknown message type {kind[:40]!r}") from None
-        raise InvalidMessage(str(exc)) from None
+        raise InvalidMessage(_why(exc)) from None
     except msgspec.DecodeError as exc:
-        raise InvalidMessage(f"not a MessagePack map: {exc}") from None
+        raise InvalidMessage(f"not a MessagePack map: {_why(exc)}") from None
+    except _UNDECODABLE as exc:
+        raise InvalidMessage(_why(exc)) from None
 
 
 def decode_server_message(body: bytes) -> ServerMessage:
@@ -308,15 +391,15 @@ def decode_signed(signed: Signed, kind: type[msgspec.Struct]):
     """Decode the payload of a Signed envelope (after its signature was checked)."""
     try:
         return msgspec.msgpack.decode(signed.payload, type=kind)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise InvalidMessage(f"signed payload: {exc}") from None
+    except _UNDECODABLE as exc:
+        raise InvalidMessage(f"signed payload: {_why(exc)}") from None
 
 
 def decode_signed_bytes(data: bytes) -> Signed:
     try:
         return msgspec.msgpack.decode(data, type=Signed)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise InvalidMessage(f"signed envelope: {exc}") from None
+    except _UNDECODABLE as exc:
+        raise InvalidMessage(f"signed envelope: {_why(exc)}") from None
 
 
 # ---- what gets signed -----------------------------------------------------------------------

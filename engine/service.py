@@ -48,6 +48,7 @@ from .errors import (
     RelyingPartyDisabled,
     ResultPending,
     SampleError,
+    SessionError,
     UnknownAcceptancePoint,
     UnknownCard,
     UnknownCredential,
@@ -67,7 +68,10 @@ log = logging.getLogger("engine.service")
 __all__ = ["Engine", "Conn", "REASONS"]
 
 #: Coarse reason classes a relying party may see.
-REASONS = ("match", "biometric_mismatch", "challenge_mismatch", "sample_quality", "credential_inactive", "level_too_low", "error")
+REASONS = (
+    "match", "biometric_mismatch", "challenge_mismatch", "sample_quality", "credential_inactive", "level_too_low",
+    "too_many_attempts", "error",
+)
 
 #: Target false-match rates for the checks that are not the main decision.
 CARD_PHOTO_FMR = 1e-4  # a card photo is older and of lower quality than a live capture
@@ -84,21 +88,24 @@ class Conn:
 
 
 class _Quota:
-    """Token bucket per relying party (requests per minute)."""
+    """Token buckets (requests per minute), one per relying party and kind of request.
+
+    A bucket holds a minute's worth: a relying party that was quiet can spend its whole
+    minute's quota in a burst, then one request per 60/quota seconds."""
 
     def __init__(self) -> None:
-        self._buckets: dict[str, tuple[float, float]] = {}
+        self._buckets: dict[tuple[str, str], tuple[float, float]] = {}
 
-    def take(self, rp_id: str, per_minute: int, now: float) -> None:
+    def take(self, key: tuple[str, str], per_minute: int, now: float) -> None:
         if per_minute <= 0:
             return
         rate = per_minute / 60.0
-        tokens, last = self._buckets.get(rp_id, (float(per_minute), now))
+        tokens, last = self._buckets.get(key, (float(per_minute), now))
         tokens = min(float(per_minute), tokens + (now - last) * rate)
         if tokens < 1.0:
-            self._buckets[rp_id] = (tokens, now)
+            self._buckets[key] = (tokens, now)
             raise RateLimited(retry_after_ms=int((1.0 - tokens) / rate * 1000) + 1)
-        self._buckets[rp_id] = (tokens - 1.0, now)
+        self._buckets[key] = (tokens - 1.0, now)
 
 
 class Engine:
@@ -265,12 +272,18 @@ class Engine:
         await self._audit(actor=rp.rp_id, action="rp_connect", subject=rp.rp_id, outcome="ok")
         return P.Authenticated(id=req.id, rp_id=rp.rp_id, display_name=rp.display_name, max_level=rp.max_level)
 
-    async def _rp_for(self, conn: Conn) -> RelyingParty:
+    async def _rp_for(self, conn: Conn, bucket: str) -> RelyingParty:
+        """The connection's relying party, one request taken from its ``bucket`` quota:
+        ``open`` (open_session, the registered quota) or ``fetch`` (fetch_result, its own
+        bucket of ``fetch_quota_factor`` times that)."""
         if conn.rp is None:
             raise NotAuthenticated()
         rp = await self._relying_party(conn.rp.rp_id)
+        per_minute = rp.quota_per_minute
+        if bucket == "fetch":
+            per_minute = int(per_minute * self.config.limits.fetch_quota_factor)
         try:
-            self._quota.take(rp.rp_id, rp.quota_per_minute, self.clock())
+            self._quota.take((rp.rp_id, bucket), per_minute, self.clock())
         except RateLimited:
             self.metrics.rate_limited.inc()
             raise
@@ -279,7 +292,7 @@ class Engine:
     async def handle_open_session(self, conn: Conn, req: P.OpenSession) -> P.SessionOpened:
         from .challenge import new_challenge
 
-        rp = await self._rp_for(conn)
+        rp = await self._rp_for(conn, "open")
         if P.level_rank(req.level) > P.level_rank(rp.max_level):
             raise LevelNotAllowed()
         lim = self.config.limits
@@ -313,7 +326,7 @@ class Engine:
         return P.SessionOpened(id=req.id, session_id=session.session_id, qr=P.Signed(payload=body, sig=self.keys.sign(body)), expires_at=session.expires_at)
 
     async def handle_fetch_result(self, conn: Conn, req: P.FetchResult) -> P.ResultMsg:
-        rp = await self._rp_for(conn)
+        rp = await self._rp_for(conn, "fetch")
         s = self.sessions.peek(req.session_id)
         if s is None or s.rp_id != rp.rp_id:
             raise UnknownSession()
@@ -324,17 +337,23 @@ class Engine:
     # ---- holder: verification (the hot path) --------------------------------------------------------
     async def handle_verify(self, conn: Conn, req: P.Verify) -> P.Verified:
         opened = self.sessions.check(req.session_id, req.nonce, self.clock())
-        tbs = P.verify_message(req.session_id, req.nonce, req.credential_id, sha256(req.face), sha256(req.voice))
-        verify_signature(req.device_key, tbs, req.sig)
+        try:
+            tbs = P.verify_message(req.session_id, req.nonce, req.credential_id, sha256(req.face), sha256(req.voice))
+            verify_signature(req.device_key, tbs, req.sig)
+            cred: Credential = await self._active_credential(req.credential_id, req.device_key)
+        except (BadSignature, CredentialError) as exc:
+            # Not signed by the key bound to an active credential (a stranger who saw the QR
+            # code, an old phone, a voided credential): answered to its sender only; the
+            # session stays open for its holder, up to max_failed_attempts.
+            await self._failed_attempt(opened, exc)
+            raise
         device_box = device_box_key(req.device_key)
         await self._relying_party(opened.rp_id)  # disabled since opening?
         session = self.sessions.claim(req.session_id, req.nonce, self.clock())  # single use from here on
 
-        cred: Credential | None = None
         delivered = False
         try:
             try:
-                cred = await self._active_credential(req.credential_id, req.device_key)
                 if P.level_rank(cred.level) < P.level_rank(session.level):
                     raise LevelTooLow()
                 challenge = session.challenge if self.config.challenge.check else None
@@ -373,6 +392,24 @@ class Engine:
         log.debug("verify %s: face=%.3f voice=%.3f %s", session.session_id, f, v, detail)
         return P.Verified(id=req.id, session_id=session.session_id, sealed=seal(device_box, result))
 
+    async def _failed_attempt(self, session: Session, exc: EngineError) -> None:
+        """Count a verify that did not count; the one that reaches the limit closes the
+        session with a ``fail`` (``too_many_attempts``) to the relying party."""
+        self.metrics.failed_attempts.labels(code=exc.code).inc()
+        if session.used:
+            return
+        session.failed_attempts += 1
+        if session.failed_attempts < self.config.limits.max_failed_attempts:
+            return
+        try:
+            self.sessions.claim(session.session_id, session.nonce, self.clock())
+        except SessionError:
+            return
+        self.metrics.failed_attempts.labels(code="too_many_attempts").inc()
+        with trio.CancelScope(shield=True):
+            await self._deliver(session, self._result(session, None, "fail", "too_many_attempts"))
+            await self._audit(actor=session.rp_id, action="verify", subject=session.session_id, outcome="fail", detail={"reason": "too_many_attempts"})
+
     def _result(self, session: Session, cred: Credential | None, outcome: str, reason: str) -> bytes:
         payload = P.ResultPayload(
             session_id=session.session_id,
@@ -390,10 +427,17 @@ class Engine:
         try:
             rp = await self._relying_party(session.rp_id)
         except (UnknownRelyingParty, RelyingPartyDisabled):
+            self.metrics.results_not_pushed.labels(why="rp_disabled").inc()
             return  # removed or disabled since the session opened: it gets nothing
         sealed = seal(rp.box_key, signed_result)
         self.sessions.finish(session.session_id, sealed, self.clock() + self.config.limits.result_retention)
-        self.hub.publish(rp.rp_id, P.ResultMsg(session_id=session.session_id, sealed=sealed))
+        # kept above for fetch_result whatever happens to the pushes
+        delivered, full = self.hub.publish(rp.rp_id, P.ResultMsg(session_id=session.session_id, sealed=sealed))
+        if full:
+            self.metrics.results_not_pushed.labels(why="outbox_full").inc(full)
+            log.warning("result for a session of %s not pushed to %d full stream(s); kept for fetch_result", rp.rp_id, full)
+        elif not delivered:
+            self.metrics.results_not_pushed.labels(why="no_stream").inc()
 
     async def _audit(self, **kw: Any) -> None:
         await self._db(self.store.audit, now=self.clock(), **kw)
@@ -509,10 +553,7 @@ class Engine:
 
     # ---- acceptance point ---------------------------------------------------------------------------------
     async def handle_upgrade(self, conn: Conn, req: P.Upgrade) -> P.Upgraded:
-        try:
-            att = msgspec.msgpack.decode(req.attestation.payload, type=P.Attestation)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise InvalidMessage(f"attestation: {exc}") from None
+        att = P.decode_signed(req.attestation, P.Attestation)
         ap = await self._db(self.store.get_acceptance_point, att.ap_id)
         if ap is None or ap.status != "active":
             raise UnknownAcceptancePoint()

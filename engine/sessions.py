@@ -30,6 +30,8 @@ class Session:
     created_at: float
     expires_at: float
     used: bool = False
+    #: Verify attempts that did not count (LimitsConfig.max_failed_attempts).
+    failed_attempts: int = 0
     #: Sealed result for the relying party, kept until ``retain_until``.
     result: bytes | None = None
     retain_until: float = 0.0
@@ -113,13 +115,18 @@ class ResultHub:
             if not streams:
                 del self._streams[rp_id]
 
-    def publish(self, rp_id: str, message: object) -> int:
-        """Push without blocking; a full or closed stream misses it (it can fetch by session id)."""
-        delivered = 0
+    def publish(self, rp_id: str, message: object) -> tuple[int, int]:
+        """Push without blocking to every live stream of the relying party.
+
+        Returns (streams that took it, streams whose outbox was full). A stream that misses
+        a push can still fetch the result by session id: the caller keeps it."""
+        delivered = full = 0
         for outbox in list(self._streams.get(rp_id, ())):
             try:
                 outbox.send_nowait(message)
                 delivered += 1
-            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            except trio.WouldBlock:
+                full += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
-        return delivered
+        return delivered, full

@@ -247,7 +247,7 @@ async def test_relying_party_learns_nothing_but_the_answer(env, monkeypatch):
     make_rp(engine.store, "gone", name="Gone")
     engine.store.set_relying_party_status("gone", "disabled", actor="test")
 
-    async def holder_attempt(rp: RawRP, cred: str, key, *, level="basic", face_of: str, voice_of: str, say_right=True, n=5, expect=None):
+    async def holder_attempt(rp: RawRP, cred: str, key, *, level="basic", face_of: str, voice_of: str, say_right=True, n=5, expect=None, counts=True):
         opened = await rp.request("open_session", level=level, purpose="check-in")
         assert opened["type"] == "session_opened", opened
         qr = qr_of(opened)
@@ -259,7 +259,7 @@ async def test_relying_party_learns_nothing_but_the_answer(env, monkeypatch):
             else:
                 with pytest.raises(expect):
                     await p.verify(cred, qr, face=f, voice=voice(voice_of, said, n))
-        return opened["session_id"], await rp.push()
+        return opened["session_id"], (await rp.push() if counts else None)
 
     reasons: dict[str, str] = {}
     with trio.fail_after(30):
@@ -281,26 +281,30 @@ async def test_relying_party_learns_nothing_but_the_answer(env, monkeypatch):
             reasons[sid] = "level_too_low"
             thief = nacl.signing.SigningKey.generate()
             holder_keys.append(thief)
-            sid, _ = await holder_attempt(rp, alice, thief, face_of="alice", voice_of="alice", expect=E.WrongDeviceKey)
-            reasons[sid] = "credential_inactive"
+            # not the bound key of an active credential: the attempt does not count, no result
+            await holder_attempt(rp, alice, thief, face_of="alice", voice_of="alice", expect=E.WrongDeviceKey, counts=False)
             # bob moves to a new phone: the old one is told to delete; then he re-applies (void)
             bob_new = nacl.signing.SigningKey.generate()
             holder_keys.append(bob_new)
             async with phone(env, bob_new) as p:
                 await p.rebind(bob, face=face("bob", 3), voice=voice("bob", "", 3))
-            sid, _ = await holder_attempt(rp, bob, bob_key, face_of="bob", voice_of="bob", expect=E.CredentialDeleted)
-            reasons[sid] = "credential_inactive"
+            await holder_attempt(rp, bob, bob_key, face_of="bob", voice_of="bob", expect=E.CredentialDeleted, counts=False)
             bob2, bob2_key = await enroll(env, BOB)
             holder_keys.append(bob2_key)
-            sid, _ = await holder_attempt(rp, bob, bob_new, face_of="bob", voice_of="bob", expect=E.CredentialVoided)
-            reasons[sid] = "credential_inactive"
+            await holder_attempt(rp, bob, bob_new, face_of="bob", voice_of="bob", expect=E.CredentialVoided, counts=False)
             # carol's card is lost: a session opened before the report fails
             opened = await rp.request("open_session", level="basic")
             async with phone(env, carol_key) as p:
                 await p.report_lost(carol, face=face("carol", 4), voice=voice("carol", "", 4))
                 with pytest.raises(E.CredentialSuspended):
                     await p.verify(carol, qr_of(opened), face=face("carol", 5), voice=voice("carol", qr_of(opened).challenge, 5))
-            reasons[opened["session_id"]] = "credential_inactive"
+            # a session a stranger keeps trying: closed with a result after max_failed_attempts
+            opened = await rp.request("open_session", level="basic")
+            async with phone(env, thief) as p:
+                for k in range(engine.config.limits.max_failed_attempts):
+                    with pytest.raises(E.WrongDeviceKey):
+                        await p.verify(alice, qr_of(opened), face=face("alice", 7), voice=voice("alice", qr_of(opened).challenge, 7))
+            reasons[opened["session_id"]] = "too_many_attempts"
             await rp.push()
             # an expired session: the holder is told, the relying party gets nothing
             opened = await rp.request("open_session", level="basic")
@@ -378,7 +382,7 @@ async def test_relying_party_learns_nothing_but_the_answer(env, monkeypatch):
     # every result the hotel was sent is there, with the expected coarse reason only
     hotel = {r.session_id: r for r in results if r.rp_id == "hotel"}
     assert {sid: hotel[sid].reason for sid in reasons} == reasons
-    assert {r.reason for r in results} == {"match", "biometric_mismatch", "challenge_mismatch", "sample_quality", "level_too_low", "credential_inactive"}
+    assert {r.reason for r in results} == {"match", "biometric_mismatch", "challenge_mismatch", "sample_quality", "level_too_low", "too_many_attempts"}
     assert all(r.outcome == ("pass" if r.reason == "match" else "fail") for r in results)
     codes = {e["code"] for e in errors}
     assert codes == {
