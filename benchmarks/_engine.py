@@ -50,7 +50,11 @@ class EngineProcess:
         overrides: Sequence[str] = (),
         log_path: Path | None = None,
         ready_timeout: float = 180.0,
+        module: str | None = None,
     ) -> None:
+        """``module``: run ``python -m MODULE ARGS`` instead of ``netid serve`` (a child that
+        prints the same ``ready`` line, e.g. ``benchmarks.fakeserve`` with the fake extractor)."""
+        self.module = module
         self.data_dir = data_dir
         self.serve_args = list(serve_args)
         self.overrides = list(overrides)
@@ -80,7 +84,9 @@ class EngineProcess:
 
     def start(self) -> EngineProcess:
         args = ["--data", str(self.data_dir), "--port", "0", "--metrics-port", "0", *self.serve_args]
-        if self.overrides:
+        if self.module:
+            cmd = [sys.executable, "-m", self.module, *args]
+        elif self.overrides:
             sets = [f"--switch-interval={o.split('=', 1)[1]}" if o.startswith("switch_interval=") else f"--set={o}" for o in self.overrides]
             cmd = [sys.executable, "-m", "benchmarks._engine", *sets, "--", *args]
         else:

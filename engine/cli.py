@@ -73,11 +73,31 @@ def build_config(args: argparse.Namespace, **overrides) -> EngineConfig:
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
             intra_op_threads=args.threads,
-            limits=LimitsConfig(session_ttl=args.session_ttl, max_in_flight=args.max_in_flight),
+            limits=LimitsConfig(session_ttl=args.session_ttl, max_in_flight=args.max_in_flight, **connection_caps(args.max_connections)),
             challenge=ChallengeSettings(kind=args.challenge, phrases=phrases, check=not args.no_challenge_check),
         )
     kw.update(overrides)
     return EngineConfig(**kw)
+
+
+#: File descriptors kept for everything but client connections: models, the store, worker
+#: pipes, the metrics endpoint's 64 connections, listeners.
+_RESERVED_FDS = 256
+
+
+def connection_caps(wanted: int | None) -> dict[str, int]:
+    """``max_connections`` and ``max_unauthenticated`` that fit the open-files limit.
+
+    Unauthenticated connections get 90 % of the slots; the rest are kept for relying-party
+    streams. Without ``wanted``, the default cap, lowered to what the limit allows."""
+    import resource
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fits = max(16, soft - _RESERVED_FDS) if soft != resource.RLIM_INFINITY else 1 << 20
+    total = min(wanted or LimitsConfig.max_connections, fits)
+    if wanted and total < wanted:
+        log.warning("--max-connections %d lowered to %d to fit the open-files limit (%d); raise it with ulimit -n", wanted, total, soft)
+    return {"max_connections": total, "max_unauthenticated": max(1, total * 9 // 10)}
 
 
 def _open_store(args: argparse.Namespace):
@@ -288,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per model")
     s.add_argument("--session-ttl", type=float, default=60.0)
     s.add_argument("--max-in-flight", type=int, default=64)
+    s.add_argument("--max-connections", type=int, default=None,
+                   help="open connections at most (default 10,000, lowered to fit ulimit -n; 90%% of them unauthenticated)")
     s.add_argument("--challenge", choices=["digits", "phrase"], default="digits")
     s.add_argument("--phrases", type=Path, help="phrase list for --challenge phrase (one per line)")
     s.add_argument("--no-challenge-check", action="store_true", help="do not check what the recording says")
@@ -364,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     # These hand every argument to their own parsers (see main); listed here for --help.
-    b = sub.add_parser("bench", help="benchmarks: accuracy, load, limit, challenge")
+    b = sub.add_parser("bench", help="benchmarks: accuracy, load, limit, challenge, fuzz")
     b.add_argument("kind", choices=BENCHMARKS)
     sub.add_parser("calibrate", help="derive operating points from measured score distributions")
     sub.add_parser("top", help="live view of a running engine's metrics")
@@ -373,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Commands whose own parsers take every argument after the command name.
 DELEGATED = {"calibrate": "benchmarks.calibrate", "top": "engine.top"}
-BENCHMARKS = ("accuracy", "load", "limit", "challenge")
+BENCHMARKS = ("accuracy", "load", "limit", "challenge", "fuzz")
 
 
 def _split_delegated(argv: list[str]) -> tuple[list[str], str, list[str]] | None:
