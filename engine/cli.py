@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     # These hand every argument to their own parsers (see main); listed here for --help.
-    b = sub.add_parser("bench", help="benchmarks: accuracy, load, limit, challenge, fuzz")
+    b = sub.add_parser("bench", help="benchmarks: accuracy, load, limit, challenge, fuzz, soak, idle")
     b.add_argument("kind", choices=BENCHMARKS)
     sub.add_parser("calibrate", help="derive operating points from measured score distributions")
     sub.add_parser("top", help="live view of a running engine's metrics")
@@ -395,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Commands whose own parsers take every argument after the command name.
 DELEGATED = {"calibrate": "benchmarks.calibrate", "top": "engine.top"}
-BENCHMARKS = ("accuracy", "load", "limit", "challenge", "fuzz")
+BENCHMARKS = ("accuracy", "load", "limit", "challenge", "fuzz", "soak", "idle")
 
 
 def _split_delegated(argv: list[str]) -> tuple[list[str], str, list[str]] | None:

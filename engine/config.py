@@ -75,8 +75,9 @@ class LimitsConfig:
     #: Bytes one connection may hold: request bodies in flight plus the frame being read.
     #: Past it, the engine stops reading that connection until replies free room.
     max_connection_bytes: int = 16 * 1024 * 1024
-    #: Bytes of partly received frames, engine-wide (reserved from the length prefix on).
-    #: A frame that does not fit is answered ``frame_budget`` and the connection closed.
+    #: Bytes of partly received frames over 64 KiB (engine.framing.SMALL_FRAME), engine-wide,
+    #: reserved from the length prefix on. A frame that does not fit is answered
+    #: ``frame_budget`` and the connection closed; smaller frames are never refused for it.
     frame_budget: int = 128 * 1024 * 1024
     #: Seconds spent, after the last frame, discarding what the peer still sends before
     #: closing, so that the close is not a reset that loses that frame.

@@ -20,7 +20,7 @@ import trio
 
 from .errors import FrameBudgetExhausted, FrameTooLarge, IdleTimeout, MalformedFrame, TooSlow
 
-__all__ = ["HEADER_SIZE", "MAX_LENGTH", "Budget", "FrameReader", "encode_frame"]
+__all__ = ["HEADER_SIZE", "MAX_LENGTH", "SMALL_FRAME", "Budget", "FrameReader", "encode_frame"]
 
 HEADER_SIZE = 4
 #: Largest length the 4-byte header can express.
@@ -29,6 +29,11 @@ MAX_LENGTH = 2**32 - 1
 _RECEIVE_SIZE = 65536
 #: Frames at least this large get a buffer of their own, dropped once the frame is returned.
 _LARGE = 1 << 20
+#: Frames up to this size are not reserved from the budget: a relying party's requests and
+#: a holder's small ones are never refused for memory that large uploads hold. What they can
+#: hold is bounded otherwise: by the number of connections times this, and by the minimum
+#: receive rate, which ends a frame held open for long.
+SMALL_FRAME = 65536
 
 
 class Budget(Protocol):
@@ -58,7 +63,7 @@ class FrameReader:
     The server also gives it the limits of a connection: ``min_rate`` bytes/s
     over each ``window`` seconds once a frame has begun (``TooSlow``), a
     ``budget`` that every frame's length is reserved from until the frame is
-    complete (``FrameBudgetExhausted``), and, per :meth:`read`, an idle timeout
+    complete (frames over ``SMALL_FRAME`` only; ``FrameBudgetExhausted``), and, per :meth:`read`, an idle timeout
     for the first byte of the next frame (``IdleTimeout``).
     """
 
@@ -136,7 +141,7 @@ class FrameReader:
         if admit is not None:
             await admit(length)
             self._start_window()  # the time spent waiting for room was the engine's, not the peer's
-        if self._budget is not None:
+        if self._budget is not None and length > SMALL_FRAME:
             if not self._budget.try_reserve(length):
                 raise FrameBudgetExhausted(retry_after_ms=1000)
             self.reserved = length

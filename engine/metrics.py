@@ -97,7 +97,7 @@ class Metrics:
             ["reason"], registry=r,
         )
         self.frame_bytes = Gauge(
-            "netid_partial_frame_bytes", "Bytes reserved for partly received frames, engine-wide (see LimitsConfig.frame_budget).",
+            "netid_partial_frame_bytes", "Bytes reserved for partly received frames over 64 KiB, engine-wide (see LimitsConfig.frame_budget).",
             registry=r,
         )
         self.log_suppressed = Counter(

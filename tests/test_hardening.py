@@ -231,27 +231,28 @@ async def test_a_slow_sender_inside_a_frame_is_closed(tmp_path, nursery, autojum
 
 
 async def test_partial_frames_stay_within_the_budget(tmp_path, nursery, autojump_clock):
-    engine = _engine(tmp_path, max_frame=40_000, max_connection_bytes=40_000, frame_budget=100_000)
+    engine = _engine(tmp_path, max_frame=200_000, max_connection_bytes=200_000, frame_budget=400_000)
     server = Server(engine)
     holders = []
-    for _ in range(2):  # two almost-complete 40 kB frames: 80 kB of the 100 kB budget
+    for _ in range(2):  # two almost-complete 150 kB frames: 300 kB of the 400 kB budget
         c = await _serve_one(server, nursery)
-        await c.send_all(struct.pack(">I", 40_000) + b"x" * 39_000)
+        await c.send_all(struct.pack(">I", 150_000) + b"x" * 149_000)
         holders.append(c)
     await trio.sleep(0.5)
-    assert server.budget.used == 80_000
+    assert server.budget.used == 300_000
     third = await _serve_one(server, nursery)
-    await third.send_all(struct.pack(">I", 40_000) + b"x" * 100)
+    await third.send_all(struct.pack(">I", 150_000) + b"x" * 100)
     msgs = await _read_all(third)
     assert msgs[-1]["code"] == "frame_budget" and msgs[-1]["retry_after_ms"] > 0
-    small = await _serve_one(server, nursery)  # a small frame still fits
-    await small.send_all(_frame(msgspec.msgpack.encode({"type": "ping", "id": 3})))
+    small = await _serve_one(server, nursery)  # frames up to 64 KiB are never refused for it
+    await small.send_all(_frame(msgspec.msgpack.encode({"type": "ping", "id": 3, "pad": b"p" * 60_000})))
     with trio.fail_after(5):
         got = b""
         while len(_split(got)) < 2:
             got += await small.receive_some()
     assert _split(got)[1] == {"type": "pong", "id": 3}
-    assert server.budget.peak <= 100_000
+    assert server.budget.peak <= 400_000
+    assert engine.metrics.frame_bytes._value.get() == 300_000
 
 
 async def test_idle_connections_cannot_lock_out_a_relying_party(tmp_path, nursery):

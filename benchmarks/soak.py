@@ -1,0 +1,198 @@
+"""``netid bench soak``: a long run at 80 % of capacity, with fuzzing and idle clients alongside.
+
+Set-up and load are ``netid bench load``'s (benchmarks/load.py): an engine in a subprocess,
+an ID-card registry of chimeric residents, relying parties, every resident enrolled from its
+own phone, Poisson arrivals of a relying party opening a session and a holder answering it.
+Capacity is found the same way: the model-bound limit (benchmarks/limit.py, quick layout
+search) and a saturation step at 1.25 x that limit; capacity is the throughput the
+saturation step achieved (or ``--capacity-rps``).
+
+Then, for ``--minutes``, arrivals at ``--load`` (0.8) x capacity in windows of ``--window``
+minutes (5), while ``--fuzz-connections`` connections run ``netid bench fuzz``'s generator and
+``--idle`` clients connect, ping once and stay silent (the engine closes them after its idle
+timeout; they connect again). Per window, one JSON line: arrivals, answered, unanswered,
+errors, p50/p99 (from each arrival's scheduled time to the holder's reply), the engine's RSS
+(and with its workers), fuzz frames and idle reconnections. Then a summary line with the
+checks (0 unanswered, p99 <= 1 s in every window, RSS of the last window within 10 % of the
+second) and a human summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import nacl.signing
+import trio
+
+from ._common import data_root, emit, load_people, screen_people, stderr
+from ._engine import EngineProcess
+from .fuzz import Stats, fuzz, rss_kib
+from .load import DEFAULT_MIX, Generator, Step, _connect_all, _route_pushes, enroll_all, measure_limit, prepare_data, run_step
+
+__all__ = ["main"]
+
+
+async def idle_clients(port: int, count: int, counters: dict[str, int]) -> None:
+    """``count`` clients that connect, ping once and stay silent; reconnect when closed."""
+    import struct
+
+    import msgspec
+
+    ping = msgspec.msgpack.encode({"type": "ping", "id": 1})
+
+    async def one(k: int) -> None:
+        await trio.sleep(k * 0.01)
+        while True:
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                counters["connect_failed"] += 1
+                await trio.sleep(1.0)
+                continue
+            counters["connects"] += 1
+            try:
+                await stream.send_all(struct.pack(">I", len(ping)) + ping)
+                while await stream.receive_some(4096):
+                    pass  # hello, pong, then the engine's idle_timeout error and its close
+            except (trio.BrokenResourceError, OSError):
+                pass
+            finally:
+                await trio.aclose_forcefully(stream)
+
+    async with trio.open_nursery() as n:
+        for k in range(count):
+            n.start_soon(one, k)
+
+
+async def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    root = data_root(args.data)
+    people, strangers = load_people(root, args.residents, seed=args.seed)
+    people, strangers = await trio.to_thread.run_sync(screen_people, people, strangers)
+    args.mix = DEFAULT_MIX
+    gen = Generator(args, root, people, strangers)
+    data_dir = work / "engine-data"
+    prepare_data(gen, data_dir, work, os.urandom(3).hex())
+    keys = work / "keys"
+    from ._engine import netid
+
+    netid("rp", "add", "--id", "soak-fuzz", "--name", "Fuzz", "--quota", "1000000", "--keys-out", str(keys), "--data", str(data_dir))
+    fuzz_key = nacl.signing.SigningKey((keys / "soak-fuzz.sign.key").read_bytes())
+    serve_args = [] if args.challenge_check else ["--no-challenge-check"]
+    gen.engine = EngineProcess(data_dir, serve_args=serve_args, overrides=args.engine_set, log_path=work / "engine.log").start()
+    gen.port, gen.metrics_url = gen.engine.port, gen.engine.metrics_url
+    pid = gen.engine.pid
+    out: dict[str, Any] = {"windows": []}
+    try:
+        refused = await enroll_all(gen, random.Random(args.seed))
+        stderr(f"  enrolled {len(gen.residents)} residents ({refused or 'none refused'})")
+        capacity = args.capacity_rps
+        if capacity is None:
+            limit = args.limit_rps or (await trio.to_thread.run_sync(measure_limit, args, args.challenge_check))["limit_rps"]
+            out["limit_rps"] = limit
+        async with trio.open_nursery() as routers:
+            await _connect_all(gen)
+            for rp in gen.rps:
+                routers.start_soon(_route_pushes, gen, rp)
+            if capacity is None:
+                sat = await run_step(gen, Step("saturation", 1.25 * out["limit_rps"], args.find_seconds), args.seed)
+                emit({"soak_saturation": sat})
+                capacity = max(sat["throughput_rps"], 0.05)
+            out["capacity_rps"] = capacity
+            rate = args.load * capacity
+            stderr(f"  capacity {capacity:.2f}/s; soaking at {rate:.2f}/s for {args.minutes} min, windows of {args.window} min")
+            st = Stats()
+            idle: dict[str, int] = {"connects": 0, "connect_failed": 0}
+            log0 = (work / "engine.log").stat().st_size
+            async with trio.open_nursery() as side:
+                if args.fuzz_connections:
+                    side.start_soon(lambda: fuzz(gen.port, args.minutes * 60 + 60, args.seed, connections=args.fuzz_connections,
+                                                 rp_id="soak-fuzz", rp_key=fuzz_key, max_frame=8 * 1024 * 1024, st=st))
+                if args.idle:
+                    side.start_soon(idle_clients, gen.port, args.idle, idle)
+                windows = max(1, round(args.minutes / args.window))
+                for w in range(windows):
+                    sent0, conn0 = st.sent, idle["connects"]
+                    row = await run_step(gen, Step(f"window {w + 1}", rate, args.window * 60), args.seed + 100 + w)
+                    row.update(rss_mib=round(rss_kib(pid) / 1024, 1), rss_tree_mib=round(rss_kib(pid, tree=True) / 1024, 1),
+                               fuzz_frames=st.sent - sent0, fuzz_closed_without_error=st.closed_without_error, fuzz_internal=st.internal,
+                               idle_reconnects=idle["connects"] - conn0, log_bytes=(work / "engine.log").stat().st_size - log0)
+                    row.pop("outcomes", None)
+                    emit({"soak_window": row})
+                    stderr(f"  window {w + 1}/{windows}: {row['arrivals']} arrivals, p99 {row['p99_ms']} ms, unanswered {row['unanswered']}, "
+                           f"errors {row['errors']}, RSS {row['rss_mib']} MiB (with workers {row['rss_tree_mib']}), fuzz frames {row['fuzz_frames']}")
+                    out["windows"].append(row)
+                side.cancel_scope.cancel()
+            out["fuzz"] = {k: v for k, v in st.as_dict().items() if k not in ("kinds", "samples")}
+            out["idle"] = idle
+            await gen.connections.aclose()
+            routers.cancel_scope.cancel()
+    finally:
+        out["engine_exit_code"] = await trio.to_thread.run_sync(gen.engine.stop)
+    ws = out["windows"]
+    p99s = [w["p99_ms"] for w in ws]
+    second = ws[1]["rss_mib"] if len(ws) > 1 else ws[0]["rss_mib"]
+    out["checks"] = {
+        "unanswered_0": {"value": sum(w["unanswered"] for w in ws), "pass": all(w["unanswered"] == 0 for w in ws)},
+        "p99_le_1s_every_window": {"value_ms": p99s, "pass": all(p is not None and p <= 1000.0 for p in p99s)},
+        "rss_last_within_10pct_of_second": {"second_mib": second, "last_mib": ws[-1]["rss_mib"],
+                                            "pass": abs(ws[-1]["rss_mib"] / second - 1) <= 0.10},
+        "fuzz_clean": {"closed_without_error": out["fuzz"]["closed_without_error"], "internal": out["fuzz"]["internal"],
+                       "pass": out["fuzz"]["closed_without_error"] == 0 and out["fuzz"]["internal"] == 0},
+    }
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="netid bench soak", description="A long run at 80 % of capacity with fuzzing and idle clients alongside.")
+    p.add_argument("--minutes", type=float, default=30.0)
+    p.add_argument("--window", type=float, default=5.0, help="minutes per reported window")
+    p.add_argument("--load", type=float, default=0.8, help="fraction of capacity offered")
+    p.add_argument("--capacity-rps", type=float, default=None, help="skip the capacity search")
+    p.add_argument("--limit-rps", type=float, default=None, help="skip the limit measurement; saturate at 1.25 x this")
+    p.add_argument("--find-seconds", type=float, default=30.0, help="seconds of the saturation step")
+    p.add_argument("--fuzz-connections", type=int, default=1)
+    p.add_argument("--idle", type=int, default=200, help="idle clients alongside")
+    p.add_argument("--data", type=Path, default=None)
+    p.add_argument("--residents", type=int, default=24)
+    p.add_argument("--relying-parties", type=int, default=4)
+    p.add_argument("--seed", type=int, default=5)
+    p.add_argument("--answer-timeout", type=float, default=20.0)
+    p.add_argument("--no-challenge-check", dest="challenge_check", action="store_false")
+    p.add_argument("--engine-set", action="append", default=[], metavar="FIELD=VALUE")
+    p.add_argument("--workdir", type=Path, default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # what benchmarks.load's helpers read from its own arguments
+    args.limit_layout, args.limit_search, args.quick, args.engine_pid = [], False, True, None
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="netid-soak-"))
+    work.mkdir(parents=True, exist_ok=True)
+    stderr(f"netid bench soak: {args.minutes} min at {args.load:.0%} of capacity, work dir {work}")
+    t0 = time.time()
+    out = trio.run(soak, args, work)
+    out["seconds"] = round(time.time() - t0)
+    emit({"summary": {k: v for k, v in out.items() if k != "windows"}})
+    ws = out["windows"]
+    print(
+        f"SOAK {'PASS' if all(c['pass'] for c in out['checks'].values()) else 'FAIL'} {args.minutes:g} min at {args.load * out['capacity_rps']:.2f}/s "
+        f"({args.load:.0%} of {out['capacity_rps']:.2f}/s): unanswered {out['checks']['unanswered_0']['value']}; "
+        f"p99 per window {[w['p99_ms'] for w in ws]} ms; RSS per window {[w['rss_mib'] for w in ws]} MiB "
+        f"(with workers {[w['rss_tree_mib'] for w in ws]}); fuzz {out['fuzz']['sent']:,} frames, closed without an error "
+        f"{out['fuzz']['closed_without_error']}, internal {out['fuzz']['internal']}; idle reconnections {out['idle']['connects']:,}"
+    )
+    for name, check in out["checks"].items():
+        print(f"  check {name}: {'PASS' if check['pass'] else 'FAIL'} {({k: v for k, v in check.items() if k != 'pass'})}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
