@@ -345,8 +345,12 @@ async def open_holder(
     device_key: nacl.signing.SigningKey,
     engine_key: bytes | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    keepalive: float | None = 30.0,
 ) -> AsyncIterator[HolderClient]:
-    async with open_connection(host, port, ssl_context=ssl_context) as conn:
+    """A phone's connection; it pings every ``keepalive`` seconds without a request (None:
+    never), so that a connection kept open between verifications outlives the engine's idle
+    timeout for unauthenticated connections (60 s by default)."""
+    async with open_connection(host, port, ssl_context=ssl_context, keepalive=keepalive) as conn:
         if engine_key is not None and engine_key != conn.engine_key:
             raise BadSignature("engine key does not match the pinned key")
         yield HolderClient(conn, device_key, engine_key=conn.engine_key)
