@@ -56,7 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics-port", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--nofile", type=int, default=None, help="lower this process's open-files limit to N (the EMFILE path)")
     args = p.parse_args(argv)
+    if args.nofile:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (args.nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
     from engine.app import build_engine, run_engine
     from engine.cli import setup_logging
     from engine.config import EngineConfig
@@ -65,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     from engine.store import CardRecord, RelyingParty
 
     setup_logging(args.log_level, True)
-    config = apply_overrides(EngineConfig(data_dir=args.data, port=args.port, metrics_port=args.metrics_port, voice_wait_with_challenge=0.0), args.set)
+    from engine.cli import connection_caps
+    from engine.config import LimitsConfig
+
+    limits = LimitsConfig(**connection_caps(None))  # as netid serve: the caps fit the open-files limit
+    config = apply_overrides(EngineConfig(data_dir=args.data, port=args.port, metrics_port=args.metrics_port, voice_wait_with_challenge=0.0, limits=limits), args.set)
     engine = build_engine(config, extractors=fake_extractors(), scores=FixedScores())
     if engine.store.get_card("C1") is None:
         vec = _identity_vector("FACE", "alice", 128)

@@ -124,12 +124,12 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from engine.client import open_holder, open_relying_party
 
     nofile = raise_nofile()
-    sets = [a for s in args.engine_set for a in ("--set", s)]
+    sets = [a for s in args.engine_set for a in ("--set", s)] + (["--nofile", str(args.engine_nofile)] if args.engine_nofile else [])
     eng = EngineProcess(work / "engine-data", module="benchmarks.fakeserve", serve_args=sets, log_path=work / "engine.log").start()
     data = work / "engine-data"
     rp_sign = nacl.signing.SigningKey((data / "fuzz-rp.sign.key").read_bytes())
     rp_box = nacl.public.PrivateKey((data / "fuzz-rp.box.key").read_bytes())
-    out: dict[str, Any] = {"nofile": nofile, "connections": args.connections}
+    out: dict[str, Any] = {"nofile": args.engine_nofile or nofile, "connections": args.connections}
     try:
         url = eng.metrics_url
         budget = await _metric(url, "netid_partial_frame_bytes")  # present from the start
@@ -203,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=90.0)
     p.add_argument("--every", type=float, default=2.0, help="seconds between relying-party rounds")
     p.add_argument("--engine-set", action="append", default=[], metavar="FIELD=VALUE", help="engine configuration override")
+    p.add_argument("--engine-nofile", type=int, default=None, help="the engine's open-files limit (default: this process's, raised to the hard limit)")
     p.add_argument("--workdir", type=Path, default=None)
     return p
 
