@@ -32,15 +32,12 @@ test-fast: $(BIN)/.installed-dev
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # Check that every ONNX file in models/ rebuilds byte for byte from the published wheels
-# (the face models with the `build` extra; the speaker models each in a separate venv with
-# torch, see models/README.md).
-GE2E_VENV ?= /tmp/ge2e-build-venv
+# (the face models with the `build` extra; the speaker model in a separate venv with torch,
+# see models/README.md).
 CAMPPLUS_VENV ?= /tmp/campplus-build-venv
 models: $(BIN)/.installed-dev
 	$(BIN)/python -m pip install -e '.[build]'
 	$(BIN)/python models/build_face.py --check
-	test -x $(GE2E_VENV)/bin/python || ($(PYTHON) -m venv $(GE2E_VENV) && $(GE2E_VENV)/bin/pip install torch==2.13.0 onnx numpy onnxruntime)
-	$(GE2E_VENV)/bin/python models/build_ge2e.py --check
 	test -x $(CAMPPLUS_VENV)/bin/python || ($(PYTHON) -m venv $(CAMPPLUS_VENV) && $(CAMPPLUS_VENV)/bin/pip install torch==2.13.0 onnx numpy onnxruntime kaldi-native-fbank==1.22.4 soundfile)
 	$(CAMPPLUS_VENV)/bin/python models/build_campplus.py --check
 	$(CAMPPLUS_VENV)/bin/python models/build_campplus.py --check-fbank $(if $(DATA),--data $(DATA)/speech)

@@ -1,8 +1,9 @@
 """``netid bench accuracy``: false-match and false-non-match rates, honestly measured.
 
-Faces on LFW (10-fold protocol and all-against-all), voices on speechocean762 (AS-norm),
-face + voice fusion on chimeric persons, and the calibrated operating points applied to
-the held-apart part of the data. Writes ``results.jsonl``, DET and histogram PNGs and
+Faces on LFW (10-fold protocol and all-against-all), voices on speechocean762 as recorded
+and band-limited to 8 kHz (every pair of bands), face + voice fusion on chimeric persons,
+the attacks of one modality against the other, and the calibrated operating points applied
+to the held-apart part of the data. Writes ``results.jsonl``, DET and histogram PNGs and
 ``report.md`` under ``--out`` (default ``benchmarks/out/``).
 
     netid bench accuracy [--data ../shared/data] [--out benchmarks/out]
@@ -11,13 +12,12 @@ the held-apart part of the data. Writes ``results.jsonl``, DET and histogram PNG
 from __future__ import annotations
 
 import argparse
-import hashlib
 import shlex
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.calibrate import DEFAULT_OUT, calibrate, cohort_file_bytes, common_arguments, measure_config
+from benchmarks.calibrate import DEFAULT_OUT, calibrate, common_arguments, measure_config
 from benchmarks.evaluate import evaluate
 from benchmarks.measure import Measurements, measure
 from benchmarks.report import write_jsonl, write_plots, write_report
@@ -27,7 +27,7 @@ from engine.errors import ModelError
 __all__ = ["main", "choose_points"]
 
 
-def choose_points(meas: Measurements, points_dir: Path | None, cohort_sha: str) -> tuple[OperatingPoints, str]:
+def choose_points(meas: Measurements, points_dir: Path | None) -> tuple[OperatingPoints, str]:
     """The shipped operating points if they were calibrated on this very set-up, else a
     fresh calibration on part A (the report says which)."""
     subset = meas.config.pairs_per_fold is not None or meas.config.max_speakers is not None
@@ -42,14 +42,14 @@ def choose_points(meas: Measurements, points_dir: Path | None, cohort_sha: str) 
                 reason = "shipped operating points were calibrated with other model files"
             elif shipped.split is None or shipped.split.salt != meas.config.salt:
                 reason = "shipped operating points used another split"
-            elif shipped.cohort is None or shipped.cohort.sha256 != cohort_sha \
-                    or shipped.cohort.top_k != meas.cohort_top_k:
-                reason = "shipped voice cohort differs from this run's"
+            elif {b.band: b.centre for b in shipped.voice_bands} != \
+                    {b: tuple(float(x) for x in c) for b, c in meas.centres.items()}:
+                reason = "shipped voice band centres differ from this run's"
             else:
                 return shipped, f"shipped `{points_dir / 'operating_points.json'}`"
     elif subset:
         reason = "subset run"
-    points, _ = calibrate(meas)
+    points = calibrate(meas)
     return points, f"calibrated in memory on part A ({reason or 'no points directory'})"
 
 
@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     meas = measure(measure_config(args, out))
-    cohort_sha = hashlib.sha256(cohort_file_bytes(meas.cohort)).hexdigest()
-    points, source = choose_points(meas, args.points or args.models, cohort_sha)
+    points, source = choose_points(meas, args.points or args.models)
     t1 = time.perf_counter()
     ev = evaluate(meas, points, source)
     timings = dict(meas.timings)
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                          {"figure": "run", "command": command, "points": source, "models": meas.models}]
     jl = write_jsonl(out / "results.jsonl", ev, extra)
     md = write_report(out / "report.md", meas, ev, points, timings,
-                      ["netid calibrate        # part A -> models/operating_points.json, models/voice_cohort.npy",
+                      ["netid calibrate        # part A -> models/operating_points.json",
                        command + "   # part B -> " + str(out)])
     _summary(ev, jl, md)
     return 0

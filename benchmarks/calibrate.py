@@ -2,9 +2,9 @@
 
 Measures the calibration part ("A") of the identity-disjoint split only - LFW
 identities and speechocean762 speakers that the accuracy report never reports on -
-and writes ``operating_points.json`` (thresholds per target FMR for face, voice and
-fused, the split and the sample sizes) and ``voice_cohort.npy`` (the AS-norm cohort:
-the calibration speakers' utterance embeddings, float16) into the models directory.
+and writes ``operating_points.json`` into the models directory: thresholds per target
+FMR for face, voice and fused, the voice bands' centres and each pair of bands'
+impostor statistics, the fusion weights, the split and the sample sizes.
 
     netid calibrate [--data ../shared/data] [--models models/] [--target-fmr 1e-6]
 """
@@ -12,8 +12,6 @@ the calibration speakers' utterance embeddings, float16) into the models directo
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import math
 import shlex
 import sys
@@ -24,21 +22,22 @@ import numpy as np
 from benchmarks.fusion import CrossFused, fisher_weights
 from benchmarks.measure import MeasureConfig, Measurements, measure
 from benchmarks.stats import ExactScores, ImpostorDistribution, threshold_at_fmr
+from benchmarks.voices import band_rows
 from engine.calibration import (
-    CohortSpec,
+    BandCentre,
     FusionSpec,
     ModalityCalibration,
     OperatingPoint,
     OperatingPoints,
+    PairNorm,
     SplitSpec,
     save_operating_points,
 )
 from engine.models import DEFAULT_MODELS_DIR
 
-__all__ = ["TARGETS", "COHORT_FILE", "calibrate", "cohort_file_bytes", "common_arguments", "measure_config", "main"]
+__all__ = ["TARGETS", "calibrate", "common_arguments", "measure_config", "main"]
 
 TARGETS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
-COHORT_FILE = "voice_cohort.npy"
 SPLIT_METHOD = ("identities (LFW names, speechocean762 speakers) ordered by sha256(salt:kind:id), "
                 "dealt alternately into A (calibration) and B (report)")
 _REPO = Path(__file__).resolve().parent.parent
@@ -62,18 +61,30 @@ def _points(
     return tuple(out)
 
 
-def cohort_file_bytes(cohort: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(cohort, dtype=np.float16), allow_pickle=False)
-    return buf.getvalue()
+def _voice_points(meas: Measurements, targets: tuple[float, ...]) -> tuple[OperatingPoint, ...]:
+    """Each voice threshold is the highest of the pairs' thresholds at its target, so that
+    it holds the target on every pair of bands; its figures are over all pairs of part A."""
+    pairs = [vs for (part, _), vs in meas.voice_bands.items() if part == "A"]
+    gen = ExactScores(np.concatenate([vs.scores(True)[0] for vs in pairs]))
+    imp = ExactScores(np.concatenate([vs.scores(True)[1] for vs in pairs]))
+    out = []
+    for t in targets:
+        per_pair = [threshold_at_fmr(ExactScores(vs.scores(True)[1]), t) for vs in pairs]
+        thr = max(p[0] for p in per_pair)
+        out.append(OperatingPoint(
+            target_fmr=t, threshold=thr, measured_fmr=int(imp.count_ge(thr)) / max(1, imp.n),
+            fnmr=int(gen.count_lt(thr)) / max(1, gen.n), n_genuine=gen.n, n_impostor=imp.n,
+            unresolved=not all(p[1] for p in per_pair),
+        ))
+    return tuple(out)
 
 
 def calibrate(
     meas: Measurements, *, target_fmr: float = 1e-6, face_floor_fmr: float = 1e-3,
-    voice_floor_fmr: float = 1e-2,
+    voice_floor_fmr: float = 1e-3,
     targets: tuple[float, ...] = TARGETS, command: str = "",
-) -> tuple[OperatingPoints, bytes]:
-    """Operating points from part A, and the bytes of the voice cohort file."""
+) -> OperatingPoints:
+    """Operating points from part A."""
     targets = tuple(sorted(set(targets) | {target_fmr, face_floor_fmr, voice_floor_fmr}, reverse=True))
     face = meas.aaa.parts["A"]
     face_imp_mean, face_imp_std = face.impostor.mean_std()
@@ -91,16 +102,16 @@ def calibrate(
     v_gen, v_imp = ExactScores(vg), ExactScores(vi)
     vim, vis = v_imp.mean_std()
     vgm, vgs = v_gen.mean_std()
+    n_probes = sum(len(v.probe_keys) for (part, _), v in meas.voice_bands.items() if part == "A")
     voice_cal = ModalityCalibration(
-        score="as-norm", impostor_mean=vim, impostor_std=vis, genuine_mean=vgm, genuine_std=vgs,
-        points=_points(v_gen, v_imp, targets), n_identities=len(vs.speakers),
-        n_samples=len(vs.probe_keys) + sum(len(t) for t in vs.templates.values()),
-        comparisons=(f"speechocean762 part A: {meas.config.voice_enroll}-utterance enrollments "
-                     f"(score: {'best over the templates' if meas.config.voice_template == 'max' else 'centroid'})"
-                     f" x probes of every speaker of the part (first {meas.config.max_seconds:g} s); "
-                     f"AS-norm top {meas.cohort_top_k} (EER on part A by top-k: "
-                     f"{', '.join(f'{k}: {v:.4f}' for k, v in meas.cohort_sweep.items())}), "
-                     "leaving both speakers of each comparison out of the cohort"),
+        score="band-z", impostor_mean=vim, impostor_std=vis, genuine_mean=vgm, genuine_std=vgs,
+        points=_voice_points(meas, targets), n_identities=len(vs.speakers),
+        n_samples=n_probes + meas.config.voice_enroll * len(vs.speakers) * 2,
+        comparisons=(f"speechocean762 part A, as recorded (wide) and band-limited to 8 kHz (narrow): "
+                     f"{meas.config.voice_enroll}-utterance enrollments (centroid of band-centred "
+                     f"embeddings) x probes of every speaker of the part (first {meas.config.max_seconds:g} s), "
+                     "every pair of bands; each threshold the highest of the pairs' at its target; "
+                     "mean and std: wide>wide"),
     )
 
     ch = meas.chimeric["A"]
@@ -117,10 +128,11 @@ def calibrate(
                      "independent by construction"),
     )
 
-    cohort_bytes = cohort_file_bytes(meas.cohort)
-    spk = sorted(set(meas.cohort_labels))
-    cohort = CohortSpec(file=COHORT_FILE, sha256=hashlib.sha256(cohort_bytes).hexdigest(),
-                        top_k=meas.cohort_top_k, n_embeddings=int(meas.cohort.shape[0]), speakers=tuple(spk))
+    bands = tuple(BandCentre(band=b, centre=tuple(float(x) for x in c),
+                             n_recordings=len(band_rows(meas.speech, meas.voices, "A", b)))
+                  for b, c in sorted(meas.centres.items()))
+    pairs = tuple(PairNorm(pair=p, mean=m, std=sd, n_impostor=int(meas.voice_bands[("A", p)].scores(False)[1].size))
+                  for p, (m, sd) in sorted(meas.pair_stats.items()))
     a_names = {n for n, p in meas.lfw.part.items() if p == "A"}
     split = SplitSpec(
         method=SPLIT_METHOD, salt=meas.config.salt, calibration_part="A",
@@ -133,14 +145,14 @@ def calibrate(
     points = OperatingPoints(
         target_fmr=target_fmr, face_floor_fmr=face_floor_fmr, voice_floor_fmr=voice_floor_fmr,
         face=face_cal, voice=voice_cal, fused=fused_cal,
-        fusion=FusionSpec(weight_face=wf, weight_voice=1.0 - wf), cohort=cohort, split=split,
+        fusion=FusionSpec(weight_face=wf, weight_voice=1.0 - wf), voice_bands=bands, voice_pairs=pairs, split=split,
         models=dict(sorted(meas.models.items())),
         datasets={"face": "LFW (deep-funneled), all images" if not subset else "LFW subset",
                   "voice": "speechocean762, 10 utterances per speaker" if not subset else "speechocean762 subset"},
         command=command,
         voice_template=meas.config.voice_template,
     )
-    return points, cohort_bytes
+    return points
 
 
 # --------------------------------------------------------------------------- CLI
@@ -160,8 +172,6 @@ def common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--voice-probes", type=int, default=7, help="probe utterances per speaker")
     p.add_argument("--max-seconds", type=float, default=5.0, help="cut recordings to this length")
     p.add_argument("--chimeric-attempts", type=int, default=7, help="attempts per chimeric person")
-    p.add_argument("--cohort-top-k", type=int, default=None,
-                   help="AS-norm: cohort scores averaged (default: chosen by EER on part A)")
     p.add_argument("--voice-template", choices=["max", "centroid"], default="centroid",
                    help="voice enrollment scoring: the normalised mean of the enrollment embeddings "
                         "(default; measured better) or the best over the templates; written into the "
@@ -175,15 +185,12 @@ def measure_config(args: argparse.Namespace, out: Path) -> MeasureConfig:
         batch=args.batch, block=args.block, salt=args.salt, pairs_per_fold=args.pairs_per_fold,
         max_speakers=args.max_speakers, voice_enroll=args.voice_enroll, voice_probes=args.voice_probes,
         max_seconds=args.max_seconds, chimeric_attempts=args.chimeric_attempts,
-        cohort_top_k=args.cohort_top_k, voice_template=args.voice_template, show_progress=not args.quiet,
+        voice_template=args.voice_template, show_progress=not args.quiet,
     )
 
 
-def write_points(points: OperatingPoints, cohort_bytes: bytes, models_dir: Path) -> Path:
+def write_points(points: OperatingPoints, models_dir: Path) -> Path:
     models_dir.mkdir(parents=True, exist_ok=True)
-    tmp = models_dir / (COHORT_FILE + ".tmp")
-    tmp.write_bytes(cohort_bytes)
-    tmp.replace(models_dir / COHORT_FILE)
     return save_operating_points(points, models_dir)
 
 
@@ -193,16 +200,17 @@ def main(argv: list[str] | None = None) -> int:
     common_arguments(p)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="work directory (embedding cache)")
     p.add_argument("--write-to", type=Path, default=None,
-                   help="where to write operating_points.json and the cohort (default: --models)")
+                   help="where to write operating_points.json (default: --models)")
     p.add_argument("--target-fmr", type=float, default=1e-6, help="the fused operating point")
     p.add_argument("--face-floor-fmr", type=float, default=1e-3, help="the face floor of the policy")
-    p.add_argument("--voice-floor-fmr", type=float, default=1e-2, help="the voice floor of the policy")
+    p.add_argument("--voice-floor-fmr", type=float, default=1e-3,
+                   help="the voice floor of the policy: bounds a photo of the holder with another voice")
     args = p.parse_args(argv)
     meas = measure(measure_config(args, args.out))
     command = "netid calibrate " + shlex.join(argv if argv is not None else sys.argv[1:])
-    points, cohort = calibrate(meas, target_fmr=args.target_fmr, face_floor_fmr=args.face_floor_fmr,
-                               voice_floor_fmr=args.voice_floor_fmr, command=command)
-    path = write_points(points, cohort, args.write_to or args.models)
+    points = calibrate(meas, target_fmr=args.target_fmr, face_floor_fmr=args.face_floor_fmr,
+                       voice_floor_fmr=args.voice_floor_fmr, command=command)
+    path = write_points(points, args.write_to or args.models)
     for name in ("face", "voice", "fused"):
         for pt in points.calibration(name).points:
             print(f"{name:5s} FMR {pt.target_fmr:.0e}: threshold {pt.threshold:.6f}  FNMR {pt.fnmr:.4f}"

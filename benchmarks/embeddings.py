@@ -46,8 +46,8 @@ def face_cache_key(extractor) -> tuple[str, dict[str, str]]:
 
 def voice_cache_key(extractor, max_seconds: float) -> tuple[str, dict[str, str]]:
     """(cache key, model digests) for a :class:`engine.voice.VoiceExtractor` + crop."""
-    models = {"ge2e": extractor.manifest.sha256}
-    return _digest("voice", models["ge2e"], repr(extractor.config), f"crop={max_seconds:g}"), models
+    models = {"campplus": extractor.manifest.sha256}
+    return _digest("voice", models["campplus"], repr(extractor.config), f"crop={max_seconds:g}"), models
 
 
 @dataclass
@@ -57,6 +57,8 @@ class Embedded:
     keys: list[str]
     emb: np.ndarray  # (n, d) float32
     status: list[str]  # "ok" or a SampleError code
+    #: what the extractor said of each input besides its vector (a voice's detected band)
+    tags: list[str] | None = None
 
     @property
     def ok(self) -> np.ndarray:
@@ -76,13 +78,16 @@ class EmbeddingCache:
         self.dim = dim
         self.vectors: dict[str, np.ndarray] = {}
         self.status: dict[str, str] = {}
+        self.tags: dict[str, str] = {}
         if self.path.exists():
             with np.load(self.path, allow_pickle=False) as z:
                 keys = [str(k) for k in z["keys"]]
                 emb = z["emb"].astype(np.float32)
                 status = [str(s) for s in z["status"]]
-            for k, e, s in zip(keys, emb, status, strict=True):
+                tags = [str(t) for t in z["tags"]] if "tags" in z.files else [""] * len(keys)
+            for k, e, s, t in zip(keys, emb, status, tags, strict=True):
                 self.status[k] = s
+                self.tags[k] = t
                 if s == OK:
                     self.vectors[k] = e
 
@@ -90,12 +95,17 @@ class EmbeddingCache:
         return key in self.status
 
     def put(self, key: str, value: np.ndarray | SampleError) -> None:
+        """Keep an embedding (a vector, or a ``(vector, tag)`` pair such as a voice's
+        :class:`engine.speaker.SpeakerEmbedding`) or the error of its input."""
         if isinstance(value, SampleError):
             self.status[key] = value.code
             self.vectors.pop(key, None)
+            self.tags[key] = ""
         else:
+            vec, tag = value if isinstance(value, tuple) else (value, "")
             self.status[key] = OK
-            self.vectors[key] = np.asarray(value, dtype=np.float32)
+            self.vectors[key] = np.asarray(vec, dtype=np.float32)
+            self.tags[key] = str(tag)
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +115,8 @@ class EmbeddingCache:
             if k in self.vectors:
                 emb[i] = self.vectors[k]
         tmp = self.path.with_name(self.path.stem + f".tmp{os.getpid()}.npz")
-        np.savez(tmp, keys=np.array(keys), emb=emb, status=np.array([self.status[k] for k in keys]))
+        np.savez(tmp, keys=np.array(keys), emb=emb, status=np.array([self.status[k] for k in keys]),
+                 tags=np.array([self.tags.get(k, "") for k in keys]))
         tmp.replace(self.path)
 
     def get(self, keys: Sequence[str]) -> Embedded:
@@ -116,7 +127,7 @@ class EmbeddingCache:
             status.append(s)
             if s == OK:
                 emb[i] = self.vectors[k]
-        return Embedded(list(keys), emb, status)
+        return Embedded(list(keys), emb, status, [self.tags.get(k, "") for k in keys])
 
 
 def embed_files(

@@ -88,7 +88,7 @@ def evaluate(meas: Measurements, points: OperatingPoints, points_source: str) ->
     ev = Evaluation(points_source=points_source)
     _faces(ev, meas)
     _voices(ev, meas)
-    model = ScoreModel(points, meas.cohort)
+    model = ScoreModel(points)
     _fusion(ev, meas, points, model)
     _held_apart(ev, meas, points, model)
     return ev
@@ -157,36 +157,37 @@ def _part_label(key: str) -> str:
 def _voices(ev: Evaluation, meas: Measurements) -> None:
     v = meas.voices
     failed = int((~v.ok).sum())
-    ev.add("failure_to_acquire", modality="voice", dataset="speechocean762", recordings=len(v.keys),
-           fta=rate(rate_interval(failed, len(v.keys))), by_reason=v.failures(),
+    ev.add("failure_to_acquire", modality="voice", dataset="speechocean762 (as recorded and band-limited)",
+           recordings=len(v.keys), fta=rate(rate_interval(failed, len(v.keys))), by_reason=v.failures(),
            cut_to_seconds=meas.config.max_seconds)
-    for part in ("A", "B"):
-        vs = meas.voice[part]
+    for band, (n, right) in meas.band_detection.items():
+        ev.add("band_detection", modality="voice", band=band, recordings=n, detected=right,
+               missed=rate(rate_interval(n - right, n)))
+    for (part, pair), vs in meas.voice_bands.items():
         for normalised in (False, True):
             g, i = vs.scores(normalised)
             if g.size == 0 or i.size == 0:
                 continue
             gen, imp = ExactScores(g), ExactScores(i)
-            score = "as-norm" if normalised else "cosine"
-            base = dict(modality="voice", dataset="speechocean762", part=part, score=score,
+            score = "band-z" if normalised else "centred cosine"
+            base = dict(modality="voice", dataset="speechocean762", part=part, pair=pair, score=score,
                         speakers=len(vs.speakers), probes=len(vs.probe_keys),
                         enroll_utterances=meas.config.voice_enroll, failed_to_enroll=len(vs.failed_to_enroll),
-                        probes_failed=vs.probes_failed,
-                        cohort=("part A, leaving both speakers of each comparison out" if part == "A"
-                                else "part A (as shipped)") if normalised else None)
+                        probes_failed=vs.probes_failed)
             e, e_thr = eer(gen, imp)
             ev.add("eer", **base, eer=e, threshold=e_thr, n_genuine=gen.n, n_impostor=imp.n)
             for t in TARGETS:
                 ev.add("fnmr_at_fmr", **base, threshold_from="same data (DET point)",
                        **_op(operating_point(gen, imp, t)))
-            _curve(ev, "voice", f"part {part}, {score} ({len(vs.speakers)} speakers)", gen, imp,
-                   "-" if normalised else "--")
+            if normalised and part == "B":
+                _curve(ev, "voice", f"part B, {pair} ({len(vs.speakers)} speakers)", gen, imp,
+                       "-" if pair == "wide>wide" else "--")
     g, i = meas.voice["B"].scores(True)
     edges = np.linspace(min(g.min(initial=0), i.min(initial=0)) - 0.5,
                         max(g.max(initial=1), i.max(initial=1)) + 0.5, 401)
     counts, _ = np.histogram(i, bins=edges)
     ev.hists["voice"] = {"genuine": g, "edges": edges, "counts": counts,
-                         "title": "Voice (GE2E, AS-norm), speechocean762 part B", "xlabel": "AS-norm score"}
+                         "title": "Voice (CAM++, band-z), speechocean762 part B, wide>wide", "xlabel": "band-z score"}
 
 
 # --------------------------------------------------------------------------- fusion
@@ -229,7 +230,7 @@ def _fusion(ev: Evaluation, meas: Measurements, points: OperatingPoints, model: 
             _, vi = meas.voice[part].scores(True)
             face_imp = meas.aaa.parts[part].impostor
             _curve(ev, "fused", f"face alone ({face_imp.n:,} impostor pairs)", face_gen, face_imp, "--")
-            _curve(ev, "fused", f"voice alone, AS-norm ({vi.size:,} impostor pairs)", voice_gen, ExactScores(vi), ":")
+            _curve(ev, "fused", f"voice alone, band-z ({vi.size:,} impostor pairs)", voice_gen, ExactScores(vi), ":")
             _curve(ev, "fused", f"fused (cross product, {cross.n:.2g})", gen, cross, "-")
             for t in TARGETS:
                 for name, gs, imp in (("face", face_gen, face_imp), ("voice", voice_gen, ExactScores(vi)),
@@ -250,38 +251,55 @@ def _fusion(ev: Evaluation, meas: Measurements, points: OperatingPoints, model: 
 def _held_apart(ev: Evaluation, meas: Measurements, points: OperatingPoints, model: ScoreModel) -> None:
     """The calibrated thresholds (from part A) applied to part B."""
     face_b = meas.aaa.parts["B"]
-    vg, vi = meas.voice["B"].scores(True)
-    v_gen, v_imp = ExactScores(vg), ExactScores(vi)
     ch = meas.chimeric["B"]
     g = ch.genuine_mask
     fused_b = model.fuse_batch(ch.face, ch.voice)
     cross = _cross(meas, points, "B")
-    for modality, gen, imp in (("face", face_b.genuine, face_b.impostor), ("voice", v_gen, v_imp),
+    vg, vi = meas.voice["B"].scores(True)
+    for modality, gen, imp in (("face", face_b.genuine, face_b.impostor), ("voice", ExactScores(vg), ExactScores(vi)),
                                ("fused", ExactScores(fused_b[g]), cross)):
         if gen.n == 0 or imp.n == 0:
             continue
         for pt in points.calibration(modality).points:
             ev.add("held_apart", modality=modality, part="B", calibrated_on="A",
+                   pair="wide>wide" if modality != "face" else None,
                    calibration_fnmr=pt.fnmr, calibration_n_impostor=pt.n_impostor,
                    calibration_unresolved=pt.unresolved,
                    **_describe_fixed(gen, imp, pt.threshold, pt.target_fmr))
-    if ch.attempt_person.size == 0:
-        return
-    # The whole policy at the default operating point, on part B's chimeric persons.
+    for (part, pair), vs in meas.voice_bands.items():
+        pg, pi = vs.scores(True)
+        if part != "B" or pair == "wide>wide" or pg.size == 0 or pi.size == 0:
+            continue
+        for pt in points.voice.points:
+            ev.add("held_apart", modality="voice", part="B", calibrated_on="A", pair=pair,
+                   calibration_fnmr=pt.fnmr, calibration_n_impostor=pt.n_impostor,
+                   calibration_unresolved=pt.unresolved,
+                   **_describe_fixed(ExactScores(pg), ExactScores(pi), pt.threshold, pt.target_fmr))
+    for (part, pair), chp in meas.chimeric_bands.items():
+        if part == "B" and chp.attempt_person.size:
+            _policy(ev, meas, points, model, pair, chp)
+
+
+def _policy(ev: Evaluation, meas: Measurements, points: OperatingPoints, model: ScoreModel, pair: str,
+            ch) -> None:
+    """The whole policy at the default operating point on part B's chimeric persons with
+    one pair of bands, and the two attacks of one modality on the other."""
+    g = ch.genuine_mask
     ff, fv, ft = model.floors()
     accept = model.accept_mask(ch.face, ch.voice)
-    decisions = model.decide_batch(ch.face[g], ch.voice[g])
     reasons: dict[str, int] = {}
-    for d in decisions:
+    for d in model.decide_batch(ch.face[g], ch.voice[g]):
         reasons[d.reason] = reasons.get(d.reason, 0) + 1
     n_gen = int(g.sum())
     rejected = n_gen - int(accept[g].sum())
-    policy_cross = _cross(meas, points, "B", floors=(ff, fv))
+    _, vi = meas.voice_bands[("B", pair)].scores(True)
+    policy_cross = _cross(meas, points, "B", floors=(ff, fv), voice=vi)
     fm_cross = int(policy_cross.count_ge(ft))
     face_attack = _cross(meas, points, "B", floors=(ff, fv), voice=ch.voice[g])  # impostor face, genuine voice
     voice_attack = _cross(meas, points, "B", floors=(ff, fv), face=ExactScores(ch.face[g]), voice=vi)
+    face_imp = meas.aaa.parts["B"].impostor
     ev.add(
-        "policy", part="B", target_fmr=model.target_fmr, face_floor_fmr=points.face_floor_fmr,
+        "policy", part="B", pair=pair, target_fmr=model.target_fmr, face_floor_fmr=points.face_floor_fmr,
         voice_floor_fmr=points.voice_floor_fmr,
         face_floor=ff, voice_floor=fv, fused_threshold=ft, persons=len(ch.persons),
         fnmr=rate(rate_interval(rejected, n_gen)), reasons=reasons,
@@ -290,8 +308,15 @@ def _held_apart(ev: Evaluation, meas: Measurements, points: OperatingPoints, mod
         fmr_direct=rate(rate_interval(int(accept[~g].sum()), int((~g).sum()))),
         fmr_cross={"accepted": fm_cross, "n": policy_cross.n, "rate": fm_cross / max(1, policy_cross.n),
                    "comparisons": policy_cross.describe()},
-        impostor_face_genuine_voice={"accepted": int(face_attack.count_ge(ft)), "n": face_attack.n,
-                                     "rate": int(face_attack.count_ge(ft)) / max(1, face_attack.n)},
-        genuine_face_impostor_voice={"accepted": int(voice_attack.count_ge(ft)), "n": voice_attack.n,
-                                     "rate": int(voice_attack.count_ge(ft)) / max(1, voice_attack.n)},
+        # Each attack: the rate over the cross product of the genuine side's attempts and the
+        # other side's impostor comparisons, and its bound: the attack cannot pass more often
+        # than the impostor side clears its floor (independent comparisons, Clopper-Pearson).
+        impostor_face_genuine_voice={
+            "accepted": int(face_attack.count_ge(ft)), "n": face_attack.n,
+            "rate": int(face_attack.count_ge(ft)) / max(1, face_attack.n),
+            "bound": rate(rate_interval(int(face_imp.count_ge(ff)), int(face_imp.n)))},
+        genuine_face_impostor_voice={
+            "accepted": int(voice_attack.count_ge(ft)), "n": voice_attack.n,
+            "rate": int(voice_attack.count_ge(ft)) / max(1, voice_attack.n),
+            "bound": rate(rate_interval(int((vi >= fv).sum()), int(vi.size)))},
     )

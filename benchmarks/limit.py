@@ -2,8 +2,8 @@
 
 Each verification does exactly the extraction work the engine does for ``verify``, through
 the same extractor seam (:func:`engine.extract.onnx_extractors`): decode, detect, align and
-embed the face (YuNet + SFace); decode, resample, trim, mel front end and embed the voice
-(GE2E); and, unless ``--no-challenge``, the spoken-challenge recogniser. No protocol, no
+embed the face (YuNet + SFace); decode, resample, check for speech, filterbank and embed the voice
+(CAM++); and, unless ``--no-challenge``, the spoken-challenge recogniser. No protocol, no
 crypto, no store, no event loop: what is left is the work only the models can do, so
 the engine's throughput divided by this figure is the share lost to everything else.
 

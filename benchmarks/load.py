@@ -171,7 +171,7 @@ async def enroll_all(gen: Generator, rng: random.Random) -> dict[str, int]:
 
     async def one(r: Resident) -> None:
         async with limit:
-            voices = [gen.enroll_voices.say(r.person.speaker, "".join(rng.choice("0123456789") for _ in range(8)), rng) for _ in range(2)]
+            voices = [gen.enroll_voices.say(r.person.speaker, "".join(rng.choice("0123456789") for _ in range(8)), rng) for _ in range(3)]
             for attempt in range(20):
                 try:
                     async with open_holder(gen.host, gen.port, device_key=r.key) as phone:

@@ -2,8 +2,9 @@
 
 Faces and voices go through the engine's own extractors (:class:`engine.face.FaceExtractor`,
 :class:`engine.voice.VoiceExtractor`), embeddings cached on disk; then LFW 10-fold,
-LFW all-against-all by part, voice scores by part (AS-norm with the calibration part
-as cohort) and chimeric face + voice scores by part.
+LFW all-against-all by part, voice scores by part and pair of bands (each band centred
+and each pair standardised on the calibration part, as ``netid calibrate`` ships them) and
+chimeric face + voice scores by part and pair of bands.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ from benchmarks.embeddings import Embedded, EmbeddingCache, embed_files, face_ca
 from benchmarks.faces import AllAgainstAll, TenFold, all_against_all, ten_fold
 from benchmarks.fusion import ChimericScores, chimeric_scores
 from benchmarks.stats import ExactScores, eer
-from benchmarks.voices import VoiceScores, cohort_of, voice_scores
-from engine.calibration import VoiceCohort
+from benchmarks.voices import NARROW, VoiceScores, band_centres, band_key, voice_scores
+from engine.calibration import pair_key
 from engine.errors import ConfigError
+from engine.speaker import BANDS
 
-__all__ = ["COHORT_K_CANDIDATES", "MeasureConfig", "Measurements", "measure"]
+__all__ = ["PAIRS", "MeasureConfig", "Measurements", "measure"]
 
-#: AS-norm top-k values tried on part A when none is given.
-COHORT_K_CANDIDATES = (25, 50, 100, 200)
+#: Every (enrollment band, probe band) the benchmark scores.
+PAIRS = tuple((e, p) for e in BANDS for p in BANDS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,10 +48,8 @@ class MeasureConfig:
     voice_probes: int = 7
     max_seconds: float = 5.0
     chimeric_attempts: int = 7
-    #: AS-norm top-k; None: the one of COHORT_K_CANDIDATES with the lowest EER on part A
-    cohort_top_k: int | None = None
     #: "max" (best cosine over the enrollment templates) or "centroid" (engine.calibration.voice_templates)
-    voice_template: str = "max"
+    voice_template: str = "centroid"
     show_progress: bool = True
 
     def __post_init__(self) -> None:
@@ -57,8 +57,6 @@ class MeasureConfig:
             raise ConfigError("enroll, probes and attempts must be at least 1")
         if not 1.0 <= self.max_seconds <= 30.0:
             raise ConfigError("max_seconds must be in [1, 30]")
-        if self.cohort_top_k is not None and self.cohort_top_k < 2:
-            raise ConfigError("cohort_top_k must be at least 2")
         if self.voice_template not in ("max", "centroid"):
             raise ConfigError("voice_template must be max or centroid")
 
@@ -73,15 +71,21 @@ class Measurements:
     models: dict[str, str]
     ten_fold: TenFold
     aaa: AllAgainstAll
-    cohort: np.ndarray  # float32 values of the float16 cohort shipped to the engine
-    cohort_labels: list[str]
-    cohort_top_k: int
+    #: band -> centre (mean part-A embedding), as shipped to the engine
+    centres: dict[str, np.ndarray]
+    #: "enrollment band>probe band" -> (mean, std) of part A's impostor scores
+    pair_stats: dict[str, tuple[float, float]]
+    #: part -> "wide>wide" scores (the main figures)
     voice: dict[str, VoiceScores]
+    #: (part, pair) -> scores of every pair of bands
+    voice_bands: dict[tuple[str, str], VoiceScores]
     persons: list[Chimera]
+    #: part -> chimeric scores with wide-band voices; (part, pair) -> with every pair of bands
     chimeric: dict[str, ChimericScores]
+    chimeric_bands: dict[tuple[str, str], ChimericScores]
     timings: dict[str, float] = field(default_factory=dict)
-    #: AS-norm top-k -> equal error rate on part A (the choice of top-k)
-    cohort_sweep: dict[int, float] = field(default_factory=dict)
+    #: (recordings, detected as their band) per band: the engine's band detection checked
+    band_detection: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def _embed_faces(cfg: MeasureConfig, lfw: Lfw, timings: dict) -> tuple[Embedded, dict[str, str]]:
@@ -101,7 +105,7 @@ def _embed_faces(cfg: MeasureConfig, lfw: Lfw, timings: dict) -> tuple[Embedded,
 def _embed_voices(cfg: MeasureConfig, speech: Speech, timings: dict) -> tuple[Embedded, dict[str, str]]:
     from engine.audio import SAMPLE_RATE, decode_audio
     from engine.errors import SampleError
-    from engine.voice import VoiceExtractor
+    from engine.voice import VoiceExtractor, band_limited
 
     ve = VoiceExtractor(cfg.models, intra_op_threads=cfg.threads)
     key, models = voice_cache_key(ve, cfg.max_seconds)
@@ -110,10 +114,12 @@ def _embed_voices(cfg: MeasureConfig, speech: Speech, timings: dict) -> tuple[Em
     limit = int(round(cfg.max_seconds * SAMPLE_RATE))
 
     def load(k: str):
+        rel = k.removesuffix(NARROW)
         try:
-            return decode_audio((root / k).read_bytes())[:limit]
+            wav = decode_audio((root / rel).read_bytes())[:limit]
         except SampleError as e:
             return e
+        return band_limited(wav) if k.endswith(NARROW) else wav
 
     def embed(items: list) -> list:
         good = [i for i, x in enumerate(items) if not isinstance(x, SampleError)]
@@ -123,7 +129,7 @@ def _embed_voices(cfg: MeasureConfig, speech: Speech, timings: dict) -> tuple[Em
             res[i] = o
         return res
 
-    keys = [u.rel for utts in speech.speakers.values() for u in utts]
+    keys = [band_key(u.rel, b) for utts in speech.speakers.values() for u in utts for b in BANDS]
     emb, t = embed_files(keys, load, embed, cache, batch=cfg.batch, desc="voices",
                          show_progress=cfg.show_progress)
     timings.update({f"voice_{k}": v for k, v in t.items()})
@@ -146,35 +152,32 @@ def measure(cfg: MeasureConfig) -> Measurements:
     timings["all_against_all_s"] = aaa.seconds
 
     t2 = time.perf_counter()
-    cohort, labels, _ = cohort_of(speech, voices, "A")
-    cohort = cohort.astype(np.float16).astype(np.float32)  # exactly what the engine loads
-    per_speaker = max((labels.count(s) for s in set(labels)), default=0)
-    largest = len(labels) - 2 * per_speaker  # cohort left after leaving two speakers out
-    if largest < 2:
-        raise ConfigError("too few calibration speakers for a voice cohort")
-    def score(part: str, cohort_k: VoiceCohort, leave_out: bool) -> VoiceScores:
-        return voice_scores(speech, voices, part, enroll=cfg.voice_enroll, probes=cfg.voice_probes,
-                            template=cfg.voice_template, cohort=cohort_k, leave_out=leave_out)
+    centres = band_centres(speech, voices, "A")
 
-    candidates = [cfg.cohort_top_k] if cfg.cohort_top_k is not None else \
-        sorted({min(k, largest) for k in COHORT_K_CANDIDATES})
-    sweep: dict[int, float] = {}
-    scored: dict[int, VoiceScores] = {}
-    for k in candidates:
-        k = min(k, largest)
-        scored[k] = score("A", VoiceCohort(cohort, top_k=k, labels=labels), True)
-        g, i = scored[k].scores(True)
-        sweep[k] = eer(g, ExactScores(i))[0] if g.size and i.size else float("nan")
-    top_k = min(sweep, key=lambda k: (sweep[k], k))
-    voice = {
-        "A": scored[top_k],
-        "B": score("B", VoiceCohort(cohort, top_k=top_k), False),
-    }
+    def score(part: str, pair: tuple[str, str], stats=None) -> VoiceScores:
+        return voice_scores(speech, voices, part, centres=centres, enroll_band=pair[0], probe_band=pair[1],
+                            enroll=cfg.voice_enroll, probes=cfg.voice_probes, template=cfg.voice_template,
+                            pair_stats=stats)
+
+    pair_stats = {}
+    for pair in PAIRS:
+        _, imp = score("A", pair).scores(False)
+        if imp.size < 2:
+            raise ConfigError("too few calibration speakers for voice statistics")
+        pair_stats[pair_key(*pair)] = (float(imp.mean()), float(max(imp.std(), 1e-6)))
+    bands = {(part, pair_key(*pair)): score(part, pair, pair_stats) for part in ("A", "B") for pair in PAIRS}
+    voice = {part: bands[(part, "wide>wide")] for part in ("A", "B")}
     timings["voice_scoring_s"] = time.perf_counter() - t2
 
     persons = chimeric_persons(lfw, speech, min_images=cfg.chimeric_attempts + 1)
-    chim = {p: chimeric_scores(persons, lfw, faces, voice[p], attempts=cfg.chimeric_attempts)
-            for p in ("A", "B")}
+    chim_bands = {key: chimeric_scores(persons, lfw, faces, vs, attempts=cfg.chimeric_attempts)
+                  for key, vs in bands.items()}
+    chim = {part: chim_bands[(part, "wide>wide")] for part in ("A", "B")}
+    detection = {}
+    for band in BANDS:
+        mine = [t for k, t, st in zip(voices.keys, voices.tags or [], voices.status)
+                if st == "ok" and k.endswith(NARROW) == (band == "narrow")]
+        detection[band] = (len(mine), sum(t == band for t in mine))
     timings["measure_s"] = time.perf_counter() - t0
     return Measurements(cfg, lfw, speech, faces, voices, {**face_models, **voice_models}, tf, aaa,
-                        cohort, labels, top_k, voice, persons, chim, timings, sweep)
+                        centres, pair_stats, voice, bands, persons, chim, chim_bands, timings, detection)

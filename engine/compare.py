@@ -73,10 +73,13 @@ def run_compare(args: argparse.Namespace) -> int:
         if bad is not None:
             line.update(error=bad.code, message=bad.message)
         else:
-            raw = float(np.dot(va, vb))
-            score = raw if args.modality == "face" else float(scores.normalise_voice(vb, va[None, :], raw))
+            if args.modality == "face":
+                raw = score = float(np.dot(va, vb))
+            else:  # a as the enrollment, b as the recording checked against it
+                raw = float(np.dot(va.vector, vb.vector))
+                score = scores.voice_score(vb.vector, vb.band, va.vector[None, :], va.band)
             line.update(score=round(score, 6), threshold=round(float(threshold), 6), decision="match" if score >= threshold else "no_match")
             if args.modality == "voice":
-                line["raw"] = round(raw, 6)
+                line.update(raw=round(raw, 6), bands=[va.band, vb.band])
         print(json.dumps(line), flush=True)
     return 0

@@ -181,8 +181,8 @@ async def _phase(args: argparse.Namespace, work: Path, phase: Phase, rng: random
 
     def enroll_voices(r: Resident) -> list[bytes]:
         if phase.voices == "digits":
-            return [digits.say(r.speaker, "".join(rng.choice("0123456789") for _ in range(8)), rng) for _ in range(2)]
-        return [p.read_bytes() for p in r.voice_files[:2]]
+            return [digits.say(r.speaker, "".join(rng.choice("0123456789") for _ in range(8)), rng) for _ in range(3)]
+        return [p.read_bytes() for p in r.voice_files[:3]]
 
     outcomes: list[tuple[str, str, str, float]] = []
     async with trio.open_nursery() as nursery:

@@ -1,7 +1,7 @@
 """The extractor seam: what the service needs from the biometric models.
 
 Two implementations stand behind it: :func:`onnx_extractors` (the real ONNX
-models: YuNet + SFace, GE2E, and the spoken-challenge check: Whisper, or pocketsphinx) and
+models: YuNet + SFace, CAM++, and the spoken-challenge check: Whisper, or pocketsphinx) and
 :func:`fake_extractors`, a deterministic stand-in for unit tests of batching
 and protocol. The fake derives an identity from a marker at the start of the
 sample bytes (``b"FACE:alice:..."``, ``b"VOICE:alice:..."``), so tests can
@@ -193,7 +193,7 @@ class ModelPool(_WorkerPool):
     def __init__(self, models_dir: Path, *, intra_op_threads: int, processes: int) -> None:
         from .models import load_manifest
 
-        for name in ("yunet", "sface", "ge2e"):  # a missing model is an error now, not in a worker
+        for name in ("yunet", "sface", "campplus"):  # a missing model is an error now, not in a worker
             manifest = load_manifest(models_dir, name)
             if not (Path(models_dir) / manifest.file).is_file():
                 raise ModelMissing(f"model file {Path(models_dir) / manifest.file} not found")
@@ -339,11 +339,20 @@ def _fake_embed(kind: str, data: bytes, dim: int, err: type[SampleError]) -> np.
     return (v / np.linalg.norm(v)).astype(np.float32)
 
 
+def _fake_voice(data: bytes) -> Any:
+    """A fake speaker embedding; ``VOICE8:`` marks a narrow-band recording."""
+    from .speaker import SpeakerEmbedding
+
+    narrow = data.startswith(b"VOICE8:")
+    out = _fake_embed("VOICE", b"VOICE:" + data[7:] if narrow else data, 192, NoSpeech)
+    return out if isinstance(out, SampleError) else SpeakerEmbedding(out, "narrow" if narrow else "wide")
+
+
 def fake_extractors() -> Extractors:
     """Deterministic stand-in: ``FACE:<who>:...`` / ``VOICE:<who>:<said>:...``; ``<who>`` = none → no face/speech."""
 
     def decode(data: bytes, fmt: str) -> bytes:
-        if not data.startswith(b"VOICE:"):
+        if not data.startswith((b"VOICE:", b"VOICE8:")):
             raise UndecodableSample()
         return data
 
@@ -358,9 +367,9 @@ def fake_extractors() -> Extractors:
 
     return Extractors(
         face_dim=128,
-        voice_dim=256,
+        voice_dim=192,
         face_batch=lambda items: [_fake_embed("FACE", b, 128, NoFace) for b in items],
         decode_audio=decode,
-        voice_batch=lambda items: [_fake_embed("VOICE", b, 256, NoSpeech) for b in items],
+        voice_batch=lambda items: [_fake_voice(b) for b in items],
         challenge_batch=challenge,
     )

@@ -115,7 +115,7 @@ class Enroll(_Req, kw_only=True, tag="enroll"):
     card_number: CardNumber
     device_key: Key32
     faces: Annotated[list[Image], Meta(min_length=1, max_length=3)]
-    voices: Annotated[list[Audio], Meta(min_length=1, max_length=3)]
+    voices: Annotated[list[Audio], Meta(min_length=3, max_length=5)]
     audio_format: AudioFormat = "auto"
     sig: Sig64
 

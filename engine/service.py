@@ -24,7 +24,6 @@ import trio
 
 from . import protocol as P
 from .batcher import Batcher
-from .calibration import voice_templates
 from .config import EngineConfig
 from .crypto import EngineKeys, TemplateCipher, device_box_key, seal, sha256, verify_signature
 from .errors import (
@@ -61,6 +60,7 @@ from .extract import Extractors
 from .index import TemplateIndex
 from .metrics import Metrics
 from .sessions import MemorySessionStore, ResultHub, Session
+from .speaker import SpeakerEmbedding, enrollment_band, pack_template, unpack_template
 from .store import Credential, RelyingParty, Store
 
 log = logging.getLogger("engine.service")
@@ -133,6 +133,7 @@ class Engine:
         self.hub = ResultHub()
         self.face_index = TemplateIndex(extractors.face_dim)
         self.voice_index = TemplateIndex(extractors.voice_dim)
+        self._voice_band: dict[str, str] = {}  # credential id -> band of its enrollment
         self._store_limiter = trio.CapacityLimiter(config.store_threads)
         self._decode_limiter = trio.CapacityLimiter(2)
         self._quota = _Quota()
@@ -161,6 +162,7 @@ class Engine:
                 self.sessions.sweep(self.clock())
 
     def _load_indexes(self) -> None:
+        bands: dict[str, list[str]] = {}
         for modality, index in (("face", self.face_index), ("voice", self.voice_index)):
             ids, owners, vecs = [], [], []
             for row in self.store.active_templates(modality):
@@ -169,9 +171,15 @@ class Engine:
                     continue
                 ids.append(row.template_id)
                 owners.append(row.credential_id)
-                vecs.append(self._open_template(row.ciphertext, cred.card_number, modality))
+                if modality == "voice":
+                    emb = self._open_voice_template(row.ciphertext, cred.card_number)
+                    vecs.append(emb.vector)
+                    bands.setdefault(row.credential_id, []).append(emb.band)
+                else:
+                    vecs.append(self._open_template(row.ciphertext, cred.card_number, modality))
             if ids:
                 index.add(np.asarray(ids, dtype=np.int64), owners, np.stack(vecs))
+        self._voice_band = {owner: enrollment_band(b) for owner, b in bands.items()}
         log.info("indexes loaded: %d face, %d voice templates", len(self.face_index), len(self.voice_index))
 
     async def _refresh_credential_gauge(self) -> None:
@@ -189,10 +197,16 @@ class Engine:
     def _open_template(self, ciphertext: bytes, card_number: str, modality: str) -> np.ndarray:
         return np.frombuffer(self.cipher.decrypt(ciphertext, f"{modality}:{card_number}"), dtype=np.float32)
 
+    def _seal_voice_template(self, emb: SpeakerEmbedding, card_number: str) -> bytes:
+        return self.cipher.encrypt(pack_template(emb.vector, emb.band), f"voice:{card_number}")
+
+    def _open_voice_template(self, ciphertext: bytes, card_number: str) -> SpeakerEmbedding:
+        return unpack_template(self.cipher.decrypt(ciphertext, f"voice:{card_number}"))
+
     async def _face(self, image: bytes) -> np.ndarray:
         return await self.face_batcher.submit(image)
 
-    async def _voice(self, audio: bytes, fmt: str, challenge: str | None = None) -> tuple[np.ndarray, Any]:
+    async def _voice(self, audio: bytes, fmt: str, challenge: str | None = None) -> tuple[SpeakerEmbedding, Any]:
         """The speaker embedding and, if a challenge is given, the check of what was said
         (an ``engine.challenge.Verdict``): one recording, two checks, side by side."""
         pcm = await trio.to_thread.run_sync(self.x.decode_audio, audio, fmt, limiter=self._decode_limiter)
@@ -253,12 +267,13 @@ class Engine:
         _raise_unless_active(cred)
         return cred
 
-    def _match(self, cred: Credential, face: np.ndarray, voice: np.ndarray) -> tuple[float, float, Any]:
-        """Face: best cosine over the enrolled faces. Voice: as calibrated (centroid or best), AS-normalised."""
+    def _match(self, cred: Credential, face: np.ndarray, voice: SpeakerEmbedding) -> tuple[float, float, Any]:
+        """Face: best cosine over the enrolled faces. Voice: as calibrated (centroid or best),
+        normalised for the bands of the enrollment and of this recording."""
         f = float(self.face_index.compare(cred.credential_id, face[None, :])[0])
-        enrolled = voice_templates(self.voice_index.vectors_of(cred.credential_id), self.scores.voice_template)
-        v_raw = float((enrolled @ voice).max())
-        v = float(self.scores.normalise_voice(voice, enrolled, v_raw))
+        band = self._voice_band.get(cred.credential_id, "wide")
+        v = self.scores.voice_score(voice.vector, voice.band, self.voice_index.vectors_of(cred.credential_id), band)
+        self.metrics.voice_bands.labels(enrolled=band, probe=voice.band).inc()
         return f, v, self.scores.decide(f, v)
 
     # ---- relying party -----------------------------------------------------------------------------
@@ -460,12 +475,12 @@ class Engine:
         thunks += [lambda a=a: self._voice(a, req.audio_format) for a in req.voices]
         out = await self._gather(*thunks)
         faces = np.stack(out[: len(req.faces)])
-        voices = np.stack([v for v, _score in out[len(req.faces):]])
+        voices: list[SpeakerEmbedding] = [v for v, _score in out[len(req.faces):]]
 
         async with self._enroll_lock:  # search, issue and index as one step: no two can both miss each other
             return await self._enroll_checked(req, card, faces, voices, card_vec)
 
-    async def _enroll_checked(self, req: P.Enroll, card: Any, faces: np.ndarray, voices: np.ndarray, card_vec: np.ndarray) -> P.Enrolled:
+    async def _enroll_checked(self, req: P.Enroll, card: Any, faces: np.ndarray, voices: list[SpeakerEmbedding], card_vec: np.ndarray) -> P.Enrolled:
         card_thr = self.scores.threshold("face", CARD_PHOTO_FMR)
         if float((faces @ card_vec).min()) < card_thr:
             await self._audit(actor="holder", action="enroll", subject=card.card_number, outcome="refused", detail={"reason": "card_photo_mismatch"})
@@ -480,7 +495,7 @@ class Engine:
                     raise DuplicateIdentity()
 
         templates = [("face", self._seal_template(v, card.card_number, "face")) for v in faces]
-        templates += [("voice", self._seal_template(v, card.card_number, "voice")) for v in voices]
+        templates += [("voice", self._seal_voice_template(v, card.card_number)) for v in voices]
         cred, rows, voided = await self._db(
             self.store.issue_credential,
             card_number=card.card_number,
@@ -490,9 +505,9 @@ class Engine:
             now=self.clock(),
         )
         for old in voided:
-            self.face_index.remove_owner(old)
-            self.voice_index.remove_owner(old)
-        vec_by_row = {"face": list(faces), "voice": list(voices)}
+            self._forget(old)
+        self._voice_band[cred.credential_id] = enrollment_band([v.band for v in voices])
+        vec_by_row = {"face": list(faces), "voice": [v.vector for v in voices]}
         for modality, index in (("face", self.face_index), ("voice", self.voice_index)):
             mine = [r for r in rows if r.modality == modality]
             index.add(np.asarray([r.template_id for r in mine], dtype=np.int64), [cred.credential_id] * len(mine), np.stack(vec_by_row[modality]))
@@ -500,7 +515,13 @@ class Engine:
         return P.Enrolled(id=req.id, credential_id=cred.credential_id, version=cred.version, level=cred.level)
 
     # ---- holder: new phone, lost card, status -----------------------------------------------------------
-    async def _match_current(self, cred: Credential, face: np.ndarray, voice: np.ndarray) -> tuple[float, float, Any]:
+    def _forget(self, credential_id: str) -> None:
+        """Drop a credential's templates from the in-memory indexes."""
+        self.face_index.remove_owner(credential_id)
+        self.voice_index.remove_owner(credential_id)
+        self._voice_band.pop(credential_id, None)
+
+    async def _match_current(self, cred: Credential, face: np.ndarray, voice: SpeakerEmbedding) -> tuple[float, float, Any]:
         """Score against the credential's templates; if they went while the models ran
         (card lost, re-applied), raise why rather than ``unknown_credential``."""
         try:
@@ -541,8 +562,7 @@ class Engine:
     async def report_lost(self, card_number: str, *, actor: str) -> list[str]:
         suspended = await self._db(self.store.report_card_lost, card_number, actor=actor, now=self.clock())
         for cid in suspended:
-            self.face_index.remove_owner(cid)
-            self.voice_index.remove_owner(cid)
+            self._forget(cid)
         await self._refresh_credential_gauge()
         return suspended
 

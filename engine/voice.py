@@ -1,13 +1,14 @@
-"""Speaker embedding with the GE2E d-vector encoder (``models/ge2e.onnx``).
+"""Speaker embedding with CAM++ (``models/campplus.onnx``) and the band of each recording.
 
-For each recording of a batch: decode (:func:`engine.audio.decode_audio`), normalise
-the volume and trim silences (:func:`engine.audio.trim_silence`), check that enough
-speech is left, and cut the mel spectrogram into 1.6 s partials. The partials of the
-whole batch go through the model together (``[P, 160, 40]``); a recording's
-embedding is the L2-normalised mean of its partial embeddings, compared by cosine.
+For each recording of a batch: decode (:func:`engine.audio.decode_audio`, 16 kHz), check
+with the WebRTC VAD that enough speech is there (:func:`engine.audio.trim_silence`, used
+for the check only: the model hears the whole recording), detect the recording's
+effective band (:func:`detect_band`), compute Kaldi log-mel filterbank features
+(kaldi-native-fbank, 80 bins, minus their mean over time) and run the model. The
+embedding is L2-normalised and compared by cosine.
 
 A bad recording never spoils a batch: :meth:`VoiceExtractor.embed_batch` returns, for
-each input in order, either a float32 ``(256,)`` embedding or the
+each input in order, either a :class:`SpeakerEmbedding` or the
 :class:`~engine.errors.SampleError` instance for that input.
 """
 
@@ -17,17 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import kaldi_native_fbank as knf
 import numpy as np
 
-from engine.audio import (
-    N_MELS,
-    PARTIAL_FRAMES,
-    SAMPLE_RATE,
-    decode_audio,
-    frame_step,
-    partial_mels,
-    trim_silence,
-)
+from engine.audio import SAMPLE_RATE, decode_audio, trim_silence
 from engine.errors import (
     ConfigError,
     ModelError,
@@ -38,27 +32,29 @@ from engine.errors import (
     UndecodableSample,
 )
 from engine.models import DEFAULT_MODELS_DIR, open_session
+from engine.speaker import Band, SpeakerEmbedding
 
-__all__ = ["VoiceConfig", "VoiceExtractor"]
+__all__ = ["VoiceConfig", "VoiceExtractor", "band_limited", "detect_band", "fbank"]
+
+N_MELS = 80
+DIM = 192
+
+#: Energy in 4.3-7.5 kHz relative to 0.3-3.4 kHz (dB) below which a recording is narrow.
+#: Measured: 16 kHz read speech (speechocean762) -46 dB at the lowest, 8 kHz speech
+#: (FSDD, and 16 kHz speech band-limited to 8 kHz) -95 dB at the highest.
+NARROW_BELOW_DB = -70.0
+_BAND_FFT = 512
 
 
 @dataclass(frozen=True, kw_only=True)
 class VoiceConfig:
     """Settings of the voice pipeline; validated when built."""
 
-    #: Speech left after silence trimming below which a recording is refused
-    #: (:class:`TooLittleSpeech`; none at all is :class:`NoSpeech`). The encoder is poor
-    #: under about a second of speech.
+    #: Speech found by the VAD below which a recording is refused
+    #: (:class:`TooLittleSpeech`; none at all is :class:`NoSpeech`).
     min_speech_seconds: float = 1.0
-    #: Longest recording accepted, before trimming (:class:`SampleTooLarge`).
+    #: Longest recording accepted (:class:`SampleTooLarge`).
     max_seconds: float = 30.0
-    #: Partials (1.6 s each) started per second of trimmed speech.
-    rate: float = 1.3
-    #: The last partial is kept if at least this fraction of it is real audio.
-    min_coverage: float = 0.75
-    #: Bound on the partials sent through the model in one run (memory: the LSTM holds
-    #: about 0.65 MB per partial); larger batches are split into several runs.
-    max_partials_per_run: int = 256
 
     def __post_init__(self) -> None:
         if not 0.0 < self.min_speech_seconds <= 10.0:
@@ -67,18 +63,83 @@ class VoiceConfig:
             raise ConfigError("max_seconds must be in [1, 600]")
         if self.min_speech_seconds > self.max_seconds:
             raise ConfigError("min_speech_seconds must not exceed max_seconds")
-        frame_step(self.rate)  # raises ConfigError if out of range
-        if not 0.0 < self.min_coverage <= 1.0:
-            raise ConfigError("min_coverage must be in (0, 1]")
-        if self.max_partials_per_run < 1:
-            raise ConfigError("max_partials_per_run must be positive")
+
+
+# --------------------------------------------------------------------------- front end
+
+
+def _fbank_options() -> knf.FbankOptions:
+    opts = knf.FbankOptions()
+    fo = opts.frame_opts
+    fo.samp_freq = SAMPLE_RATE
+    fo.frame_length_ms = 25.0
+    fo.frame_shift_ms = 10.0
+    fo.dither = 0.0
+    fo.preemph_coeff = 0.97
+    fo.remove_dc_offset = True
+    fo.window_type = "povey"
+    fo.snip_edges = True
+    fo.round_to_power_of_two = True  # a 512-point FFT
+    opts.mel_opts.num_bins = N_MELS
+    opts.mel_opts.low_freq = 20.0
+    opts.mel_opts.high_freq = 0.0  # Nyquist
+    opts.use_energy = False
+    opts.use_power = True
+    opts.use_log_fbank = True
+    return opts
+
+
+_OPTS = _fbank_options()
+
+
+def fbank(wav: np.ndarray) -> np.ndarray:
+    """Kaldi log-mel filterbank ``(T, 80)`` of 16 kHz audio in [-1, 1], minus its mean
+    over time (CAM++'s input)."""
+    f = knf.OnlineFbank(_OPTS)
+    f.accept_waveform(SAMPLE_RATE, np.asarray(wav, dtype=np.float32))
+    f.input_finished()
+    n = f.num_frames_ready
+    if n == 0:
+        return np.zeros((0, N_MELS), dtype=np.float32)
+    feats = np.stack([np.asarray(f.get_frame(i), dtype=np.float32) for i in range(n)])
+    return feats - feats.mean(axis=0, keepdims=True)
+
+
+def detect_band(wav: np.ndarray) -> Band:
+    """The recording's effective band, from its spectrum (not the header's sample rate):
+    "narrow" when the louder half of its frames holds next to nothing above 4 kHz."""
+    n = _BAND_FFT
+    if len(wav) < n:
+        return "narrow"
+    frames = np.lib.stride_tricks.sliding_window_view(np.asarray(wav, dtype=np.float32), n)[:: n // 2]
+    power = np.abs(np.fft.rfft(frames * np.hanning(n).astype(np.float32), axis=1)) ** 2
+    energy = power.sum(axis=1)
+    spectrum = power[energy >= np.median(energy)].mean(axis=0)
+    freq = np.fft.rfftfreq(n, 1.0 / SAMPLE_RATE)
+    high = float(spectrum[(freq >= 4300) & (freq <= 7500)].sum())
+    low = float(spectrum[(freq >= 300) & (freq <= 3400)].sum())
+    if low <= 0.0:
+        return "narrow"
+    return "narrow" if 10.0 * np.log10(high / low + 1e-30) < NARROW_BELOW_DB else "wide"
+
+
+def band_limited(wav: np.ndarray) -> np.ndarray:
+    """The recording as an 8 kHz capture would have it (resampled to 8 kHz and back):
+    the narrow-band copies that calibration and the benchmark score."""
+    import soxr
+
+    down = soxr.resample(np.asarray(wav, dtype=np.float32), SAMPLE_RATE, 8000, quality="HQ")
+    return np.ascontiguousarray(soxr.resample(down, 8000, SAMPLE_RATE, quality="HQ"), dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- the model
 
 
 class VoiceExtractor:
-    """GE2E speaker embeddings for batches of recordings."""
+    """CAM++ speaker embeddings for batches of recordings."""
 
     modality = "voice"
-    dim = 256
+    dim = DIM
 
     def __init__(
         self,
@@ -88,20 +149,18 @@ class VoiceExtractor:
         intra_op_threads: int = 1,
     ) -> None:
         self.config = config
-        self._session, self.manifest = open_session(
-            models_dir, "ge2e", intra_op_threads=intra_op_threads
-        )
+        self._session, self.manifest = open_session(models_dir, "campplus", intra_op_threads=intra_op_threads)
         inputs = self._session.get_inputs()
         outputs = self._session.get_outputs()
         if len(inputs) != 1 or len(outputs) != 1 or inputs[0].shape[-1] != N_MELS \
                 or outputs[0].shape[-1] != self.dim:
-            raise ModelError("ge2e model does not have the expected [N, T, 40] -> [N, 256] signature")
+            raise ModelError("campplus model does not have the expected [N, T, 80] -> [N, 192] signature")
         self._input = inputs[0].name
         self._output = outputs[0].name
 
     # ------------------------------------------------------------------ public API
 
-    def embed_batch(self, audios: Sequence[bytes], *, fmt: str = "auto") -> list[np.ndarray | SampleError]:
+    def embed_batch(self, audios: Sequence[bytes], *, fmt: str = "auto") -> list[SpeakerEmbedding | SampleError]:
         """Embed encoded recordings (WAV or FLAC, or raw PCM with ``fmt="pcm_s16le"``)."""
         wavs: list[np.ndarray | SampleError] = []
         for data in audios:
@@ -109,22 +168,22 @@ class VoiceExtractor:
                 wavs.append(decode_audio(data, fmt=fmt, max_seconds=self.config.max_seconds))
             except SampleError as e:
                 wavs.append(e)
-        return self._embed(wavs)
+        return [w if isinstance(w, SampleError) else self._embed_one(w) for w in wavs]
 
-    def embed_pcm_batch(self, wavs: Sequence[np.ndarray]) -> list[np.ndarray | SampleError]:
+    def embed_pcm_batch(self, wavs: Sequence[np.ndarray]) -> list[SpeakerEmbedding | SampleError]:
         """Embed already decoded recordings: 1-D float32 arrays, 16 kHz mono, in [-1, 1]."""
-        checked: list[np.ndarray | SampleError] = []
+        out: list[SpeakerEmbedding | SampleError] = []
         for wav in wavs:
             try:
-                checked.append(self._check_pcm(wav))
+                out.append(self._embed_one(self._check_pcm(wav)))
             except SampleError as e:
-                checked.append(e)
-        return self._embed(checked)
+                out.append(e)
+        return out
 
     def warmup(self) -> None:
         """Run the model once so that the first real batch does not pay for set-up."""
         rng = np.random.default_rng(0)
-        x = rng.exponential(0.1, (1, PARTIAL_FRAMES, N_MELS)).astype(np.float32)
+        x = rng.standard_normal((1, 200, N_MELS)).astype(np.float32)
         self._session.run([self._output], {self._input: x})
 
     # ------------------------------------------------------------------ internals
@@ -139,56 +198,26 @@ class VoiceExtractor:
             raise UndecodableSample("audio holds non-finite samples")
         return wav.astype(np.float32, copy=False)
 
-    def _partials(self, wav: np.ndarray) -> np.ndarray:
-        speech = trim_silence(wav)
-        if speech.size == 0:
+    def _check_speech(self, wav: np.ndarray) -> None:
+        speech = trim_silence(wav).size
+        if speech == 0:
             raise NoSpeech()
-        if speech.size < self.config.min_speech_seconds * SAMPLE_RATE:
+        if speech < self.config.min_speech_seconds * SAMPLE_RATE:
             raise TooLittleSpeech(
-                f"{speech.size / SAMPLE_RATE:.2f} s of speech, at least "
-                f"{self.config.min_speech_seconds:g} s needed"
+                f"{speech / SAMPLE_RATE:.2f} s of speech, at least {self.config.min_speech_seconds:g} s needed"
             )
-        return partial_mels(speech, rate=self.config.rate, min_coverage=self.config.min_coverage)
 
-    def _embed(self, wavs: Sequence[np.ndarray | SampleError]) -> list[np.ndarray | SampleError]:
-        results: list[np.ndarray | SampleError] = list(wavs)
-        chunks: list[np.ndarray] = []
-        owners: list[tuple[int, int, int]] = []  # (item, first partial, partial count)
-        n = 0
-        for i, wav in enumerate(wavs):
-            if isinstance(wav, SampleError):
-                continue
-            try:
-                mels = self._partials(wav)
-            except SampleError as e:
-                results[i] = e
-                continue
-            chunks.append(mels)
-            owners.append((i, n, len(mels)))
-            n += len(mels)
-        if not chunks:
-            return results
-        partial_embeds = self._run(np.concatenate(chunks))
-        for i, start, count in owners:
-            part = partial_embeds[start : start + count]
-            # A partial whose ReLU output is all zero has no direction (NaN after the
-            # graph's L2 normalisation): leave it out of the mean.
-            part = part[np.all(np.isfinite(part), axis=1)]
-            mean = part.mean(axis=0, dtype=np.float64) if len(part) else None
-            norm = float(np.linalg.norm(mean)) if mean is not None else 0.0
-            if not norm > 0.0:
-                results[i] = NoSpeech("no usable speech in the recording")
-                continue
-            results[i] = (mean / norm).astype(np.float32)
-        return results
-
-    def _run(self, mels: np.ndarray) -> np.ndarray:
-        step = self.config.max_partials_per_run
-        outs = [
-            self._session.run([self._output], {self._input: mels[k : k + step]})[0]
-            for k in range(0, len(mels), step)
-        ]
-        out = np.concatenate(outs) if len(outs) > 1 else outs[0]
-        if out.shape != (len(mels), self.dim):
-            raise ModelError(f"ge2e returned shape {out.shape} for {len(mels)} partials")
-        return out
+    def _embed_one(self, wav: np.ndarray) -> SpeakerEmbedding | SampleError:
+        try:
+            self._check_speech(wav)
+        except SampleError as e:
+            return e
+        feats = fbank(wav)
+        out = self._session.run([self._output], {self._input: feats[None]})[0]
+        if out.shape != (1, self.dim):
+            raise ModelError(f"campplus returned shape {out.shape}")
+        vec = out[0].astype(np.float64)
+        norm = float(np.linalg.norm(vec))
+        if not (norm > 0.0 and np.isfinite(norm)):
+            return NoSpeech("no usable speech in the recording")
+        return SpeakerEmbedding((vec / norm).astype(np.float32), detect_band(wav))

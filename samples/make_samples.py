@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=6)
     ap.add_argument("--digit-takes", type=int, default=5)
     ap.add_argument("--speakers", type=int, default=24)
-    ap.add_argument("--utterances", type=int, default=3)
+    ap.add_argument("--utterances", type=int, default=4)
     ap.add_argument("--seed", type=int, default=762)
     args = ap.parse_args()
     rng = random.Random(args.seed)
@@ -51,9 +51,12 @@ def main() -> None:
     speakers = sorted(p.name for p in speech.iterdir() if p.is_dir() and p.name.startswith("SPEAKER"))
     spk_chosen = sorted(rng.sample(speakers, args.speakers))
     transcripts = dict(ln.split(" ", 1) for ln in (speech / "text").read_text().splitlines() if ln.strip())
+    durations = {k: float(v) for k, v in (ln.split() for ln in (speech / "utt2dur").read_text().splitlines() if ln.strip())}
     kept: list[str] = []
     for spk in spk_chosen:
-        utts = sorted(speech.glob(f"{spk}/*.flac"))[: args.utterances]
+        # each speaker's shortest recordings: short phrases, as a holder's app records them
+        # (three enroll the voice, the fourth verifies)
+        utts = sorted(sorted(speech.glob(f"{spk}/*.flac"), key=lambda u: (durations[u.stem], u.stem))[: args.utterances])
         (HERE / "speech" / spk).mkdir(parents=True)
         for u in utts:
             shutil.copy2(u, HERE / "speech" / spk)

@@ -24,13 +24,12 @@ class _Decision(NamedTuple):
 class FixedScores:
     """Score model for the fake extractor: cosine 0.5 per modality, no fusion."""
 
-    voice_template = "max"
-
     def threshold(self, modality: str, target_fmr: float | None = None) -> float:
         return 0.5
 
-    def normalise_voice(self, probe, enrolled, raw: float) -> float:
-        return raw
+    def voice_score(self, probe, probe_band: str, enrolled, enrolled_band: str) -> float:
+        """The best raw cosine over the templates, whatever the bands."""
+        return float((enrolled @ probe).max())
 
     def decide(self, face: float, voice: float) -> _Decision:
         if face < 0.5:

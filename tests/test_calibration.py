@@ -26,18 +26,18 @@ from benchmarks.stats import (
     threshold_at_fmr,
 )
 from engine.calibration import (
-    CohortSpec,
+    BandCentre,
     Decision,
     FusionSpec,
     ModalityCalibration,
     OperatingPoint,
     OperatingPoints,
+    PairNorm,
     ScoreModel,
-    VoiceCohort,
     load_operating_points,
     save_operating_points,
 )
-from engine.errors import ConfigError, ModelError, ModelIntegrityError, ModelMissing
+from engine.errors import ConfigError, ModelError, ModelMissing
 from engine.models import DEFAULT_MODELS_DIR
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -274,12 +274,20 @@ def _modality(score: str, thresholds: dict[float, float], mean=0.0, std=1.0) -> 
                                genuine_std=std, points=pts, n_identities=10, n_samples=100)
 
 
+DIM = 8
+_CENTRES = {"wide": (0.1,) * DIM, "narrow": (0.3,) + (0.0,) * (DIM - 1)}
+_PAIR_STATS = {"wide>wide": (0.1, 0.1), "wide>narrow": (0.2, 0.12), "narrow>wide": (0.2, 0.12),
+               "narrow>narrow": (0.3, 0.08)}
+
+
 def _points(**kw) -> OperatingPoints:
     base = dict(
         face=_modality("cosine", {1e-3: 0.30, 1e-4: 0.36, 1e-6: 0.45}, mean=0.0, std=0.1),
-        voice=_modality("cosine", {1e-2: 0.60, 1e-3: 0.70, 1e-6: 0.80}, mean=0.3, std=0.1),
+        voice=_modality("band-z", {1e-2: 0.60, 1e-3: 0.70, 1e-6: 0.80}, mean=0.3, std=0.1),
         fused=_modality("fused", {1e-3: 3.0, 1e-6: 4.5}),
         fusion=FusionSpec(weight_face=0.5, weight_voice=0.5),
+        voice_bands=tuple(BandCentre(band=b, centre=c, n_recordings=10) for b, c in _CENTRES.items()),
+        voice_pairs=tuple(PairNorm(pair=p, mean=m, std=sd, n_impostor=100) for p, (m, sd) in _PAIR_STATS.items()),
     )
     base.update(kw)
     return OperatingPoints(**base)
@@ -290,7 +298,7 @@ def _points(**kw) -> OperatingPoints:
     [
         (0.95, 0.10, Decision(False, "voice_mismatch")),  # strong face, another person's voice
         (0.10, 0.99, Decision(False, "face_mismatch")),  # another person's face, strong voice
-        (0.31, 0.61, Decision(False, "fused_below")),  # both just over their floors
+        (0.31, 0.71, Decision(False, "fused_below")),  # both just over their floors
         (0.70, 0.85, Decision(True, "match")),
         (0.20, 0.20, Decision(False, "face_mismatch")),  # the first failed check is the reason
         (float("nan"), 0.99, Decision(False, "face_mismatch")),
@@ -310,10 +318,10 @@ def test_fused_score_and_thresholds():
     assert model.threshold("fused") == 4.5  # the model's target, 1e-6
     assert model.threshold("face") == 0.45
     assert model.threshold("face", 1e-4) == 0.36
-    assert model.floors() == (0.30, 0.60, 4.5)  # face at 1e-3, voice at 1e-2, fused at 1e-6
-    points = _points(voice_floor_fmr=1e-3)
-    assert points.floor_fmr("voice") == 1e-3
-    assert ScoreModel(points).floors() == (0.30, 0.70, 4.5)
+    assert model.floors() == (0.30, 0.70, 4.5)  # face at 1e-3, voice at 1e-3, fused at 1e-6
+    points = _points(voice_floor_fmr=1e-2)
+    assert points.floor_fmr("voice") == 1e-2
+    assert ScoreModel(points).floors() == (0.30, 0.60, 4.5)
     with pytest.raises(ConfigError):
         model.threshold("face", 1e-5)  # not calibrated: never interpolated
     with pytest.raises(ConfigError):
@@ -328,7 +336,11 @@ def test_operating_points_need_their_policy_points():
     with pytest.raises(ValueError):
         _points(fused=_modality("fused", {1e-3: 3.0}))  # no point at the target 1e-6
     with pytest.raises(ValueError):
-        _points(voice=_modality("as-norm", {1e-2: 1.5, 1e-3: 2.0, 1e-6: 4.0}))  # AS-norm without a cohort
+        _points(voice=_modality("as-norm", {1e-2: 1.5, 1e-3: 2.0, 1e-6: 4.0}))  # not a score this engine computes
+    with pytest.raises(ValueError):
+        _points(voice_pairs=())  # band-z without its pairs' statistics
+    with pytest.raises(ValueError):
+        _points(voice_bands=_points().voice_bands[:1])  # a band without its centre
 
 
 def test_operating_points_round_trip(tmp_path):
@@ -349,7 +361,7 @@ def test_operating_points_errors(tmp_path):
         load_operating_points(tmp_path)
 
 
-# --------------------------------------------------------------------------- AS-norm
+# --------------------------------------------------------------------------- voice by band
 
 
 def _unit(rng, n, d):
@@ -357,96 +369,90 @@ def _unit(rng, n, d):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def test_cohort_topk_is_exact_best_over_templates():
+def _centred(x, band):
+    y = np.atleast_2d(x) - np.asarray(_CENTRES[band])
+    return y / np.linalg.norm(y, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize(("enrolled_band", "probe_band"), [("wide", "wide"), ("wide", "narrow"), ("narrow", "narrow")])
+def test_voice_score_centres_each_band_and_standardises_the_pair(enrolled_band, probe_band):
+    model = ScoreModel(_points())
     rng = np.random.default_rng(SEED)
-    cohort = _unit(rng, 60, 8)
-    labels = [f"s{i // 6}" for i in range(60)]
-    vc = VoiceCohort(cohort, top_k=10, labels=labels)
-    for _ in range(20):
-        templates = _unit(rng, 3, 8)
-        exclude = ("s1", "s4")
-        got = vc.topk(templates, exclude)
-        keep = ~np.isin(labels, exclude)
-        brute = np.sort((templates @ cohort[keep].T).max(axis=0))[::-1][:10]
-        np.testing.assert_allclose(got, brute, atol=1e-6)
-        excludes = [(), ("s0",), ("s1", "s4"), ("s2", "s3")]
-        many = vc.topk_many(templates, excludes)
-        for row, e in zip(many, excludes):
-            np.testing.assert_allclose(row, vc.topk(templates, e), atol=1e-7)
+    enrolled, probe = _unit(rng, 3, DIM), _unit(rng, 1, DIM)[0]
+    c = _centred(enrolled, enrolled_band).mean(axis=0)
+    c /= np.linalg.norm(c)
+    raw = float(_centred(probe, probe_band)[0] @ c)
+    mean, std = _PAIR_STATS[f"{enrolled_band}>{probe_band}"]
+    assert model.voice_score(probe, probe_band, enrolled, enrolled_band) == pytest.approx((raw - mean) / std, abs=1e-5)
 
 
-def test_normalise_voice_is_as_norm(tmp_path):
+def test_voice_score_refuses_an_unknown_band():
+    model = ScoreModel(_points())
     rng = np.random.default_rng(SEED)
-    cohort = _unit(rng, 40, 8).astype(np.float16)
-    raw_bytes_path = tmp_path / "voice_cohort.npy"
-    np.save(raw_bytes_path, cohort)
-    import hashlib
-
-    spec = CohortSpec(file="voice_cohort.npy", sha256=hashlib.sha256(raw_bytes_path.read_bytes()).hexdigest(),
-                      top_k=5, n_embeddings=40, speakers=("x",))
-    points = _points(voice=_modality("as-norm", {1e-2: 1.5, 1e-3: 2.0, 1e-6: 4.0}), cohort=spec)
-    save_operating_points(points, tmp_path)
-    model = ScoreModel.load(tmp_path)
-    c = cohort.astype(np.float32)
-    enrolled, probe = _unit(rng, 3, 8), _unit(rng, 1, 8)[0]
-    raw = float((enrolled @ probe).max())
-    te = np.sort((enrolled @ c.T).max(axis=0))[::-1][:5]
-    tp = np.sort(c @ probe)[::-1][:5]
-    expected = 0.5 * ((raw - te.mean()) / te.std() + (raw - tp.mean()) / tp.std())
-    assert model.normalise_voice(probe, enrolled, raw) == pytest.approx(expected, rel=1e-5)
-    batch = model.normalise_voice_batch(probe[None, :], [enrolled], np.array([raw]))
-    assert batch[0] == pytest.approx(expected, rel=1e-5)
-    # a cohort that does not match its digest is refused
-    np.save(raw_bytes_path, cohort[::-1])
-    with pytest.raises(ModelIntegrityError):
-        ScoreModel.load(tmp_path)
+    with pytest.raises(ConfigError):
+        model.voice_score(_unit(rng, 1, DIM)[0], "ultra", _unit(rng, 3, DIM), "wide")
 
 
 def _synthetic_speech(n_speakers: int = 6, per: int = 5, seed: int = SEED):
+    """Speakers in two bands: a narrow copy is the wide embedding plus a shared channel offset."""
     from benchmarks.datasets import Speech, Utterance
+    from benchmarks.voices import band_key
 
     rng = np.random.default_rng(seed)
-    speakers, keys, embs = {}, [], []
+    channel = rng.standard_normal(DIM)
+    speakers, keys, embs, tags = {}, [], [], []
     for k in range(n_speakers):
         spk = f"{k:04d}"
-        centre = rng.standard_normal(8)
+        centre = rng.standard_normal(DIM)
         utts = []
         for u in range(per):
             rel = f"speech/SPEAKER{spk}/{spk}{u:03d}.flac"
             utts.append(Utterance(f"{spk}{u:03d}", spk, rel))
-            e = centre + 0.8 * rng.standard_normal(8)
-            keys.append(rel)
-            embs.append(e / np.linalg.norm(e))
+            e = centre + 0.8 * rng.standard_normal(DIM)
+            for band, v in (("wide", e), ("narrow", e + 2.0 * channel)):
+                keys.append(band_key(rel, band))
+                embs.append(v / np.linalg.norm(v))
+                tags.append(band)
         speakers[spk] = utts
     part = split_of(list(speakers), kind="speech")
-    return Speech(Path("."), speakers, part), Embedded(keys, np.asarray(embs, np.float32), ["ok"] * len(keys))
+    return Speech(Path("."), speakers, part), Embedded(keys, np.asarray(embs, np.float32), ["ok"] * len(keys), tags)
 
 
-def test_voice_scores_follow_the_engine_rule_and_leave_speakers_out():
-    from benchmarks.voices import cohort_of, voice_scores
+def test_voice_scores_follow_the_engine_rule():
+    from benchmarks.voices import band_centres, band_key, voice_scores
 
     speech, voices = _synthetic_speech()
-    cohort, labels, _ = cohort_of(speech, voices, "A")
-    vc = VoiceCohort(cohort, top_k=4, labels=labels)
-    vs = voice_scores(speech, voices, "A", enroll=2, probes=3, cohort=vc, leave_out=True)
+    centres = band_centres(speech, voices, "A")
     emb = dict(zip(voices.keys, voices.emb))
+    stats = {"wide>narrow": (0.05, 0.2)}
+    vs = voice_scores(speech, voices, "A", centres=centres, enroll_band="wide", probe_band="narrow",
+                      enroll=2, probes=3, pair_stats=stats)
+    assert vs.pair == "wide>narrow"
+    points = _points(voice_bands=tuple(BandCentre(band=b, centre=tuple(map(float, c)), n_recordings=1)
+                                       for b, c in centres.items()),
+                     voice_pairs=tuple(PairNorm(pair=p, mean=0.05, std=0.2, n_impostor=1) for p in _PAIR_STATS))
+    model = ScoreModel(points)
     for i, spk in enumerate(vs.speakers):
-        templates = np.stack([emb[u.rel] for u in speech.speakers[spk][:2]])
+        enrolled = np.stack([emb[band_key(u.rel, "wide")] for u in speech.speakers[spk][:2]])
         for j, key in enumerate(vs.probe_keys):
-            raw = float((templates @ emb[key]).max())
-            assert vs.raw[i, j] == pytest.approx(raw, abs=1e-6)
-            other = str(vs.probe_speaker[j])
-            ex = (spk, other) if spk != other else (spk,)
-            me, se = vc.stats(templates, exclude=ex)
-            mp, sp = vc.stats(emb[key][None, :], exclude=ex)
-            assert vs.norm[i, j] == pytest.approx(0.5 * ((raw - me) / se + (raw - mp) / sp), abs=1e-4)
+            assert key.endswith("#narrow")
+            assert vs.norm[i, j] == pytest.approx(model.voice_score(emb[key], "narrow", enrolled, "wide"), abs=1e-4)
     g, imp = vs.scores(True)
     assert g.size == 3 * len(vs.speakers) and imp.size == 3 * len(vs.speakers) * (len(vs.speakers) - 1)
-    centroid = voice_scores(speech, voices, "A", enroll=2, probes=3, template="centroid")
-    spk = centroid.speakers[0]
-    c = np.stack([emb[u.rel] for u in speech.speakers[spk][:2]]).mean(axis=0)
-    c /= np.linalg.norm(c)
-    assert centroid.raw[0, 0] == pytest.approx(float(emb[centroid.probe_keys[0]] @ c), abs=1e-6)
+
+
+def test_band_centres_take_out_the_channel():
+    """Uncentred, a narrow probe scores high against any narrow enrollment (the shared
+    channel); centred on its band, impostors fall back towards zero."""
+    from benchmarks.voices import band_centres, voice_scores
+
+    speech, voices = _synthetic_speech(n_speakers=10, per=6)
+    centres = band_centres(speech, voices, "A")
+    zero = {b: np.zeros(DIM) for b in centres}
+    kw = dict(enroll_band="narrow", probe_band="narrow", enroll=3, probes=3)
+    _, raw_imp = voice_scores(speech, voices, "A", centres=zero, **kw).scores(False)
+    _, centred_imp = voice_scores(speech, voices, "A", centres=centres, **kw).scores(False)
+    assert raw_imp.mean() > 0.5 and abs(centred_imp.mean()) < 0.3
 
 
 # --------------------------------------------------------------------------- shipped points
@@ -463,7 +469,8 @@ def test_shipped_operating_points_load():
     face = {p.target_fmr: p for p in points.face.points}
     assert face[1e-6].n_impostor >= 3_000_000 and not face[1e-6].unresolved
     assert face[1e-3].threshold < face[1e-6].threshold
-    assert model.normalises_voice
+    assert {b.band for b in points.voice_bands} == {"wide", "narrow"}
+    assert {p.pair for p in points.voice_pairs} == {"wide>wide", "wide>narrow", "narrow>wide", "narrow>narrow"}
     # the engine's own operating point rejects a zero-score attempt and accepts a perfect one
     assert not model.decide(0.0, 0.0).passed
     assert model.decide(1.0, 50.0).passed
@@ -479,12 +486,12 @@ def test_harness_on_a_tiny_real_subset(tmp_path):
     from benchmarks import accuracy, calibrate
 
     common = ["--data", str(DATA), "--pairs-per-fold", "2", "--max-speakers", "8", "--voice-probes", "2",
-              "--chimeric-attempts", "1", "--cohort-top-k", "8", "--cache", str(tmp_path / "cache"), "--quiet",
+              "--chimeric-attempts", "1", "--cache", str(tmp_path / "cache"), "--quiet",
               "--threads", "1"]
     assert calibrate.main(common + ["--out", str(tmp_path), "--write-to", str(tmp_path / "models")]) == 0
     points = load_operating_points(tmp_path / "models")
     assert points.split is not None and len(points.split.voice_speakers) == 4
-    ScoreModel.load(tmp_path / "models")  # cohort digest checks out
+    ScoreModel.load(tmp_path / "models")
     assert accuracy.main(common + ["--out", str(tmp_path / "out")]) == 0
     lines = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     figures = {d["figure"] for d in lines}

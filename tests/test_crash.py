@@ -96,7 +96,7 @@ def run(*args: str) -> dict:
     return json.loads(out.stdout.decode().strip().splitlines()[-1])
 
 
-async def enroll(port: int, person: Person, key: nacl.signing.SigningKey, rng: random.Random, *, samples: int = 1) -> str:
+async def enroll(port: int, person: Person, key: nacl.signing.SigningKey, rng: random.Random, *, samples: int = 3) -> str:
     faces = [img(person.face, 2 + i) for i in range(samples)]
     voices = [ENROLL_VOICES.say(person.speaker, "".join(rng.choice("0123456789") for _ in range(8)), rng) for _ in range(samples)]
     async with open_holder("127.0.0.1", port, device_key=key) as phone:
@@ -136,7 +136,7 @@ async def test_sigkill_during_transitions_leaves_each_credential_before_or_after
     try:
         await trio.to_thread.run_sync(engine.start)
         # ---- before: the bystander and the early half are enrolled --------------------------------
-        bystander.credential, bystander.version = await enroll(engine.port, bystander, bystander.key, rng, samples=2), 1
+        bystander.credential, bystander.version = await enroll(engine.port, bystander, bystander.key, rng), 1
         early = people[:N_EARLY]
 
         async def first(p: Person) -> None:
@@ -276,7 +276,7 @@ async def check_indexes(engine: EngineProcess, bystander: Person, alias: Person,
     # 1:N: the bystander's face is found when someone enrolls it under another card
     async with open_holder("127.0.0.1", port, device_key=alias.key) as phone:
         with pytest.raises(E.DuplicateIdentity):
-            await phone.enroll(alias.card, [img(alias.face, 5)], [ENROLL_VOICES.say(alias.speaker, "13572468", rng)])
+            await phone.enroll(alias.card, [img(alias.face, 5)], [ENROLL_VOICES.say(alias.speaker, d, rng) for d in ("13572468", "97531864", "24680135")])
     # 1:1: the untouched credential verifies against its templates
     engine_key = bytes.fromhex(engine.ready["engine_key"])
     rp_keys = dict(signing_key=nacl.signing.SigningKey((keys / "hotel.sign.key").read_bytes()), box_key=nacl.public.PrivateKey((keys / "hotel.box.key").read_bytes()))

@@ -40,29 +40,28 @@ TRANSCRIPTS = SPEECH / "text"
 
 
 def _resident() -> tuple[str, dict[str, Path]]:
-    """The first identity in ``samples/identities.json`` whose speaker's three sentences make
+    """The first identity in ``samples/identities.json`` whose speaker's four sentences make
     a valid phrase list: its LFW face, and each sentence with its recording."""
     text = dict(ln.split(" ", 1) for ln in TRANSCRIPTS.read_text().splitlines() if ln.strip())
     for ident in json.loads((SAMPLES / "identities.json").read_text()):
         utts = sorted((SPEECH / ident["speech_speaker"]).glob("*.flac")) if ident["speech_speaker"] else []
-        if len(utts) != 3 or any(u.stem not in text for u in utts):
+        if len(utts) != 4 or any(u.stem not in text for u in utts):
             continue
         try:
             phrases = load_phrases([text[u.stem] for u in utts])
         except ConfigError:
             continue
-        if len(phrases) == 3:
+        if len(phrases) == 4:
             return ident["face"], dict(zip(phrases, utts))
-    raise AssertionError("no speaker in samples/ has three usable sentences")
+    raise AssertionError("no speaker in samples/ has four usable sentences")
 
 
 FACE, RECORDING = _resident()
 PHRASES = tuple(RECORDING)
-#: The two sentences whose recordings enroll the resident's voice. Sessions are answered only
-#: when they ask for one of these (a holder may leave a session to expire): the speaker
-#: model rejects this speaker's third recording against the other two (its false non-match
-#: rate is about 9 %), and that verification fails biometric_mismatch whatever is said.
-ENROLLED = PHRASES[:2]
+#: The three sentences whose recordings enroll the resident's voice. Sessions are answered only
+#: when they ask for one of these (a holder may leave a session to expire), so that what a
+#: test checks is the spoken challenge, never the speaker model's false non-match rate.
+ENROLLED = PHRASES[:3]
 CARD = "C-resident"
 
 

@@ -128,7 +128,7 @@ async def enroll(env: Env, card: str, key: nacl.signing.SigningKey | None = None
     who = who or PEOPLE[card]
     key = key or nacl.signing.SigningKey.generate()
     async with phone(env, key) as p:
-        got = await p.enroll(card, [face(who, 1), face(who, 2)], [voice(who, "enroll", 1), voice(who, "enroll", 2)])
+        got = await p.enroll(card, [face(who, 1), face(who, 2)], [voice(who, "enroll", n) for n in (1, 2, 3)])
     assert got.level == "basic"
     return got.credential_id, key
 
@@ -462,7 +462,7 @@ async def test_holder_reports_the_card_lost_and_an_open_session_fails(env):
             with pytest.raises(E.ResultPending):  # a suspended credential's attempt does not count
                 await rp.fetch_result(opened.session_id)
             with pytest.raises(E.CardLost):  # no enrollment from a lost card
-                await p.enroll("C1", [face("alice", 1)], [voice("alice", "", 1)])
+                await p.enroll("C1", [face("alice", 1)], [voice("alice", "", n) for n in (1, 2, 3)])
         async with rp_stream(env, env.hotel) as rp, phone(env, bob_key) as p:  # other cards are untouched
             mine, _ = await verify_once(p, rp, bob, who="bob")
             assert mine.outcome == "pass"
@@ -617,7 +617,7 @@ async def test_audit_records_every_transition_and_outcome_without_biometrics(env
     with trio.fail_after(15):
         async with phone(env, nacl.signing.SigningKey.generate()) as p:
             with pytest.raises(E.CardPhotoMismatch):
-                await p.enroll("C3", [face("bob", 1)], [voice("bob", "", 1)])
+                await p.enroll("C3", [face("bob", 1)], [voice("bob", "", n) for n in (1, 2, 3)])
         async with open_connection("127.0.0.1", env.port) as conn:
             await upgrade(conn, attestation(ap_key, ap_id="counter-1", credential_id=cred, card_number="C1"))
         async with rp_stream(env, env.hotel) as rp, phone(env, key) as p:

@@ -77,7 +77,7 @@ async def enroll_all(port: int) -> dict[str, tuple[str, nacl.signing.SigningKey]
     for i, who in enumerate(PEOPLE):
         key = nacl.signing.SigningKey.generate()
         async with open_holder("127.0.0.1", port, device_key=key) as phone:
-            got = await phone.enroll(f"C{i}", [face(who, 1)], [voice(who, "enroll", 1)])
+            got = await phone.enroll(f"C{i}", [face(who, 1)], [voice(who, "enroll", n) for n in (1, 2, 3)])
         out[who] = (got.credential_id, key)
     return out
 
@@ -248,7 +248,7 @@ async def test_sigterm_drains_a_real_engine(tmp_path):
             for p in ids:
                 key = nacl.signing.SigningKey.generate()
                 faces = [(SAMPLES / "lfw" / p["face"] / f"{p['face']}_000{i}.jpg").read_bytes() for i in (2, 3)]
-                said = [voices.say(p["digits_speaker"], "".join(rng.choice("0123456789") for _ in range(8)), rng) for _ in range(2)]
+                said = [voices.say(p["digits_speaker"], "".join(rng.choice("0123456789") for _ in range(8)), rng) for _ in range(3)]
                 async with open_holder("127.0.0.1", engine.port, device_key=key) as phone:
                     creds.append((p, (await phone.enroll(p["card_number"], faces, said)).credential_id, key))
             url = engine.metrics_url

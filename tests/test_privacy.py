@@ -176,9 +176,9 @@ def secrets_of(env: Env, holder_keys: list[nacl.signing.SigningKey], extra_score
         texts.append(pub.hex())
     x = fake_extractors()
     for who in CARDS.values():  # the enrolled templates in the clear (see enroll below), and the card photo's
-        enrolled = x.face_batch([face(who, 1), face(who, 2)]) + x.voice_batch([voice(who, "enroll", 1), voice(who, "enroll", 2)])
+        enrolled = x.face_batch([face(who, 1), face(who, 2)]) + x.voice_batch([voice(who, "enroll", n) for n in (1, 2, 3)])
         for vec in [*enrolled, _identity_vector("FACE", who, 128)]:
-            blobs.append(vec.tobytes()[:16])
+            blobs.append(getattr(vec, "vector", vec).tobytes()[:16])
     blobs += [bytes(r[0])[:24] for r in rows if r[0]]
     scores = set(env.scores.seen) | set(extra_scores)
     blobs += [struct.pack(">d", s) for s in scores]
@@ -230,7 +230,7 @@ async def enroll(env: Env, card: str, key: nacl.signing.SigningKey | None = None
     who = CARDS[card]
     key = key or nacl.signing.SigningKey.generate()
     async with phone(env, key) as p:
-        got = await p.enroll(card, [face(who, 1), face(who, 2)], [voice(who, "enroll", 1), voice(who, "enroll", 2)])
+        got = await p.enroll(card, [face(who, 1), face(who, 2)], [voice(who, "enroll", n) for n in (1, 2, 3)])
     return got.credential_id, key
 
 
