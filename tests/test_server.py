@@ -51,7 +51,7 @@ async def env(tmp_path, nursery):
 async def enroll(port: int, card: str, who: str, key: nacl.signing.SigningKey | None = None):
     key = key or nacl.signing.SigningKey.generate()
     async with open_holder("127.0.0.1", port, device_key=key) as phone:
-        enrolled = await phone.enroll(card, [face(who, 1), face(who, 2)], [voice(who, "enroll", 1), voice(who, "enroll", 2)])
+        enrolled = await phone.enroll(card, [face(who, 1), face(who, 2)], [voice(who, "enroll", n) for n in (1, 2, 3)])
     return enrolled.credential_id, key
 
 
@@ -136,7 +136,7 @@ async def test_bad_samples_get_specific_codes(env):
             pushed = await rp.results().__anext__()
             assert pushed.outcome == "fail" and pushed.reason == "sample_quality"
             with pytest.raises(E.UnknownCard):
-                await phone.enroll("NOPE", [face("alice")], [voice("alice")])
+                await phone.enroll("NOPE", [face("alice")], [voice("alice", "enroll", n) for n in (1, 2, 3)])
 
 
 async def test_malformed_and_oversized_frames_keep_server_alive(env):
