@@ -369,3 +369,46 @@ async def test_fetching_is_not_starved_by_opening(tmp_path, nursery):
 
 def test_frames_encode_as_documented():
     assert encode_frame(msgspec.msgpack.encode({"type": "ping", "id": 1}))[:4] == b"\x00\x00\x00\x0f"
+
+
+# ---- the pieces, on their own -------------------------------------------------------------------------
+class _Peer:
+    def __init__(self, quiet: float, in_flight: int = 0) -> None:
+        self.quiet, self.in_flight, self.evicted = quiet, in_flight, False
+
+    def quiet_since(self) -> float:
+        return self.quiet
+
+    def evict(self) -> None:
+        self.evicted = True
+
+
+def test_the_table_evicts_the_quietest_idle_unauthenticated_connection():
+    from engine.limits import ConnectionTable
+
+    table = ConnectionTable(max_connections=3, max_unauthenticated=2)
+    a, b, busy = _Peer(5.0), _Peer(1.0), _Peer(0.0, in_flight=1)
+    assert table.admit(a) and table.admit(busy)
+    assert table.admit(b) and a.evicted and not busy.evicted  # a request in flight is never evicted
+    table.authenticated(b)
+    c = _Peer(9.0)
+    assert table.admit(c) and (table.total, table.unauthenticated) == (3, 2)
+    c.in_flight = 1
+    assert not table.admit(_Peer(10.0))  # full, and nothing idle and unauthenticated to evict
+    assert not b.evicted and table.refused == 1
+    table.remove(busy)
+    assert table.admit(_Peer(11.0))
+
+
+def test_log_lines_are_paced_and_the_rest_counted(caplog):
+    from engine.limits import LogPacer
+
+    now = [0.0]
+    pacer = LogPacer(logging.getLogger("engine.test"), per_second=1.0, burst=3, clock=lambda: now[0])
+    caplog.set_level(logging.INFO, logger="engine.test")
+    written = [pacer.log(logging.INFO, "line %d", k) for k in range(10)]
+    assert written == [True] * 3 + [False] * 7
+    now[0] = 2.0
+    assert pacer.log(logging.INFO, "later")
+    assert caplog.records[-1].getMessage() == "later (7 similar lines held back)"
+    assert pacer.suppressed_total == 7
