@@ -4,16 +4,16 @@ Starts an engine on SQLite with the bundled models, imports an ID-card registry,
 enrolls residents from their phones, and streams verifications as a relying party,
 then prints every outcome and a summary line. Two phases, each with its own engine:
 
-1. **speaker check**: LFW faces x speechocean762 voices (16 kHz read English, the data
-   the voice operating point was calibrated on). Genuine holders, another person's face,
-   another person's voice. These speakers read fixed sentences and cannot say random
-   digits, so this engine runs with the spoken-challenge check off.
+1. **speaker check**: LFW faces x speechocean762 voices (16 kHz read English). Genuine
+   holders, another person's face, another person's voice. These speakers read fixed
+   sentences and cannot say random digits, so this engine runs with the spoken-challenge
+   check off.
 2. **spoken challenge**: LFW faces x Free Spoken Digit Dataset voices. A speaker can say
    any digit string (their real recordings spliced), so every session's random digits are
    really said and checked: genuine holders, the wrong digits, a recording made for an
-   earlier session, another person's face. FSDD is 8 kHz telephone-band audio of 6 men,
-   outside the channel the voice operating point was calibrated on, so another person's
-   voice is shown in phase 1, not here.
+   earlier session, another person's face, and the holder's face with another speaker
+   saying the right digits. FSDD is 8 kHz telephone-band audio: the engine detects the
+   band and scores it against its narrow-band calibration.
 
 Identities are *chimeric*: one LFW face identity paired with one speaker (no public
 set holds the same people's faces and voices).
@@ -147,7 +147,7 @@ class Phase:
 
 PHASES = {
     "speech": Phase("speaker check: LFW faces x speechocean762 voices (read sentences; spoken-challenge check off)", "speech", False, ("impostor_face", "impostor_voice")),
-    "digits": Phase("spoken challenge: LFW faces x FSDD digit voices saying the session's random digits", "digits", True, ("wrong_words", "earlier_recording", "impostor_face")),
+    "digits": Phase("spoken challenge: LFW faces x FSDD digit voices saying the session's random digits", "digits", True, ("wrong_words", "earlier_recording", "impostor_face", "impostor_voice")),
 }
 
 

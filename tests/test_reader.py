@@ -34,7 +34,7 @@ from .conftest import POCKETSPHINX_ONLY
 
 SR = 16000
 SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "speech" / "SPEAKER0024"
-SAID = "we have climbed one step up the ladder"  # 000240031
+SAID = "this is a pretty good place to start"  # 000240152
 OTHER = "it was good for me"  # 000240010, the same speaker
 
 
@@ -73,7 +73,7 @@ def reader() -> Reader:
 
 @pytest.mark.slow
 def test_the_right_words_are_likely_and_other_words_are_not(reader: Reader) -> None:
-    wav = decode_audio((SAMPLE / "000240031.flac").read_bytes())
+    wav = decode_audio((SAMPLE / "000240152.flac").read_bytes())
     right = reader.word_logprobs(wav, SAID.split())
     wrong = reader.word_logprobs(wav, OTHER.split())
     assert [w for w, _ in right] == SAID.split() and [w for w, _ in wrong] == OTHER.split()
@@ -264,7 +264,7 @@ def test_the_checker_loads_whisper_for_a_kind_it_reads() -> None:
     checker.load_decoder("phrase")
     assert isinstance(checker._reader_model, Reader)
     assert not getattr(checker._local, "decoders", {})  # no pocketsphinx decoder for phrases
-    wav = decode_audio((SAMPLE / "000240031.flac").read_bytes())
+    wav = decode_audio((SAMPLE / "000240152.flac").read_bytes())
     right, other = checker.check_batch([(wav, SAID.upper()), (wav, OTHER.upper())])
     assert (right.passed, right.stage, other.passed) == (True, "read", False), (right, other)
 
@@ -356,7 +356,7 @@ def test_a_changed_missing_or_malformed_cohort_is_refused(tmp_path: Path) -> Non
 
 @pytest.mark.slow
 def test_the_prior_is_the_mean_over_recordings_of_other_words(tmp_path: Path) -> None:
-    cohort = {"000240010.flac": OTHER, "000240031.flac": SAID}
+    cohort = {"000240010.flac": OTHER, "000240152.flac": SAID}
     reader = Reader(cohort_dir=_small_cohort(tmp_path, cohort))
     readings, wavs = {}, {}
     for name, words in cohort.items():
@@ -369,23 +369,23 @@ def test_the_prior_is_the_mean_over_recordings_of_other_words(tmp_path: Path) ->
     # a cohort recording of the very words is left out: the other recording alone
     assert reader.prior(SAID.split()) == pytest.approx([lp for _, lp in readings["000240010.flac"][SAID]], abs=1e-4)
     # relative: each word less its prior
-    got = reader.relative(readings["000240031.flac"][SAID])
+    got = reader.relative(readings["000240152.flac"][SAID])
     assert [w for w, _ in got] == SAID.split()
     assert [lp for _, lp in got] == pytest.approx(
-        [a - b for (_, a), b in zip(readings["000240031.flac"][SAID], reader.prior(SAID.split()))], abs=1e-9)
+        [a - b for (_, a), b in zip(readings["000240152.flac"][SAID], reader.prior(SAID.split()))], abs=1e-9)
     assert np.mean([lp for _, lp in got]) > 2.0  # the recording makes its own words far likelier than other speech does
     # the sentence's end: the full stop's token alone, scored after the words; the cohort's
     # recording of the very words is left out of its prior too
     assert reader.tokens(["it", END]) == [reader.tokens(["it"])[0], reader._tokenizer.encode(".", add_special_tokens=False).ids]
     ended = [*SAID.split(), END]
     assert reader.prior(ended) == pytest.approx([lp for _, lp in reader.word_logprobs(wavs["000240010.flac"], ended)], abs=1e-4)
-    said = reader.word_logprobs(wavs["000240031.flac"], ended)
+    said = reader.word_logprobs(wavs["000240152.flac"], ended)
     assert [w for w, _ in said] == ended
-    assert [lp for _, lp in said[:-1]] == pytest.approx([lp for _, lp in readings["000240031.flac"][SAID]], abs=1e-4)
+    assert [lp for _, lp in said[:-1]] == pytest.approx([lp for _, lp in readings["000240152.flac"][SAID]], abs=1e-4)
     # where the recording ends with the words, the end is likelier than on other speech;
     # cut short, the end is unlikely where the recording goes on
     assert reader.relative(said)[-1][1] > 0.5
-    short = reader.word_logprobs(wavs["000240031.flac"], ["we", "have", END])
+    short = reader.word_logprobs(wavs["000240152.flac"], ["we", "have", END])
     assert short[-1][1] < said[-1][1] - 2.0
 
 
