@@ -813,7 +813,7 @@ def main(argv: list[str] | None = None) -> int:
                      "senone scored) less the word's offset, + silence_weight * min(0, silence ratio); whisper: mean "
                      "per-word log-probability of the expected words, the decoder forced through them, for relative_kinds each "
                      "word's, and the sentence's end (the full stop after the words) as one more word, less its mean over the reader "
-                     "cohort's recordings (samples/reader_cohort); engine/challenge.py",
+                     "cohort's recordings (samples/reader_cohort); engine/challenge/",
             "recognisers": dict(config.recognisers),
             "relative_kinds": list(config.relative_kinds),
             "relative_end": bool(config.relative_kinds),

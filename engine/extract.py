@@ -268,10 +268,11 @@ def onnx_extractors(
     limit_blas_threads()  # this process's numpy too: it decodes audio and scores templates
     checker = None
     if check_challenge:
-        from .challenge import ChallengeChecker
+        from .challenge import ChallengeChecker, ChallengeConfig
 
-        # first: a missing or mismatched calibration is refused before any process starts
-        checker = ChallengeChecker()  # the calibrated thresholds; decoding happens in the pool
+        # first: a missing or mismatched calibration is refused before any process starts;
+        # the calibrated thresholds and the Whisper manifest come from models_dir
+        checker = ChallengeChecker(config=ChallengeConfig.for_models(models_dir))  # decoding happens in the pool
     closers: list[Callable[[], None]] = []
     warmers: list[Callable[[], None]] = []
     face_batch: Callable[[list], list]

@@ -28,13 +28,13 @@ from engine.challenge import (
     ScoreParts,
     Screen,
     Verdict,
-    _Decoder,
-    _ratios,
     challenge_words,
     load_calibration,
     load_phrases,
     new_challenge,
 )
+from engine.challenge.decoder import Decoder as _Decoder
+from engine.challenge.scoring import ratios as _ratios
 from engine.errors import (
     ConfigError,
     ModelError,
@@ -644,3 +644,18 @@ def test_the_threshold_keeps_the_wrong_phrase_rate_within_the_target_with_confid
     # too few trials for the target: none let through (the rule of three is still above it)
     thr, allowed = threshold_for(wrong[:1000], 0.001, "upper")
     assert allowed == 0 and int((wrong[:1000] >= thr).sum()) == 0
+
+
+def test_the_engine_reads_the_challenge_files_from_its_models_directory(tmp_path: Path) -> None:
+    """``netid serve --models DIR``: the Whisper manifest and the calibration are DIR's."""
+    import shutil
+
+    from engine.extract import onnx_extractors
+    from engine.models import DEFAULT_MODELS_DIR
+
+    assert ChallengeConfig.for_models(tmp_path).calibration_path == tmp_path / "challenge.json"
+    with pytest.raises(ModelMissing, match="whisper.json"):
+        onnx_extractors(tmp_path)
+    shutil.copy(DEFAULT_MODELS_DIR / "whisper.json", tmp_path)
+    with pytest.raises(ModelMissing, match="challenge.json"):
+        onnx_extractors(tmp_path)
