@@ -28,13 +28,10 @@ from .config import EngineConfig
 from .crypto import EngineKeys, TemplateCipher, device_box_key, seal, sha256, verify_signature
 from .errors import (
     BadSignature,
-    CardLost,
     CardNotValid,
     CardPhotoMismatch,
     CredentialDeleted,
     CredentialError,
-    CredentialSuspended,
-    CredentialVoided,
     DeadlineExceeded,
     DuplicateIdentity,
     EngineError,
@@ -49,7 +46,6 @@ from .errors import (
     SampleError,
     SessionError,
     UnknownAcceptancePoint,
-    UnknownCard,
     UnknownCredential,
     UnknownRelyingParty,
     UnknownSession,
@@ -61,7 +57,7 @@ from .index import TemplateIndex
 from .metrics import Metrics
 from .sessions import MemorySessionStore, ResultHub, Session
 from .speaker import SpeakerEmbedding, enrollment_band, pack_template, unpack_template
-from .store import Credential, RelyingParty, Store
+from .store import Credential, RelyingParty, Store, raise_unless_active as _raise_unless_active, raise_unless_card_valid
 
 log = logging.getLogger("engine.service")
 
@@ -463,11 +459,8 @@ class Engine:
         verify_signature(req.device_key, tbs, req.sig)
         device_box_key(req.device_key)  # a usable key for the holder's sealed copies
         card = await self._db(self.store.get_card, req.card_number)
-        if card is None:
-            raise UnknownCard()
-        if card.status == "lost":
-            raise CardLost()
-        if card.status != "valid" or card.photo_template is None:
+        raise_unless_card_valid(None if card is None else card.status)
+        if card.photo_template is None:
             raise CardNotValid()
         card_vec = self._open_template(card.photo_template, card.card_number, "card")
 
@@ -638,17 +631,6 @@ class Engine:
             return await handler(conn, req)
         finally:
             self._biometric -= 1
-
-
-def _raise_unless_active(cred: Credential | None) -> None:
-    if cred is None:
-        raise UnknownCredential()
-    if cred.status == "voided":
-        raise CredentialVoided()
-    if cred.status == "suspended":
-        raise CredentialSuspended()
-    if cred.status != "active":
-        raise CredentialError()
 
 
 def _reason_for(exc: EngineError) -> str:

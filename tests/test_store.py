@@ -19,8 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import errors
-from engine import sqlite_store as sqlite_store_module
-from engine.sqlite_store import SCHEMA_VERSION, SqliteStore
+from engine.store import sqlite as sqlite_store_module
+from engine.store.sqlite import SCHEMA_VERSION, SqliteStore
 from engine.store import (
     AcceptancePoint,
     CardRecord,

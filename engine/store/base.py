@@ -1,9 +1,9 @@
-"""Durable state: records, the ``Store`` interface and ``open_store``.
+"""The store seam: its records, the ``Store`` interface, and the rules on statuses.
 
 The store keeps the ID-card registry, credentials, their encrypted templates, the
-relying-party and acceptance-point registries and the audit log. Everything is
-synchronous: the server calls it through ``trio.to_thread.run_sync`` behind a
-``CapacityLimiter``. Implementations are thread-safe and run every multi-row
+relying-party and acceptance-point registries and the audit log. It is synchronous:
+the engine calls it from worker threads (``trio.to_thread.run_sync`` behind a
+``CapacityLimiter``). Implementations are thread-safe and run every multi-row
 transition in one transaction, so a crash leaves the state before or after it.
 
 Identifiers: credential ids are made by the store (``secrets.token_urlsafe(16)``);
@@ -18,13 +18,22 @@ short strings and numbers chosen by the caller, and bytes are refused.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import Protocol, runtime_checkable
 
 import msgspec
 
-from .errors import ConfigError, InvalidMessage
+from ..errors import (
+    CardLost,
+    CardNotValid,
+    CredentialError,
+    CredentialSuspended,
+    CredentialVoided,
+    InvalidMessage,
+    UnknownCard,
+    UnknownCredential,
+)
 
 __all__ = [
     "CARD_STATUSES",
@@ -39,7 +48,8 @@ __all__ = [
     "RelyingParty",
     "Store",
     "TemplateRow",
-    "open_store",
+    "raise_unless_active",
+    "raise_unless_card_valid",
 ]
 
 CARD_STATUSES = ("valid", "lost", "revoked", "expired")
@@ -193,6 +203,12 @@ class Store(Protocol):
 
     def count_credentials(self) -> dict[str, int]: ...
 
+    def enrollment_lock(self) -> AbstractContextManager[None]:
+        """Held (from a worker thread) around an enrollment's duplicate search and its
+        ``issue_credential``, so that two enrollments of one face cannot both miss each
+        other. Its reach is the store's: see the implementation."""
+        ...
+
     # -- relying parties and acceptance points ------------------------------------
     def add_relying_party(self, rp: RelyingParty, *, actor: str) -> None: ...
 
@@ -231,6 +247,32 @@ class Store(Protocol):
     ) -> list[AuditEntry]: ...
 
     def close(self) -> None: ...
+
+
+# -- the rules on statuses, for the store and the flows alike ------------------------------
+_CREDENTIAL_ERRORS: dict[str, type[CredentialError]] = {
+    "voided": CredentialVoided,
+    "suspended": CredentialSuspended,
+}
+
+
+def raise_unless_active(cred: Credential | None) -> Credential:
+    """The credential if it exists and is active, else the error that says why not."""
+    if cred is None:
+        raise UnknownCredential()
+    if cred.status != "active":
+        raise _CREDENTIAL_ERRORS.get(cred.status, CredentialError)()
+    return cred
+
+
+def raise_unless_card_valid(status: str | None) -> None:
+    """Nothing if a card of this status (``None``: no such card) may be enrolled from."""
+    if status is None:
+        raise UnknownCard()
+    if status == "lost":
+        raise CardLost()
+    if status != "valid":
+        raise CardNotValid()
 
 
 # -- validation shared by Store implementations ---------------------------------------
@@ -277,33 +319,3 @@ def encode_audit_detail(detail: dict[str, AuditValue] | None) -> str:
         elif isinstance(v, int) and not -(2**63) <= v < 2**63:
             raise InvalidMessage("audit detail integers must fit in 64 bits")
     return msgspec.json.encode(detail).decode()
-
-
-SUPPORTED_SCHEMES = "sqlite:///PATH (relative), sqlite:////PATH (absolute), or a plain file path"
-
-
-def open_store(url_or_path: str | os.PathLike[str], *, busy_timeout_ms: int = 5000) -> Store:
-    """Open (and create on first use) the store named by a URL or a path.
-
-    ``sqlite:///relative/x.db``, ``sqlite:////absolute/x.db`` (the SQLAlchemy
-    convention, so ``f"sqlite:///{absolute_path}"`` works) or a plain path open a
-    ``SqliteStore``. Any other scheme raises ``ConfigError``; the URL itself is
-    not repeated in the message, since it may carry a password.
-    """
-    from .sqlite_store import SqliteStore
-
-    target = os.fspath(url_or_path)
-    if not isinstance(target, str):
-        raise ConfigError("the store location must be a text path or URL")
-    if "://" in target:
-        scheme, _, rest = target.partition("://")
-        if scheme.lower() != "sqlite":
-            raise ConfigError(
-                f"unsupported store URL scheme {scheme[:20]!r}; supported: {SUPPORTED_SCHEMES}"
-            )
-        if not rest.startswith("/") or len(rest) < 2:
-            raise ConfigError(f"malformed sqlite URL; supported: {SUPPORTED_SCHEMES}")
-        target = rest[1:]
-    if not target or target == ":memory:" or target.startswith("file:"):
-        raise ConfigError(f"the store needs a file on disk; supported: {SUPPORTED_SCHEMES}")
-    return SqliteStore(target, busy_timeout_ms=busy_timeout_ms)
