@@ -37,9 +37,10 @@ import numpy as np
 import soundfile as sf
 import trio
 
+from .assets import asset_dir
 from .errors import DeadlineExceeded, EngineError, Overloaded
 
-SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+SAMPLES = asset_dir("samples")
 DIGIT_SPEAKERS = ("george", "jackson", "lucas", "nicolas", "theo", "yweweler")
 
 __all__ = ["run_demo"]
@@ -151,16 +152,139 @@ PHASES = {
 }
 
 
-async def _phase(args: argparse.Namespace, work: Path, phase: Phase, rng: random.Random) -> tuple[list[tuple[str, str, str, float]], float]:
-    from .app import build_engine, run_engine
-    from .client import open_holder, open_relying_party
+@dataclass
+class _Stage:
+    """One phase's engine, relying party and residents, set up and torn down by :func:`_phase`."""
+
+    args: argparse.Namespace
+    phase: Phase
+    rng: random.Random
+    residents: list[Resident]
+    strangers: list[Path]
+    paths: dict[str, Path]
+    port: int = 0
+    enrolled: list[Resident] = field(default_factory=list)
+    outcomes: list[tuple[str, str, str, float]] = field(default_factory=list)
+    overloaded: int = 0
+
+    def __post_init__(self) -> None:
+        self.enroll_digits = DigitVoices(self.paths["digits"], range(0, 2))
+        self.probe_digits = DigitVoices(self.paths["digits"], range(2, 5))
+
+    def enroll_voices(self, r: Resident) -> list[bytes]:
+        if self.phase.voices == "digits":
+            return [self.enroll_digits.say(r.speaker, "".join(self.rng.choice("0123456789") for _ in range(8)), self.rng)
+                    for _ in range(3)]
+        return [p.read_bytes() for p in r.voice_files[:3]]
+
+    def recording(self, r: Resident, speaker: str, said: str, other: Resident) -> bytes:
+        if self.phase.voices == "digits":
+            return self.probe_digits.say(speaker, said, self.rng)
+        return (other if speaker != r.speaker else r).voice_files[-1].read_bytes()
+
+    async def enroll(self, r: Resident) -> None:
+        from .client import open_holder
+
+        async with open_holder("127.0.0.1", self.port, device_key=r.key) as phone:
+            try:
+                got = await phone.enroll(r.card_number, [p.read_bytes() for p in r.faces[1:3]], self.enroll_voices(r))
+                r.credential_id = got.credential_id
+                print(f"  enrolled {r.name:<28} credential {got.credential_id[:10]}… v{got.version} level {got.level}")
+            except EngineError as exc:
+                print(f"  enroll   {r.name:<28} REFUSED {exc.code}")
+
+    async def enroll_all(self) -> None:
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as n:
+            for r in self.residents:
+                n.start_soon(self.enroll, r)
+        self.enrolled = [r for r in self.residents if r.credential_id]
+        print(f"enrolled {len(self.enrolled)}/{len(self.residents)} in {time.perf_counter() - t0:.1f} s")
+
+    def probe(self, i: int, r: Resident, kind: str) -> tuple[Path, str, Resident]:
+        """The face shown and the speaker heard in attempt ``i`` of ``kind`` by ``r``."""
+        others = [o for o in self.enrolled if o is not r]
+        other = self.rng.choice(others) if others else r
+        face_path = r.faces[3 + i % (len(r.faces) - 3)] if len(r.faces) > 3 else r.faces[-1]
+        if kind == "impostor_face":
+            face_path = self.rng.choice(self.strangers) if self.strangers else other.faces[-1]
+        return face_path, other.speaker if kind == "impostor_voice" else r.speaker, other
+
+    async def submit(self, phone, r: Resident, qr, face_path: Path, voice: bytes) -> None:
+        for _attempt in range(20):
+            try:
+                await phone.verify(r.credential_id, qr, face=face_path.read_bytes(), voice=voice)
+            except (Overloaded, DeadlineExceeded) as exc:  # the session stays usable: retry
+                self.overloaded += 1
+                await trio.sleep((exc.retry_after_ms or 200) / 1000)
+                continue
+            except EngineError as exc:
+                print(f"  holder error {exc.code}")
+            break
+
+    async def verify(self, rp, pending: dict, i: int, r: Resident, kind: str) -> None:
+        from .client import open_holder
+
+        face_path, speaker, other = self.probe(i, r, kind)
+        start = time.perf_counter()
+        earlier = await rp.open_session(level="basic", purpose="check-in") if kind == "earlier_recording" else None
+        opened = await rp.open_session(level="basic", purpose="check-in")
+        send, recv = trio.open_memory_channel(1)
+        pending[opened.session_id] = send
+        async with open_holder("127.0.0.1", self.port, device_key=r.key) as phone:
+            qr = phone.scan(opened.qr_text)
+            said = qr.challenge
+            if kind == "wrong_words":
+                said = "".join(self.rng.choice("0123456789") for _ in qr.challenge)
+            elif earlier is not None:
+                said = phone.scan(earlier.qr_text).challenge  # recorded for another session
+            await self.submit(phone, r, qr, face_path, self.recording(r, speaker, said, other))
+        with trio.fail_after(30):
+            result = await recv.receive()
+        ms = (time.perf_counter() - start) * 1000
+        self.outcomes.append((kind, result.outcome, result.reason, ms))
+        mark = "ok " if (result.outcome == "pass") == (kind in EXPECTED_PASS) else "!! "
+        print(f"  {mark}{kind:<17} {r.name:<26} -> {result.outcome:<4} ({result.reason}, {ms:.0f} ms, pseudonym {result.pseudonym[:8]}…)")
+
+    async def stream(self, rp_sign: nacl.signing.SigningKey, rp_box: nacl.public.PrivateKey) -> float:
+        """Every verification of the phase, streamed by the relying party; the seconds it took."""
+        from .client import open_relying_party
+
+        jobs: list[tuple[Resident, str]] = []
+        for r in self.enrolled:
+            jobs += [(r, "genuine")] * self.args.rounds + [(r, k) for k in self.phase.kinds]
+        self.rng.shuffle(jobs)
+        limit = trio.Semaphore(self.args.concurrency)
+        async with open_relying_party("127.0.0.1", self.port, rp_id="demo-hotel", signing_key=rp_sign, box_key=rp_box) as rp:
+            pending: dict[str, trio.MemorySendChannel] = {}
+
+            async def router() -> None:
+                async for result in rp.results():
+                    ch = pending.pop(result.session_id, None)
+                    if ch is not None:
+                        ch.send_nowait(result)
+
+            async def one(i: int, r: Resident, kind: str) -> None:
+                async with limit:
+                    await self.verify(rp, pending, i, r, kind)
+
+            t0 = time.perf_counter()
+            async with trio.open_nursery() as n:
+                n.start_soon(router)
+                async with trio.open_nursery() as work_n:
+                    for i, (r, kind) in enumerate(jobs):
+                        work_n.start_soon(one, i, r, kind)
+                n.cancel_scope.cancel()
+            return time.perf_counter() - t0
+
+
+async def _engine_for(work: Path, phase: Phase, residents: list[Resident]):
+    """An engine on a fresh store with the residents' ID cards and the demo relying party."""
+    from .app import build_engine
     from .config import ChallengeSettings, EngineConfig
     from .registry import import_registry
     from .store import RelyingParty
 
-    paths = data_layout(args.data or SAMPLES)
-    residents, strangers = _residents(paths, phase.voices, args.residents, rng)
-    print(f"\n== {phase.title}: {len(residents)} residents")
     config = EngineConfig(data_dir=work / "data", port=0, challenge=ChallengeSettings(kind="digits", check=phase.check))
     t0 = time.perf_counter()
     engine = build_engine(config)
@@ -176,111 +300,28 @@ async def _phase(args: argparse.Namespace, work: Path, phase: Phase, rng: random
                      max_level="basic", quota_per_minute=100_000, status="active", created_at=time.time()),
         actor="demo",
     )
-    digits = DigitVoices(paths["digits"], range(0, 2))
-    probe_digits = DigitVoices(paths["digits"], range(2, 5))
+    return engine, rp_sign, rp_box
 
-    def enroll_voices(r: Resident) -> list[bytes]:
-        if phase.voices == "digits":
-            return [digits.say(r.speaker, "".join(rng.choice("0123456789") for _ in range(8)), rng) for _ in range(3)]
-        return [p.read_bytes() for p in r.voice_files[:3]]
 
-    outcomes: list[tuple[str, str, str, float]] = []
+async def _phase(args: argparse.Namespace, work: Path, phase: Phase, rng: random.Random) -> tuple[list[tuple[str, str, str, float]], float]:
+    from .app import run_engine
+
+    paths = data_layout(args.data or SAMPLES)
+    residents, strangers = _residents(paths, phase.voices, args.residents, rng)
+    print(f"\n== {phase.title}: {len(residents)} residents")
+    engine, rp_sign, rp_box = await _engine_for(work, phase, residents)
+    stage = _Stage(args, phase, rng, residents, strangers, paths)
     async with trio.open_nursery() as nursery:
         running = await nursery.start(run_engine, engine)
-        port = running.port
-        print(f"engine listening on 127.0.0.1:{port}; engine key {engine.keys.verify_key.hex()[:16]}…")
-
-        # ---- enrollment, from each resident's phone --------------------------------------------------------
-        t_enroll = time.perf_counter()
-
-        async def enroll(r: Resident) -> None:
-            async with open_holder("127.0.0.1", port, device_key=r.key) as phone:
-                try:
-                    got = await phone.enroll(r.card_number, [p.read_bytes() for p in r.faces[1:3]], enroll_voices(r))
-                    r.credential_id = got.credential_id
-                    print(f"  enrolled {r.name:<28} credential {got.credential_id[:10]}… v{got.version} level {got.level}")
-                except EngineError as exc:
-                    print(f"  enroll   {r.name:<28} REFUSED {exc.code}")
-
-        async with trio.open_nursery() as n:
-            for r in residents:
-                n.start_soon(enroll, r)
-        enrolled = [r for r in residents if r.credential_id]
-        print(f"enrolled {len(enrolled)}/{len(residents)} in {time.perf_counter() - t_enroll:.1f} s")
-
-        # ---- verifications, streamed by the relying party ----------------------------------------------------
-        jobs: list[tuple[Resident, str]] = []
-        for r in enrolled:
-            jobs += [(r, "genuine")] * args.rounds + [(r, k) for k in phase.kinds]
-        rng.shuffle(jobs)
-        limit = trio.Semaphore(args.concurrency)
-        overloaded = [0]
-
-        async with open_relying_party("127.0.0.1", port, rp_id="demo-hotel", signing_key=rp_sign, box_key=rp_box) as rp:
-            pending: dict[str, trio.MemorySendChannel] = {}
-
-            async def router() -> None:
-                async for result in rp.results():
-                    ch = pending.pop(result.session_id, None)
-                    if ch is not None:
-                        ch.send_nowait(result)
-
-            def recording(r: Resident, speaker: str, said: str, other: Resident) -> bytes:
-                if phase.voices == "digits":
-                    return probe_digits.say(speaker, said, rng)
-                return (other if speaker != r.speaker else r).voice_files[-1].read_bytes()
-
-            async def verify(i: int, r: Resident, kind: str) -> None:
-                async with limit:
-                    others = [o for o in enrolled if o is not r]
-                    other = rng.choice(others) if others else r
-                    face_path = r.faces[3 + i % (len(r.faces) - 3)] if len(r.faces) > 3 else r.faces[-1]
-                    if kind == "impostor_face":
-                        face_path = rng.choice(strangers) if strangers else other.faces[-1]
-                    speaker = other.speaker if kind == "impostor_voice" else r.speaker
-                    start = time.perf_counter()
-                    earlier = await rp.open_session(level="basic", purpose="check-in") if kind == "earlier_recording" else None
-                    opened = await rp.open_session(level="basic", purpose="check-in")
-                    send, recv = trio.open_memory_channel(1)
-                    pending[opened.session_id] = send
-                    async with open_holder("127.0.0.1", port, device_key=r.key) as phone:
-                        qr = phone.scan(opened.qr_text)
-                        said = qr.challenge
-                        if kind == "wrong_words":
-                            said = "".join(rng.choice("0123456789") for _ in qr.challenge)
-                        elif earlier is not None:
-                            said = phone.scan(earlier.qr_text).challenge  # recorded for another session
-                        voice = recording(r, speaker, said, other)
-                        for _attempt in range(20):
-                            try:
-                                await phone.verify(r.credential_id, qr, face=face_path.read_bytes(), voice=voice)
-                            except (Overloaded, DeadlineExceeded) as exc:  # the session stays usable: retry
-                                overloaded[0] += 1
-                                await trio.sleep((exc.retry_after_ms or 200) / 1000)
-                                continue
-                            except EngineError as exc:
-                                print(f"  holder error {exc.code}")
-                            break
-                    with trio.fail_after(30):
-                        result = await recv.receive()
-                    ms = (time.perf_counter() - start) * 1000
-                    outcomes.append((kind, result.outcome, result.reason, ms))
-                    mark = "ok " if (result.outcome == "pass") == (kind in EXPECTED_PASS) else "!! "
-                    print(f"  {mark}{kind:<17} {r.name:<26} -> {result.outcome:<4} ({result.reason}, {ms:.0f} ms, pseudonym {result.pseudonym[:8]}…)")
-
-            t_verify = time.perf_counter()
-            async with trio.open_nursery() as n:
-                n.start_soon(router)
-                async with trio.open_nursery() as work_n:
-                    for i, (r, kind) in enumerate(jobs):
-                        work_n.start_soon(verify, i, r, kind)
-                n.cancel_scope.cancel()
-            elapsed = time.perf_counter() - t_verify
-        if overloaded[0]:
-            print(f"({overloaded[0]} attempts were answered 'overloaded' and retried after the engine's retry hint)")
+        stage.port = running.port
+        print(f"engine listening on 127.0.0.1:{stage.port}; engine key {engine.keys.verify_key.hex()[:16]}…")
+        await stage.enroll_all()
+        elapsed = await stage.stream(rp_sign, rp_box)
+        if stage.overloaded:
+            print(f"({stage.overloaded} attempts were answered 'overloaded' and retried after the engine's retry hint)")
         running.drain()
     engine.close()
-    return outcomes, elapsed
+    return stage.outcomes, elapsed
 
 
 async def _story(args: argparse.Namespace, work: Path) -> int:

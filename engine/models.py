@@ -16,6 +16,8 @@ from typing import Any
 import msgspec
 import onnxruntime
 
+from engine.assets import asset_dir
+
 from engine.errors import ModelError, ModelIntegrityError, ModelMissing
 
 __all__ = [
@@ -26,8 +28,8 @@ __all__ = [
     "sha256_file",
 ]
 
-#: The repository's ``models/`` directory.
-DEFAULT_MODELS_DIR: Path = Path(__file__).resolve().parent.parent / "models"
+#: The shipped ``models/`` (package data of a wheel, or the checkout's folder).
+DEFAULT_MODELS_DIR: Path = asset_dir("models")
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 _CHUNK = 1 << 20

@@ -80,6 +80,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import ModelError, ModelIntegrityError, ModelMissing
+from .assets import asset_dir
 from .models import DEFAULT_MODELS_DIR
 
 __all__ = ["COHORT_FILE", "DEFAULT_COHORT_DIR", "END", "MANIFEST_FILE", "MAX_SECONDS", "CohortRecording", "Reader",
@@ -93,7 +94,7 @@ _MAX_FRAMES = 3000
 MAX_SECONDS = 30.0
 #: the cohort's recordings (beside the demo sample: they are speechocean762 recordings too),
 #: and its manifest in that folder
-DEFAULT_COHORT_DIR = DEFAULT_MODELS_DIR.parent / "samples" / "reader_cohort"
+DEFAULT_COHORT_DIR = asset_dir("samples") / "reader_cohort"
 COHORT_FILE = "reader_cohort.json"
 #: phrases whose prior a reader keeps (an operator's list is rarely longer)
 _PRIORS_KEPT = 4096
