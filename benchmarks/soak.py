@@ -4,8 +4,10 @@ Set-up and load are ``netid bench load``'s (benchmarks/load.py): an engine in a 
 an ID-card registry of chimeric residents, relying parties, every resident enrolled from its
 own phone, Poisson arrivals of a relying party opening a session and a holder answering it.
 Capacity is found the same way: the model-bound limit (benchmarks/limit.py, quick layout
-search) and a saturation step at 1.25 x that limit; capacity is the throughput the
-saturation step achieved (or ``--capacity-rps``).
+search; or ``--limit-rps``) and a saturation step at 1.25 x that limit; capacity is the
+throughput the saturation step achieved (or ``--capacity-rps``). The saturation step runs
+with the fuzzing and idle clients already going (``--capacity-alone``: before them), so that
+80 % is of what the engine can do in the soak's own conditions.
 
 Then, for ``--minutes``, arrivals at ``--load`` (0.8) x capacity in windows of ``--window``
 minutes (5), while ``--fuzz-connections`` connections run ``netid bench fuzz``'s generator and
@@ -100,22 +102,23 @@ async def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             await _connect_all(gen)
             for rp in gen.rps:
                 routers.start_soon(_route_pushes, gen, rp)
-            if capacity is None:
-                sat = await run_step(gen, Step("saturation", 1.25 * out["limit_rps"], args.find_seconds), args.seed)
-                emit({"soak_saturation": sat})
-                capacity = max(sat["throughput_rps"], 0.05)
-            out["capacity_rps"] = capacity
-            rate = args.load * capacity
-            stderr(f"  capacity {capacity:.2f}/s; soaking at {rate:.2f}/s for {args.minutes} min, windows of {args.window} min")
+            if capacity is None and args.capacity_alone:
+                capacity = await _saturate(gen, args, out)
             st = Stats()
             idle: dict[str, int] = {"connects": 0, "connect_failed": 0}
             log0 = (work / "engine.log").stat().st_size
             async with trio.open_nursery() as side:
                 if args.fuzz_connections:
-                    side.start_soon(lambda: fuzz(gen.port, args.minutes * 60 + 60, args.seed, connections=args.fuzz_connections,
+                    side.start_soon(lambda: fuzz(gen.port, args.minutes * 60 + args.find_seconds + 120, args.seed, connections=args.fuzz_connections,
                                                  rp_id="soak-fuzz", rp_key=fuzz_key, max_frame=8 * 1024 * 1024, st=st))
                 if args.idle:
                     side.start_soon(idle_clients, gen.port, args.idle, idle)
+                if capacity is None:  # capacity as the soak will find the engine: with the fuzzing and idle clients
+                    await trio.sleep(5.0)
+                    capacity = await _saturate(gen, args, out)
+                out["capacity_rps"] = capacity
+                rate = args.load * capacity
+                stderr(f"  capacity {capacity:.2f}/s; soaking at {rate:.2f}/s for {args.minutes} min, windows of {args.window} min")
                 windows = max(1, round(args.minutes / args.window))
                 for w in range(windows):
                     sent0, conn0 = st.sent, idle["connects"]
@@ -149,6 +152,14 @@ async def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return out
 
 
+async def _saturate(gen: Generator, args: argparse.Namespace, out: dict[str, Any]) -> float:
+    """Capacity as netid bench load finds it: the throughput of a step at 1.25 x the limit."""
+    sat = await run_step(gen, Step("saturation", 1.25 * out["limit_rps"], args.find_seconds), args.seed)
+    sat.pop("outcomes", None)
+    emit({"soak_saturation": sat})
+    return max(sat["throughput_rps"], 0.05)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="netid bench soak", description="A long run at 80 % of capacity with fuzzing and idle clients alongside.")
     p.add_argument("--minutes", type=float, default=30.0)
@@ -157,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity-rps", type=float, default=None, help="skip the capacity search")
     p.add_argument("--limit-rps", type=float, default=None, help="skip the limit measurement; saturate at 1.25 x this")
     p.add_argument("--find-seconds", type=float, default=30.0, help="seconds of the saturation step")
+    p.add_argument("--capacity-alone", action="store_true", help="find capacity before the fuzzing and idle clients start (default: with them)")
     p.add_argument("--fuzz-connections", type=int, default=1)
     p.add_argument("--idle", type=int, default=200, help="idle clients alongside")
     p.add_argument("--data", type=Path, default=None)

@@ -128,10 +128,15 @@ class Connection:
             self._last_send = trio.current_time()
 
     async def _keepalive(self, every: float) -> None:
+        """Ping after ``every`` seconds without a request; the first time after at most 5 s,
+        within the engine's 10 s for a connection's first frame."""
         self._last_send = trio.current_time()
+        wait = min(every, 5.0)
         while not self._closed:
-            await trio.sleep_until(self._last_send + every)
-            if trio.current_time() >= self._last_send + every and not self._closed:
+            await trio.sleep_until(self._last_send + wait)
+            due = trio.current_time() >= self._last_send + wait
+            wait = every
+            if due and not self._closed:
                 try:
                     await self.ping()
                 except (EngineError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):

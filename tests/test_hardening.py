@@ -338,7 +338,7 @@ async def test_a_full_outbox_keeps_the_result_for_fetch(env):
     engine = running.engine
     cred, key = await _enroll(running.port)
     full_send, _full_recv = trio.open_memory_channel(0)  # a stream that takes nothing
-    engine.hub.subscribe("hotel", full_send)
+    engine.state.subscribe("hotel", full_send)
     with trio.fail_after(10):
         async with open_relying_party("127.0.0.1", running.port, rp_id="hotel", signing_key=rp_keys.signing, box_key=rp_keys.box) as rp:
             opened = await rp.open_session()
@@ -412,3 +412,22 @@ def test_log_lines_are_paced_and_the_rest_counted(caplog):
     assert pacer.log(logging.INFO, "later")
     assert caplog.records[-1].getMessage() == "later (7 similar lines held back)"
     assert pacer.suppressed_total == 7
+
+
+async def test_a_client_that_waits_is_kept_alive_by_its_pings(tmp_path, nursery, autojump_clock):
+    """engine.client pings within the first-frame timeout, then every keepalive seconds."""
+    from engine.client import Connection
+    from engine.framing import FrameReader
+
+    engine = _engine(tmp_path, first_frame_timeout=10.0, idle_timeout=60.0)
+    server = Server(engine)
+    client = await _serve_one(server, nursery)
+    reader = FrameReader(client, max_frame=1 << 20)
+    hello = P.decode_server_message(await reader.read())
+    conn = Connection(client, hello, reader)
+    nursery.start_soon(conn._read_loop)
+    nursery.start_soon(conn._keepalive, 30.0)
+    await trio.sleep(300.0)  # five minutes without a request of its own
+    await conn.ping()
+    assert engine.metrics.connections_closed.labels(reason="idle_timeout")._value.get() == 0
+    assert engine.metrics.requests.labels(type="ping", outcome="ok")._value.get() >= 10
