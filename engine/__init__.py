@@ -17,7 +17,7 @@ from .config import ChallengeSettings, EngineConfig, LimitsConfig  # noqa: E402
 from .errors import EngineError  # noqa: E402
 
 _LAZY = {
-    "Engine": ".service",
+    "Engine": ".flows",
     "build_engine": ".app",
     "run_engine": ".app",
     "Running": ".app",

@@ -1,6 +1,8 @@
-"""Assemble and run an engine from an :class:`EngineConfig`.
+"""The composition root: assemble an engine from an :class:`EngineConfig`, and run it.
 
-``run_engine`` loads the indexes, warms the models, serves the wire protocol
+``build_engine`` is the one place that picks the implementation behind each seam
+(store, session state and quotas, matching, inference) from the configuration.
+``run_engine`` loads the duplicate search, warms the models, serves the wire protocol
 and, if configured, the metrics endpoint. ``task_status`` reports a
 :class:`Running` handle with the bound ports once the engine is ready. On
 :meth:`Running.drain` (the CLI calls it on SIGTERM/SIGINT) the engine stops
@@ -10,6 +12,7 @@ accepting, answers every request in flight, and returns.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +22,12 @@ from .calibration import ScoreModel
 from .config import EngineConfig
 from .crypto import EngineKeys, TemplateCipher
 from .extract import Extractors, onnx_extractors
+from .flows import Context, Engine
+from .inference import local_inference
+from .matching import DUPLICATE_FMR, FaissDuplicateSearch, NoDuplicateSearch, StoreMatcher, TemplateSealer
 from .metrics import Metrics, serve_http
 from .server import Server, open_listeners
-from .service import Engine
+from .state import MemoryQuotas, MemorySessionState
 from .store import Store, open_store
 
 log = logging.getLogger("engine.app")
@@ -49,29 +55,47 @@ def build_engine(
     scores: Any = None,
     metrics: Metrics | None = None,
 ) -> Engine:
+    """An engine on ``config``: the store named by ``config.store_location`` (unless one
+    is given), state in this process, 1:1 matching through the store, FAISS duplicate
+    search (if configured), and the local models (ONNX unless ``extractors`` are given)."""
     import faiss
 
     faiss.omp_set_num_threads(config.intra_op_threads)  # process-wide; FAISS must not fight the models for cores
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = Engine(
-        config,
-        store=store or open_store(config.store_location),
-        keys=EngineKeys.load_or_create(config.data_dir),
-        cipher=TemplateCipher.load_or_create(config.template_key_file),
-        extractors=extractors
-        or onnx_extractors(
+    store = store or open_store(config.store_location)
+    templates = TemplateSealer(TemplateCipher.load_or_create(config.template_key_file))
+    owns_extractors = extractors is None
+    if extractors is None:
+        extractors = onnx_extractors(
             config.models_dir,
             intra_op_threads=config.intra_op_threads,
             check_challenge=config.challenge.check,
             challenge_processes=config.challenge_batch.workers,
             challenge_kind=config.challenge.kind,
             model_processes=config.model_processes,
-        ),
-        scores=scores if scores is not None else ScoreModel.load(config.models_dir),
-        metrics=metrics or Metrics(),
+        )
+    scores = scores if scores is not None else ScoreModel.load(config.models_dir)
+    metrics = metrics or Metrics()
+    duplicates = (
+        FaissDuplicateSearch(store, templates, dim=extractors.face_dim, threshold=scores.threshold("face", DUPLICATE_FMR))
+        if config.duplicate_search
+        else NoDuplicateSearch()
     )
-    engine.owns_extractors = extractors is None
-    return engine
+    ctx = Context(
+        config=config,
+        store=store,
+        state=MemorySessionState(),
+        quotas=MemoryQuotas(),
+        matcher=StoreMatcher(store, templates, scores, face_dim=extractors.face_dim, voice_dim=extractors.voice_dim),
+        duplicates=duplicates,
+        inference=local_inference(extractors, (config.face_batch, config.voice_batcher, config.challenge_batch), metrics=metrics),
+        keys=EngineKeys.load_or_create(config.data_dir),
+        templates=templates,
+        scores=scores,
+        metrics=metrics,
+        clock=time.time,
+    )
+    return Engine(ctx, extractors=extractors, owns_extractors=owns_extractors)
 
 
 async def run_engine(engine: Engine, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -9,7 +9,7 @@ module loads them and turns scores into decisions.
 Scores
 ------
 * **face**: cosine similarity of SFace embeddings; against an enrollment of several
-  images, the best over them (as :class:`engine.index.TemplateIndex` compares).
+  images, the best over them (as :class:`engine.matching.index.TemplateIndex` compares).
 * **voice**: channel-aware. Every recording carries its detected band
   (:mod:`engine.speaker`: "wide" 16 kHz capture, "narrow" 8 kHz or telephone band). Each
   embedding is centred on its band: the mean embedding of the calibration part's

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .batcher import BatcherConfig
+from .inference.batcher import BatcherConfig
 from .errors import ConfigError
 from .models import DEFAULT_MODELS_DIR
 from .protocol import MAX_FRAME_BYTES
@@ -130,7 +130,7 @@ class EngineConfig:
     data_dir: Path
     host: str = "127.0.0.1"
     port: int = 7400
-    store_url: str | None = None  # default: sqlite in data_dir
+    store_url: str | None = None  # e.g. "sqlite:////var/lib/netid/netid.db"; default: sqlite:///<data_dir>/engine.db
     template_key_path: Path | None = None  # default: data_dir/template.key
     models_dir: Path = DEFAULT_MODELS_DIR
     tls_cert: Path | None = None

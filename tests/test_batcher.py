@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 
-from engine.batcher import Batcher, BatcherConfig
+from engine.inference.batcher import Batcher, BatcherConfig
 from engine.errors import ConfigError, DeadlineExceeded, EngineError, ModelError, NoFace, Overloaded
 from engine.metrics import Metrics
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import errors
-from engine.index import TemplateIndex
+from engine.matching.index import TemplateIndex
 
 SEED = 7
 

@@ -31,6 +31,7 @@ from engine.cli import main as netid
 from engine.client import Connection, HolderClient, RelyingPartyClient, open_connection, open_holder, open_relying_party
 from engine.config import ChallengeSettings, EngineConfig, LimitsConfig
 from engine.extract import _identity_vector, fake_extractors
+from engine.flows import holder as holder_flows
 from engine.registry import seal_card_template
 from engine.service import Engine
 from engine.store import AcceptancePoint, CardRecord
@@ -367,7 +368,7 @@ async def test_concurrent_rebinds_one_wins_the_other_conflicts(env, monkeypatch)
     checked: list[trio.Event] = []
     both_checked = trio.Event()
     go = [trio.Event(), trio.Event()]
-    real_check = engine._fresh_check
+    real_check = holder_flows.fresh_check
 
     async def racing_check(*args, **kwargs):
         await real_check(*args, **kwargs)
@@ -377,7 +378,7 @@ async def test_concurrent_rebinds_one_wins_the_other_conflicts(env, monkeypatch)
             both_checked.set()
         await go[turn].wait()
 
-    monkeypatch.setattr(engine, "_fresh_check", racing_check)
+    monkeypatch.setattr(holder_flows, "fresh_check", racing_check)
     keys = [nacl.signing.SigningKey.generate() for _ in range(2)]
     outcomes: dict[int, object] = {}
     answered = [trio.Event(), trio.Event()]
@@ -490,7 +491,7 @@ async def test_a_change_while_a_request_is_in_flight_wins_with_its_own_code(env,
     cred, key = await enroll(env, "C1")
     engine = env.engine
     in_models, release = trio.Event(), trio.Event()
-    real_face = engine._face
+    real_face = engine.ctx.face
 
     async def slow_face(image: bytes):
         out = await real_face(image)
@@ -499,7 +500,7 @@ async def test_a_change_while_a_request_is_in_flight_wins_with_its_own_code(env,
             await release.wait()
         return out
 
-    monkeypatch.setattr(engine, "_face", slow_face)
+    monkeypatch.setattr(engine.ctx, "face", slow_face)
     outcome: list = []
     with trio.fail_after(10):
         async with rp_stream(env, env.hotel) as rp:

@@ -20,7 +20,7 @@ from benchmarks._engine import EngineProcess, netid
 from engine import errors as E
 from engine import top
 from engine.app import build_engine, run_engine
-from engine.batcher import BatcherConfig
+from engine.inference.batcher import BatcherConfig
 from engine.client import open_holder, open_relying_party
 from engine.config import ChallengeSettings, EngineConfig, LimitsConfig
 from engine.extract import _identity_vector, fake_extractors

@@ -1,7 +1,8 @@
 """Dynamic batching of model calls: one task per model, batch by backlog.
 
 Callers ``await batcher.submit(item)``; the batcher task collects queued items
-into batches and runs the model's batch function in a worker thread::
+into batches and hands each batch to the model's :class:`InferenceBackend`
+(a plain batch function is run in worker threads by a :class:`LocalBackend`)::
 
     async with trio.open_nursery() as nursery:
         face = Batcher("face", embed_batch, BatcherConfig(max_batch=8))
@@ -40,10 +41,11 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 import trio
 
-from .errors import ConfigError, DeadlineExceeded, EngineError, Overloaded
+from ..errors import ConfigError, DeadlineExceeded, EngineError, Overloaded
+from .backend import InferenceBackend, LocalBackend
 
 if TYPE_CHECKING:
-    from .metrics import Metrics
+    from ..metrics import Metrics
 
 __all__ = ["BatcherConfig", "Batcher"]
 
@@ -133,16 +135,17 @@ class _Job(Generic[In, Out]):
 class Batcher(Generic[In, Out]):
     """Runs ``fn`` on batches of submitted items; see the module docstring.
 
-    ``fn`` takes a list of inputs and returns one output per input, in order.
-    An output that is an ``Exception`` instance fails that item's caller only
-    (e.g. "no face found" for one image of the batch). An exception raised by
-    ``fn`` fails every job of the batch; the batcher keeps running.
+    ``backend`` (or a batch function ``fn``, run in ``workers`` threads) takes a list
+    of inputs and returns one output per input, in order. An output that is an
+    ``Exception`` instance fails that item's caller only (e.g. "no face found" for one
+    image of the batch). An exception raised by it fails every job of the batch; the
+    batcher keeps running.
     """
 
     def __init__(
         self,
         name: str,
-        fn: Callable[[list[In]], Sequence[Out | Exception]],
+        backend: InferenceBackend[In, Out] | Callable[[list[In]], Sequence[Out | Exception]],
         config: BatcherConfig,
         *,
         metrics: Metrics | None = None,
@@ -150,17 +153,15 @@ class Batcher(Generic[In, Out]):
         if not isinstance(config, BatcherConfig):
             raise ConfigError("Batcher needs a BatcherConfig")
         self.name = name
-        self._fn = fn
+        if not isinstance(backend, InferenceBackend):
+            backend = LocalBackend(backend, threads=config.workers)
+        self._backend = backend
         self._config = config
         self._send, self._recv = trio.open_memory_channel[_Job[In, Out]](config.queue_size)
         self._queued = 0  # jobs sent and not yet received by the batcher task
         # A slot is held from the moment a batch starts forming until its
         # computation ends, so a batch is only formed when a worker is free.
         self._slots = trio.CapacityLimiter(config.workers)
-        # Private thread limiter (never contended: the slots already bound
-        # the threads) so that model calls do not queue behind other work
-        # on trio's default thread limiter.
-        self._threads = trio.CapacityLimiter(config.workers)
         self._batch_time: float | None = None
         self._started = False
         self._metrics = metrics
@@ -336,7 +337,7 @@ class Batcher(Generic[In, Out]):
                     self._m_wait.observe(max(0.0, start - job.enqueued))
             inputs = [job.item for job in jobs]
             try:
-                outputs = await trio.to_thread.run_sync(self._fn, inputs, limiter=self._threads)
+                outputs = await self._backend.run(inputs)
             except EngineError as exc:
                 self._fail(jobs, exc)
                 return

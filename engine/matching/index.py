@@ -2,8 +2,8 @@
 
 ``IndexIDMap2(IndexFlatIP(dim))`` over L2-normalised float32 vectors, so inner
 products are cosine similarities and the search is exact. Ids are the store's
-template ids; each template belongs to an owner (a credential id). The index is
-rebuilt from the store at start-up and kept in step with it by the service.
+template ids; each template belongs to an owner (a credential id). The engine's
+duplicate search (:mod:`engine.matching.duplicates`) keeps one for the faces.
 
 All operations hold one lock: FAISS releases the GIL while it searches, and its
 id map is not safe to mutate while another thread reads it.
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import faiss
 import numpy as np
 
-from . import errors
+from .. import errors
 
 __all__ = ["TemplateIndex", "normalise"]
 

@@ -201,6 +201,11 @@ class Store(Protocol):
 
     def templates_of(self, credential_id: str) -> list[TemplateRow]: ...
 
+    def credential_with_templates(self, credential_id: str) -> tuple[Credential | None, list[TemplateRow]]:
+        """The credential as it is now and its templates, in one indexed read (the
+        1:1 match of every verification); ``(None, [])`` if there is no such credential."""
+        ...
+
     def count_credentials(self) -> dict[str, int]: ...
 
     def enrollment_lock(self) -> AbstractContextManager[None]:

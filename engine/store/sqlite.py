@@ -25,8 +25,6 @@ from .base import (
     MODALITIES,
     PARTY_STATUSES,
     AcceptancePoint,
-    AuditEntry,
-    AuditValue,
     CardRecord,
     Credential,
     RelyingParty,
@@ -34,7 +32,6 @@ from .base import (
     check_choice as _one_of,
     check_key as _key,
     check_text as _text,
-    encode_audit_detail as _encode_detail,
     raise_unless_active,
     raise_unless_card_valid,
 )
@@ -54,11 +51,11 @@ from .sqlite_db import (
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 
 _TEMPLATE_PAGE = 1000
+_CRED_COLS_C = ", ".join(f"c.{col}" for col in _CRED_COLS.split(", "))
 
 #: One enrollment lock per database file in this process (two stores on one file share it).
 _ENROLL_LOCKS: dict[str, threading.Lock] = {}
 _ENROLL_LOCKS_GUARD = threading.Lock()
-_detail_decoder = msgspec.json.Decoder(dict[str, AuditValue])
 
 
 class SqliteStore(SqliteFile):
@@ -70,45 +67,6 @@ class SqliteStore(SqliteFile):
         key = os.path.realpath(self._path)
         with _ENROLL_LOCKS_GUARD:
             return _ENROLL_LOCKS.setdefault(key, threading.Lock())
-
-    # -- audit ----------------------------------------------------------------------
-    @staticmethod
-    def _audit(
-        conn: sqlite3.Connection, *, actor: str, action: str, subject: str, outcome: str,
-        detail: dict[str, AuditValue] | None, now: float,
-    ) -> None:
-        encoded = _encode_detail(detail)
-        for value, what in ((actor, "actor"), (action, "action"), (subject, "subject"), (outcome, "outcome")):
-            _text(value, f"audit {what}")
-        conn.execute(
-            "INSERT INTO audit(ts, actor, action, subject, outcome, detail) VALUES (?, ?, ?, ?, ?, ?)",
-            (float(now), actor, action, subject, outcome, encoded),
-        )
-
-    def audit(
-        self, *, actor: str, action: str, subject: str, outcome: str,
-        detail: dict[str, AuditValue] | None = None, now: float,
-    ) -> None:
-        with self._write() as conn:
-            self._audit(conn, actor=actor, action=action, subject=subject, outcome=outcome,
-                        detail=detail, now=now)
-
-    def audit_log(
-        self, *, limit: int = 100, since_seq: int = 0, subject: str | None = None
-    ) -> list[AuditEntry]:
-        if limit <= 0:
-            return []
-        sql = "SELECT seq, ts, actor, action, subject, outcome, detail FROM audit WHERE seq > ?"
-        args: tuple = (since_seq,)
-        if subject is not None:
-            sql += " AND subject = ?"
-            args += (subject,)
-        rows = self._read(sql + " ORDER BY seq LIMIT ?", args + (limit,))
-        return [
-            AuditEntry(seq=r[0], ts=r[1], actor=r[2], action=r[3], subject=r[4], outcome=r[5],
-                       detail=_detail_decoder.decode(r[6]))
-            for r in rows
-        ]
 
     # -- ID-card registry ---------------------------------------------------------------
     def import_cards(
@@ -363,6 +321,21 @@ class SqliteStore(SqliteFile):
             (credential_id,),
         )
         return [_tpl(r) for r in rows]
+
+    def credential_with_templates(self, credential_id: str) -> tuple[Credential | None, list[TemplateRow]]:
+        rows = self._read(
+            f"SELECT {_CRED_COLS_C}, t.template_id, t.modality, t.ciphertext FROM credentials c"
+            " LEFT JOIN templates t ON t.credential_id = c.credential_id"
+            " WHERE c.credential_id = ? ORDER BY t.template_id",
+            (credential_id,),
+        )
+        if not rows:
+            return None, []
+        cred = _cred(rows[0][:8])
+        return cred, [
+            TemplateRow(template_id=r[8], credential_id=credential_id, modality=r[9], ciphertext=bytes(r[10]))
+            for r in rows if r[8] is not None
+        ]
 
     def count_credentials(self) -> dict[str, int]:
         counts = dict.fromkeys(CREDENTIAL_STATUSES, 0)

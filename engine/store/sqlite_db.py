@@ -4,7 +4,8 @@ One connection per thread (``threading.local``); the connections of threads that
 have ended are closed when the next one is opened (worker threads come and go),
 and ``close()`` closes the rest. ``synchronous=FULL``, foreign keys on, a
 ``busy_timeout`` for writers that queue behind one another; every write is one
-``BEGIN IMMEDIATE … COMMIT``. The schema is created on first use and versioned.
+``BEGIN IMMEDIATE … COMMIT``, which appends its audit rows itself (``_audit``).
+The schema is created on first use and versioned.
 """
 
 from __future__ import annotations
@@ -16,8 +17,19 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import msgspec
+
 from .. import errors
-from .base import AcceptancePoint, Credential, RelyingParty, TemplateRow
+from .base import (
+    AcceptancePoint,
+    AuditEntry,
+    AuditValue,
+    Credential,
+    RelyingParty,
+    TemplateRow,
+    check_text as _text,
+    encode_audit_detail as _encode_detail,
+)
 
 __all__ = ["SCHEMA_VERSION", "SqliteFile", "credential_of", "template_of", "relying_party_of", "acceptance_point_of"]
 
@@ -141,6 +153,8 @@ def acceptance_point_of(row: tuple) -> AcceptancePoint:
         ap_id=row[0], name=row[1], sign_key=bytes(row[2]), status=row[3], created_at=row[4]
     )
 
+_detail_decoder = msgspec.json.Decoder(dict[str, AuditValue])
+
 
 class SqliteFile:
     """One SQLite database file, used from any number of threads."""
@@ -261,3 +275,42 @@ class SqliteFile:
                 conn.close()
             except sqlite3.Error:
                 pass
+
+    # -- audit ----------------------------------------------------------------------
+    @staticmethod
+    def _audit(
+        conn: sqlite3.Connection, *, actor: str, action: str, subject: str, outcome: str,
+        detail: dict[str, AuditValue] | None, now: float,
+    ) -> None:
+        encoded = _encode_detail(detail)
+        for value, what in ((actor, "actor"), (action, "action"), (subject, "subject"), (outcome, "outcome")):
+            _text(value, f"audit {what}")
+        conn.execute(
+            "INSERT INTO audit(ts, actor, action, subject, outcome, detail) VALUES (?, ?, ?, ?, ?, ?)",
+            (float(now), actor, action, subject, outcome, encoded),
+        )
+
+    def audit(
+        self, *, actor: str, action: str, subject: str, outcome: str,
+        detail: dict[str, AuditValue] | None = None, now: float,
+    ) -> None:
+        with self._write() as conn:
+            self._audit(conn, actor=actor, action=action, subject=subject, outcome=outcome,
+                        detail=detail, now=now)
+
+    def audit_log(
+        self, *, limit: int = 100, since_seq: int = 0, subject: str | None = None
+    ) -> list[AuditEntry]:
+        if limit <= 0:
+            return []
+        sql = "SELECT seq, ts, actor, action, subject, outcome, detail FROM audit WHERE seq > ?"
+        args: tuple = (since_seq,)
+        if subject is not None:
+            sql += " AND subject = ?"
+            args += (subject,)
+        rows = self._read(sql + " ORDER BY seq LIMIT ?", args + (limit,))
+        return [
+            AuditEntry(seq=r[0], ts=r[1], actor=r[2], action=r[3], subject=r[4], outcome=r[5],
+                       detail=_detail_decoder.decode(r[6]))
+            for r in rows
+        ]
