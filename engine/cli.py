@@ -45,7 +45,7 @@ def setup_logging(level: str, as_json: bool) -> None:
 # ---- config -----------------------------------------------------------------------------------------
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, default=Path("netid-data"), help="data directory (keys, SQLite database)")
-    p.add_argument("--store", default=None, help="store URL (default: sqlite in the data directory)")
+    p.add_argument("--store", default=None, metavar="URL", help="store URL, e.g. sqlite:////var/lib/netid/netid.db (default: the database in --data, sqlite:///DATA/engine.db)")
     p.add_argument("--template-key", type=Path, default=None, help="operator's template key file (default: DATA/template.key)")
     p.add_argument("--models", type=Path, default=None, help="models directory (default: the bundled models)")
 
