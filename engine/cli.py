@@ -104,7 +104,8 @@ def _open_store(args: argparse.Namespace):
     from .store import open_store
 
     cfg = build_config(args)
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.store_url is None:  # the database in the data directory
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
     return open_store(cfg.store_location), cfg
 
 
