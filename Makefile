@@ -19,6 +19,12 @@ $(BIN)/.installed-dev: pyproject.toml
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $(BIN)/.installed $@
 
+$(BIN)/.installed-bench: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip >/dev/null
+	$(BIN)/python -m pip install -e '.[bench]'
+	touch $(BIN)/.installed $@
+
 install: $(BIN)/.installed
 dev: $(BIN)/.installed-dev
 
@@ -46,9 +52,9 @@ clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
 
 # Benchmarks (read ../shared/data; see README "Measured, and how to reproduce it").
-bench-accuracy: $(BIN)/.installed
+bench-accuracy: $(BIN)/.installed-bench
 	$(BIN)/netid bench accuracy
-bench-load: $(BIN)/.installed
+bench-load: $(BIN)/.installed-bench
 	$(BIN)/netid bench load
-bench-challenge: $(BIN)/.installed
+bench-challenge: $(BIN)/.installed-bench
 	$(BIN)/netid bench challenge

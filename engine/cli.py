@@ -395,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Commands whose own parsers take every argument after the command name.
-DELEGATED = {"calibrate": "benchmarks.calibrate", "top": "engine.top"}
+DELEGATED = {"calibrate": "engine.bench.calibrate", "top": "engine.top"}
 BENCHMARKS = ("accuracy", "load", "limit", "challenge", "fuzz", "soak", "idle")
 
 
@@ -409,7 +409,7 @@ def _split_delegated(argv: list[str]) -> tuple[list[str], str, list[str]] | None
     if argv[i] in DELEGATED:
         return argv[:i], DELEGATED[argv[i]], argv[i + 1:]
     if argv[i] == "bench" and i + 1 < len(argv) and argv[i + 1] in BENCHMARKS:
-        return argv[:i], f"benchmarks.{argv[i + 1]}", argv[i + 2:]
+        return argv[:i], f"engine.bench.{argv[i + 1]}", argv[i + 2:]
     return None
 
 

@@ -8,7 +8,7 @@ subtracts, word by word, the mean log-probability the phrase gets over a few rec
 * eight speechocean762 recordings (``speech/`` of the shared data), one from each of four
   female and four male speakers, drawn with a fixed seed;
 * only speakers of the challenge benchmark's calibration part (A of
-  :func:`benchmarks.datasets.load_speech`), so that no recording of a speaker the benchmark
+  :func:`engine.bench.datasets.load_speech`), so that no recording of a speaker the benchmark
   reports on (part B) is part of the score;
 * copied byte for byte (FLAC, 16 kHz), with what each says and its sha256 in
   ``reader_cohort/reader_cohort.json``, which the engine checks before using them. They sit
@@ -32,7 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.datasets import load_speech  # noqa: E402
+from engine.bench.datasets import load_speech  # noqa: E402
 from engine.reader import COHORT_FILE, DEFAULT_COHORT_DIR  # noqa: E402
 
 SEED = 762
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         "source": "speechocean762 (Zhang et al., Interspeech 2021), commit 613968e; also OpenSLR SLR101; free for "
                   "commercial and non-commercial use (corpus README)",
         "selection": f"models/build_reader_cohort.py: seed {SEED}, {PER_GENDER} female and {PER_GENDER} male speakers of "
-                     "part A of benchmarks.datasets.split_of (the challenge benchmark's calibration part), one utterance each",
+                     "part A of engine.bench.datasets.split_of (the challenge benchmark's calibration part), one utterance each",
         "recordings": chosen,
     }
     manifest = args.out / COHORT_FILE

@@ -12,11 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks.datasets import Lfw, LfwImage, LfwPair, split_of
-from benchmarks.embeddings import Embedded
-from benchmarks.faces import all_against_all, best_threshold, ten_fold
-from benchmarks.fusion import CrossFused, fisher_weights
-from benchmarks.stats import (
+from engine.bench.datasets import Lfw, LfwImage, LfwPair, split_of
+from engine.bench.embeddings import Embedded
+from engine.bench.faces import all_against_all, best_threshold, ten_fold
+from engine.bench.fusion import CrossFused, fisher_weights
+from engine.bench.stats import (
     ExactScores,
     TailHistogram,
     binom_cdf,
@@ -395,8 +395,8 @@ def test_voice_score_refuses_an_unknown_band():
 
 def _synthetic_speech(n_speakers: int = 6, per: int = 5, seed: int = SEED):
     """Speakers in two bands: a narrow copy is the wide embedding plus a shared channel offset."""
-    from benchmarks.datasets import Speech, Utterance
-    from benchmarks.voices import band_key
+    from engine.bench.datasets import Speech, Utterance
+    from engine.bench.voices import band_key
 
     rng = np.random.default_rng(seed)
     channel = rng.standard_normal(DIM)
@@ -419,7 +419,7 @@ def _synthetic_speech(n_speakers: int = 6, per: int = 5, seed: int = SEED):
 
 
 def test_voice_scores_follow_the_engine_rule():
-    from benchmarks.voices import band_centres, band_key, voice_scores
+    from engine.bench.voices import band_centres, band_key, voice_scores
 
     speech, voices = _synthetic_speech()
     centres = band_centres(speech, voices, "A")
@@ -444,7 +444,7 @@ def test_voice_scores_follow_the_engine_rule():
 def test_band_centres_take_out_the_channel():
     """Uncentred, a narrow probe scores high against any narrow enrollment (the shared
     channel); centred on its band, impostors fall back towards zero."""
-    from benchmarks.voices import band_centres, voice_scores
+    from engine.bench.voices import band_centres, voice_scores
 
     speech, voices = _synthetic_speech(n_speakers=10, per=6)
     centres = band_centres(speech, voices, "A")
@@ -483,7 +483,7 @@ def test_shipped_operating_points_load():
 def test_harness_on_a_tiny_real_subset(tmp_path):
     if not (DATA / "lfw" / "pairs.txt").exists() or not (DATA / "speech" / "utt2spk").exists():
         pytest.skip("shared data not present")
-    from benchmarks import accuracy, calibrate
+    from engine.bench import accuracy, calibrate
 
     common = ["--data", str(DATA), "--pairs-per-fold", "2", "--max-speakers", "8", "--voice-probes", "2",
               "--chimeric-attempts", "1", "--cache", str(tmp_path / "cache"), "--quiet",

@@ -362,7 +362,7 @@ def test_each_word_keeps_its_own_ratio() -> None:
 
 
 def test_the_benchmark_measures_word_offsets_between_genuine_and_wrong() -> None:
-    from benchmarks.challenge import MIN_WORD_RATIOS, Result, Task, apply_weight, choose_word_offsets
+    from engine.bench.challenge import MIN_WORD_RATIOS, Result, Task, apply_weight, choose_word_offsets
 
     def result(part: str, ratios: list[tuple[tuple[str, float], ...]]) -> Result:
         task = Task("digits", part, "george", ("digits",), ("6",) * len(ratios), ("genuine",) + ("wrong",) * (len(ratios) - 1))
@@ -487,7 +487,7 @@ def test_shipped_calibration_is_the_default() -> None:
 def test_the_benchmark_reports_the_shipped_operating_point_as_shipped() -> None:
     """``netid bench challenge --calibrated`` takes each set's weight, threshold and screen
     from the shipped calibration, by the set's challenge kind."""
-    from benchmarks.challenge import _shipped_operating_point
+    from engine.bench.challenge import _shipped_operating_point
 
     path = ChallengeConfig().calibration_path
     if not path.is_file():
@@ -631,8 +631,8 @@ def test_threads_each_get_their_own_decoder(checker: ChallengeChecker) -> None:
 def test_the_threshold_keeps_the_wrong_phrase_rate_within_the_target_with_confidence() -> None:
     """``--bound upper`` lets through as many of part A's wrong phrases as keep the 95 %
     upper bound of their rate within the target; ``point`` lets through target x n."""
-    from benchmarks.challenge import threshold_for
-    from benchmarks.stats import rate_interval
+    from engine.bench.challenge import threshold_for
+    from engine.bench.stats import rate_interval
 
     wrong = np.random.default_rng(5).normal(size=9400)
     top = np.sort(wrong)[::-1]

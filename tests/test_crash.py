@@ -25,7 +25,7 @@ import nacl.signing
 import pytest
 import trio
 
-from benchmarks._engine import EngineProcess
+from engine.bench._engine import EngineProcess
 from engine import errors as E
 from engine.client import open_holder, open_relying_party
 from engine.demo import DigitVoices

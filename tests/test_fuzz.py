@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks import fuzz
+from engine.bench import fuzz
 
 
 def test_a_short_fuzz_run_leaves_every_frame_answered(tmp_path):

@@ -15,8 +15,8 @@ import nacl.signing
 import pytest
 import trio
 
-from benchmarks._common import digit_voices
-from benchmarks._engine import EngineProcess, netid
+from engine.bench._common import digit_voices
+from engine.bench._engine import EngineProcess, netid
 from engine import errors as E
 from engine import top
 from engine.app import build_engine, run_engine
@@ -287,7 +287,7 @@ async def test_sigterm_drains_a_real_engine(tmp_path):
 def test_load_summary_counts_every_answer():
     from types import SimpleNamespace
 
-    from benchmarks.load import Outcome, Step, summarise
+    from engine.bench.load import Outcome, Step, summarise
 
     t0 = 100.0
     outcomes = [Outcome("genuine", t0 + 0.5 * i, sent=t0 + 0.5 * i + 0.01, done=t0 + 0.5 * i + 0.2, status="pass", stage="verify", session_id=f"s{i}") for i in range(40)]
@@ -308,7 +308,7 @@ def test_load_summary_counts_every_answer():
 
 
 def test_load_limit_is_the_mean_of_before_and_after():
-    from benchmarks.load import bracket_limit
+    from engine.bench.load import bracket_limit
 
     before = {"limit_rps": 4.0, "best": {"batch": 2, "rps": 4.0, "cpu_ms_per_verification": 500.0, "cpu_share": 0.98}}
     after = {"limit_rps": 3.6, "best": {"batch": 2, "rps": 3.6, "cpu_ms_per_verification": 540.0, "cpu_share": 1.0}}
@@ -321,7 +321,7 @@ def test_load_limit_is_the_mean_of_before_and_after():
 
 
 def test_load_steps_offer_the_rate_they_name():
-    from benchmarks.load import arrival_times
+    from engine.bench.load import arrival_times
 
     times = arrival_times(2.7, 30.0, random.Random(2))
     assert len(times) == 81 and times == sorted(times)
@@ -333,7 +333,7 @@ def test_load_steps_offer_the_rate_they_name():
 
 
 def test_the_limit_takes_the_load_mix_in_its_proportions():
-    from benchmarks._common import DEFAULT_MIX, KINDS, mix_kinds, parse_mix
+    from engine.bench._common import DEFAULT_MIX, KINDS, mix_kinds, parse_mix
 
     mix = parse_mix(DEFAULT_MIX)
     assert set(mix) == set(KINDS)
@@ -349,7 +349,7 @@ def test_the_limit_takes_the_load_mix_in_its_proportions():
 
 
 def test_engine_config_overrides():
-    from benchmarks._engine import apply_overrides
+    from engine.bench._engine import apply_overrides
 
     cfg = EngineConfig(data_dir=Path("/tmp/x"))
     new = apply_overrides(cfg, ["face_batch.workers=2", "limits.max_biometric=12", "intra_op_threads=1", "face_batch.max_wait=0.01"])

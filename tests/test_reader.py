@@ -309,7 +309,7 @@ def _small_cohort(tmp_path: Path, said: dict[str, str]) -> Path:
 
 
 def test_the_shipped_cohort_is_whole_and_from_calibration_speakers() -> None:
-    from benchmarks.datasets import load_speech
+    from engine.bench.datasets import load_speech
 
     recordings, digest = load_cohort()
     assert len(recordings) == 8 and digest == check_cohort() and len(digest) == 64

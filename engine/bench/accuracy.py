@@ -17,10 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.calibrate import DEFAULT_OUT, calibrate, common_arguments, measure_config
-from benchmarks.evaluate import evaluate
-from benchmarks.measure import Measurements, measure
-from benchmarks.report import write_jsonl, write_plots, write_report
+from engine.bench.calibrate import DEFAULT_OUT, calibrate, common_arguments, measure_config
+from engine.bench.evaluate import evaluate
+from engine.bench.measure import Measurements, measure
+from engine.bench.report import write_jsonl, write_plots, write_report
 from engine.calibration import OperatingPoints, load_operating_points
 from engine.errors import ModelError
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from benchmarks.fusion import CrossFused
-from benchmarks.measure import Measurements
-from benchmarks.stats import (
+from engine.bench.fusion import CrossFused
+from engine.bench.measure import Measurements
+from engine.bench.stats import (
     ExactScores,
     ImpostorDistribution,
     OperatingPointResult,
@@ -124,7 +124,7 @@ def _faces(ev: Evaluation, meas: Measurements) -> None:
     ev.add("all_against_all_scoring", modality="face", images_scored=aaa.images_used,
            images_failed=aaa.images_failed, comparisons_lost_to_fta=aaa.comparisons_lost, seconds=aaa.seconds,
            comparisons=aaa.parts["all"].genuine.n + aaa.parts["all"].impostor.n)
-    from benchmarks.faces import face_as_norm
+    from engine.bench.faces import face_as_norm
 
     normed, k = face_as_norm(meas.lfw, f, block=meas.config.block)
     raw_b = aaa.parts["B"]

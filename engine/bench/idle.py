@@ -1,6 +1,6 @@
 """``netid bench idle``: thousands of idle and slow connections against one engine.
 
-The engine is ``benchmarks.fakeserve`` (the real server and limits, the fake extractor) in a
+The engine is ``engine.bench.fakeserve`` (the real server and limits, the fake extractor) in a
 subprocess; this process raises its open-files limit to the hard limit first, and the engine
 inherits it.
 
@@ -125,7 +125,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     nofile = raise_nofile()
     sets = [a for s in args.engine_set for a in ("--set", s)] + (["--nofile", str(args.engine_nofile)] if args.engine_nofile else [])
-    eng = EngineProcess(work / "engine-data", module="benchmarks.fakeserve", serve_args=sets, log_path=work / "engine.log").start()
+    eng = EngineProcess(work / "engine-data", module="engine.bench.fakeserve", serve_args=sets, log_path=work / "engine.log").start()
     data = work / "engine-data"
     rp_sign = nacl.signing.SigningKey((data / "fuzz-rp.sign.key").read_bytes())
     rp_box = nacl.public.PrivateKey((data / "fuzz-rp.box.key").read_bytes())

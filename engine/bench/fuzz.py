@@ -1,9 +1,9 @@
 """``netid bench fuzz``: malformed and valid-looking frames against a real engine over TCP.
 
 The engine runs in a subprocess (``netid serve`` with the real models, or ``--engine fake``:
-``benchmarks.fakeserve``, the same server with the fake extractor). ``--connections`` workers
+``engine.bench.fakeserve``, the same server with the fake extractor). ``--connections`` workers
 each open connection after connection; on each they read ``hello``, send rounds of 1-8
-well-framed bodies at once from :mod:`benchmarks._fuzzgen` (valid requests, mutated ones,
+well-framed bodies at once from :mod:`engine.bench._fuzzgen` (valid requests, mutated ones,
 damaged encodings), and read one reply per body; then they end the connection in one of six
 ways: close, half-close, abort, or a broken frame (a length over ``max_frame``, a zero
 length, a cut frame), after which the engine's error frame must arrive before its close.
@@ -99,7 +99,7 @@ def start_engine(kind: str, work: Path, *, sets: list[str], serve_args: list[str
     data.mkdir(parents=True, exist_ok=True)
     log = work / "engine.log"
     if kind == "fake":
-        eng = EngineProcess(data, module="benchmarks.fakeserve", serve_args=[a for s in sets for a in ("--set", s)], log_path=log)
+        eng = EngineProcess(data, module="engine.bench.fakeserve", serve_args=[a for s in sets for a in ("--set", s)], log_path=log)
         eng.start()
         return eng, "fuzz-rp", nacl.signing.SigningKey((data / "fuzz-rp.sign.key").read_bytes())
     netid("rp", "add", "--id", "fuzz-rp", "--name", "Fuzz", "--quota", "1000000", "--keys-out", str(work / "keys"), "--data", str(data))

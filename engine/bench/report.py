@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.evaluate import Evaluation
-from benchmarks.measure import Measurements
-from benchmarks.plots import Curve, det_png, histogram_png
+from engine.bench.evaluate import Evaluation
+from engine.bench.measure import Measurements
+from engine.bench.plots import Curve, det_png, histogram_png
 from engine.calibration import OperatingPoints
 
 __all__ = ["write_jsonl", "write_plots", "write_report"]

@@ -1,9 +1,9 @@
 """``netid bench soak``: a long run at 80 % of capacity, with fuzzing and idle clients alongside.
 
-Set-up and load are ``netid bench load``'s (benchmarks/load.py): an engine in a subprocess,
+Set-up and load are ``netid bench load``'s (engine/bench/load.py): an engine in a subprocess,
 an ID-card registry of chimeric residents, relying parties, every resident enrolled from its
 own phone, Poisson arrivals of a relying party opening a session and a holder answering it.
-Capacity is found the same way: the model-bound limit (benchmarks/limit.py, quick layout
+Capacity is found the same way: the model-bound limit (engine/bench/limit.py, quick layout
 search; or ``--limit-rps``) and a saturation step at 1.25 x that limit; capacity is the
 throughput the saturation step achieved (or ``--capacity-rps``). The saturation step runs
 with the fuzzing and idle clients already going (``--capacity-alone``: before them), so that
@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # what benchmarks.load's helpers read from its own arguments
+    # what engine.bench.load's helpers read from its own arguments
     args.limit_layout, args.limit_search, args.quick, args.engine_pid = [], False, True, None
     work = args.workdir or Path(tempfile.mkdtemp(prefix="netid-soak-"))
     work.mkdir(parents=True, exist_ok=True)

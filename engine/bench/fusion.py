@@ -2,7 +2,7 @@
 
 No public data set holds the same people's faces and voices, so a person here is
 *chimeric*: a speechocean762 speaker paired with an LFW identity by the fixed mapping
-of :func:`benchmarks.datasets.chimeric_persons`. Such a person enrolls with the first
+of :func:`engine.bench.datasets.chimeric_persons`. Such a person enrolls with the first
 image of their face identity and the enrollment utterances of their speaker; attempt
 ``k`` presents face image ``k + 2`` together with voice probe ``k + 1``. An attempt whose
 face or voice fails to acquire is a rejection (counted apart).
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from benchmarks.datasets import Chimera, Lfw
-from benchmarks.embeddings import Embedded
-from benchmarks.stats import ExactScores, ImpostorDistribution
-from benchmarks.voices import VoiceScores
+from engine.bench.datasets import Chimera, Lfw
+from engine.bench.embeddings import Embedded
+from engine.bench.stats import ExactScores, ImpostorDistribution
+from engine.bench.voices import VoiceScores
 
 __all__ = ["ChimericScores", "chimeric_scores", "CrossFused", "fisher_weights"]
 

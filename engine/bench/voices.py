@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from benchmarks.datasets import Speech
-from benchmarks.embeddings import Embedded
+from engine.bench.datasets import Speech
+from engine.bench.embeddings import Embedded
 from engine.calibration import centre, pair_key, voice_templates
 
 __all__ = ["NARROW", "VoiceScores", "band_key", "band_centres", "band_rows", "voice_scores"]

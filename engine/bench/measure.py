@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.datasets import DEFAULT_SALT, Chimera, Lfw, Speech, chimeric_persons, load_lfw, load_speech
-from benchmarks.embeddings import Embedded, EmbeddingCache, embed_files, face_cache_key, voice_cache_key
-from benchmarks.faces import AllAgainstAll, TenFold, all_against_all, ten_fold
-from benchmarks.fusion import ChimericScores, chimeric_scores
-from benchmarks.stats import ExactScores, eer
-from benchmarks.voices import NARROW, VoiceScores, band_centres, band_key, voice_scores
+from engine.bench.datasets import DEFAULT_SALT, Chimera, Lfw, Speech, chimeric_persons, load_lfw, load_speech
+from engine.bench.embeddings import Embedded, EmbeddingCache, embed_files, face_cache_key, voice_cache_key
+from engine.bench.faces import AllAgainstAll, TenFold, all_against_all, ten_fold
+from engine.bench.fusion import ChimericScores, chimeric_scores
+from engine.bench.stats import ExactScores, eer
+from engine.bench.voices import NARROW, VoiceScores, band_centres, band_key, voice_scores
 from engine.calibration import pair_key
 from engine.errors import ConfigError
 from engine.speaker import BANDS

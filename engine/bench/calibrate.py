@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.fusion import CrossFused, fisher_weights
-from benchmarks.measure import MeasureConfig, Measurements, measure
-from benchmarks.stats import ExactScores, ImpostorDistribution, threshold_at_fmr
-from benchmarks.voices import band_rows
+from engine.bench.fusion import CrossFused, fisher_weights
+from engine.bench.measure import MeasureConfig, Measurements, measure
+from engine.bench.stats import ExactScores, ImpostorDistribution, threshold_at_fmr
+from engine.bench.voices import band_rows
 from engine.calibration import (
     BandCentre,
     FusionSpec,
@@ -40,9 +40,9 @@ __all__ = ["TARGETS", "calibrate", "common_arguments", "measure_config", "main"]
 TARGETS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 SPLIT_METHOD = ("identities (LFW names, speechocean762 speakers) ordered by sha256(salt:kind:id), "
                 "dealt alternately into A (calibration) and B (report)")
-_REPO = Path(__file__).resolve().parent.parent
+_REPO = Path(__file__).resolve().parents[2]  # the checkout, when run from one
 DEFAULT_DATA = _REPO.parent / "shared" / "data"
-DEFAULT_OUT = _REPO / "benchmarks" / "out"
+DEFAULT_OUT = Path("benchmarks") / "out"  # under the folder it is run from
 
 
 def _points(

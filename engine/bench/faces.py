@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from benchmarks.datasets import Lfw
-from benchmarks.embeddings import Embedded, progress
-from benchmarks.stats import ExactScores, TailHistogram
+from engine.bench.datasets import Lfw
+from engine.bench.embeddings import Embedded, progress
+from engine.bench.stats import ExactScores, TailHistogram
 
 __all__ = ["TenFold", "ten_fold", "AllAgainstAll", "PartScores", "all_against_all", "best_threshold"]
 
@@ -85,7 +85,7 @@ def ten_fold(lfw: Lfw, faces: Embedded) -> TenFold:
     accs, thrs = _folds(scores, same, fold)
     ok = np.isfinite(scores)
     accs2, _ = _folds(scores[ok], same[ok], fold[ok])
-    from benchmarks.stats import eer
+    from engine.bench.stats import eer
 
     e, _ = eer(scores[ok & same], ExactScores(scores[ok & ~same]))
     return TenFold(accs, thrs, float(np.mean(accs)), float(np.std(accs)), int(len(scores)),

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.assets import asset_dir
 from engine.demo import DIGIT_SPEAKERS, DigitVoices, data_layout
 
 __all__ = [
@@ -51,7 +52,7 @@ __all__ = [
     "machine_busy_seconds",
 ]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # the checkout, when run from one
 
 
 def data_root(given: Path | None = None) -> Path:
@@ -59,7 +60,7 @@ def data_root(given: Path | None = None) -> Path:
     if given is not None:
         return given
     shared = REPO.parent / "shared" / "data"
-    return shared if (shared / "lfw").is_dir() else REPO / "samples"
+    return shared if (shared / "lfw").is_dir() else asset_dir("samples")
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """An engine with the deterministic fake extractor, for harnesses that drive the real server.
 
-``python -m benchmarks.fakeserve --data DIR --port 0 --metrics-port 0 [--set FIELD=VALUE]``
+``python -m engine.bench.fakeserve --data DIR --port 0 --metrics-port 0 [--set FIELD=VALUE]``
 prints the same ``ready`` JSON line as ``netid serve`` (plus ``rp_id``: a relying party it
 registered, whose keys it wrote to ``DIR/fuzz-rp.sign.key`` / ``.box.key``), logs JSON lines
 to stderr and drains on SIGTERM. Faces are ``FACE:<who>:<n>``, recordings
@@ -50,7 +50,7 @@ class FixedScores:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.fakeserve")
+    p = argparse.ArgumentParser(prog="python -m engine.bench.fakeserve")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--metrics-port", type=int, default=0)

@@ -6,7 +6,7 @@ What it does, in one run:
    with the engine's data directory), imports an ID-card registry of chimeric residents
    (LFW faces, FSDD digit speakers, from ``../shared/data``), registers several relying
    parties with ``netid rp add``, and enrolls every resident from its own phone over TCP.
-2. **The limit.** Runs ``benchmarks.limit`` (the same extraction work straight on the
+2. **The limit.** Runs ``engine.bench.limit`` (the same extraction work straight on the
    models, no server) while the engine idles, so both figures come from the same minutes
    of the same machine; after the load steps it runs again with the layout found, and the
    ratio uses the mean of the two (both are reported).
@@ -357,9 +357,9 @@ def _limit_seconds(args: argparse.Namespace) -> list[str]:
 
 
 def measure_limit(args: argparse.Namespace, challenge: bool, layouts: list[str] | None = None) -> dict[str, Any]:
-    """Run ``benchmarks.limit``: the layouts given, else ``--limit-layout``, else its full
+    """Run ``engine.bench.limit``: the layouts given, else ``--limit-layout``, else its full
     search (``--limit-search``) or its quick one; every time with the same seconds per layout."""
-    cmd = [sys.executable, "-m", "benchmarks.limit", "--samples", "48", "--mix", args.mix]
+    cmd = [sys.executable, "-m", "engine.bench.limit", "--samples", "48", "--mix", args.mix]
     if args.data:
         cmd += ["--data", str(args.data)]
     if not challenge:
@@ -372,12 +372,12 @@ def measure_limit(args: argparse.Namespace, challenge: bool, layouts: list[str] 
     cmd += _limit_seconds(args)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
-        raise RuntimeError(f"benchmarks.limit failed: {out.stderr[-2000:]}")
+        raise RuntimeError(f"engine.bench.limit failed: {out.stderr[-2000:]}")
     sys.stderr.write(out.stderr)
     for line in reversed(out.stdout.splitlines()):
         if line.startswith("{") and '"limit_rps"' in line:
             return json.loads(line)
-    raise RuntimeError("benchmarks.limit printed no summary")
+    raise RuntimeError("engine.bench.limit printed no summary")
 
 
 async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:

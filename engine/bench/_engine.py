@@ -7,7 +7,7 @@
 For tuning runs, ``overrides`` change fields of the :class:`~engine.config.EngineConfig`
 that ``netid serve`` has no flag for (``face_batch.max_batch=8``,
 ``limits.max_biometric=12``, ...; and ``switch_interval=0.001``, the interpreter's GIL
-switch interval): the child is then ``python -m benchmarks._engine``, which builds the
+switch interval): the child is then ``python -m engine.bench._engine``, which builds the
 configuration exactly as ``netid serve`` does, applies the overrides and runs the same
 serve command.
 """
@@ -53,7 +53,7 @@ class EngineProcess:
         module: str | None = None,
     ) -> None:
         """``module``: run ``python -m MODULE ARGS`` instead of ``netid serve`` (a child that
-        prints the same ``ready`` line, e.g. ``benchmarks.fakeserve`` with the fake extractor)."""
+        prints the same ``ready`` line, e.g. ``engine.bench.fakeserve`` with the fake extractor)."""
         self.module = module
         self.data_dir = data_dir
         self.serve_args = list(serve_args)
@@ -88,7 +88,7 @@ class EngineProcess:
             cmd = [sys.executable, "-m", self.module, *args]
         elif self.overrides:
             sets = [f"--switch-interval={o.split('=', 1)[1]}" if o.startswith("switch_interval=") else f"--set={o}" for o in self.overrides]
-            cmd = [sys.executable, "-m", "benchmarks._engine", *sets, "--", *args]
+            cmd = [sys.executable, "-m", "engine.bench._engine", *sets, "--", *args]
         else:
             cmd = [sys.executable, "-m", "engine.cli", "--log-json", "serve", *args]
         self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL

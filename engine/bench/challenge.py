@@ -5,7 +5,7 @@ Two real sets, each split into a calibration part (A) and a reporting part (B):
 * **speech** - speechocean762 (``speech/``): read English sentences by adult native
   speakers of Mandarin. Each utterance is scored against its own transcript (genuine)
   and against other transcripts of the corpus (wrong phrase). Speakers are split into
-  A and B with :func:`benchmarks.datasets.split_of` (the split the voice benchmarks use).
+  A and B with :func:`engine.bench.datasets.split_of` (the split the voice benchmarks use).
   Transcripts with a word outside the pronunciation dictionary are left out (counted).
 * **digits** - Free Spoken Digit Dataset (``digits/``): one speaker's single-digit
   recordings (8 kHz, resampled to 16 kHz) concatenated with short low-level noise gaps
@@ -59,9 +59,9 @@ import numpy as np
 import soundfile
 import soxr
 
-from benchmarks._common import emit
-from benchmarks.datasets import DEFAULT_SALT, split_of
-from benchmarks.stats import ExactScores, rate_interval
+from engine.bench._common import emit
+from engine.bench.datasets import DEFAULT_SALT, split_of
+from engine.bench.stats import ExactScores, rate_interval
 from engine.audio import decode_audio
 from engine.challenge import (
     CALIBRATION_FILE,
@@ -81,7 +81,7 @@ from engine.reader import COHORT_FILE, check_cohort
 
 __all__ = ["main"]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # the checkout, when run from one
 TARGET = 0.001
 #: the challenge kind each set stands for
 KIND_OF_SET = {"speech": "phrase", "digits": "digits"}
@@ -840,7 +840,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "genuine_pass_at_own_threshold": per_set[s]["genuine_pass"]["rate"]} for s in sets},
             "reported_on_B": {s: {"engine": report[s]["engine"], "at_kind_threshold": report[s]["at_kind_threshold"],
                                   "at_threshold": report[s]["at_operating_point"]} for s in sets},
-            "data": {"speech": "speechocean762 (speech/), speakers split by benchmarks.datasets.split_of",
+            "data": {"speech": "speechocean762 (speech/), speakers split by engine.bench.datasets.split_of",
                      "digits": "Free Spoken Digit Dataset (digits/), 6-digit strings, recordings split by hash"},
             "command": command,
             "seed": args.seed,
