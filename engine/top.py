@@ -25,6 +25,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -137,12 +138,16 @@ def _num(x: float) -> str:
 
 
 # ---- the frame -------------------------------------------------------------------------------------
+Rate = Callable[[float], float]
+Bold = Callable[[str], str]
+
+
 def render(prev: Snapshot | None, cur: Snapshot, *, url: str = "", bold: bool = False) -> str:
     """One frame of text; rates and percentiles over ``prev``..``cur`` (whole life if no ``prev``)."""
-    b = (lambda s: f"\x1b[1m{s}\x1b[0m") if bold else (lambda s: s)
+    b: Bold = (lambda s: f"\x1b[1m{s}\x1b[0m") if bold else (lambda s: s)
     span = (cur.at - prev.at) if prev is not None else math.nan
     window = f"last {span:.1f} s" if prev is not None else "since start"
-    rate = (lambda n: n / span) if prev is not None and span > 0 else (lambda n: math.nan)
+    rate: Rate = (lambda n: n / span) if prev is not None and span > 0 else (lambda n: math.nan)
     ready = {True: "ready", False: "NOT READY", None: "readiness ?"}[cur.ready]
     lines = [b(f"netid top  {url}  {ready}  {time.strftime('%H:%M:%S')}  ({window})")]
 
@@ -150,8 +155,13 @@ def render(prev: Snapshot | None, cur: Snapshot, *, url: str = "", bold: bool = 
     lines.append(
         f"in flight {int(cur.get('netid_in_flight'))}   connections {int(cur.get('netid_connections'))}   credentials: {creds}"
     )
+    for section in (_requests, _errors, _models, _challenge, _rejections):
+        lines += section(prev, cur, rate, b)
+    return "\n".join(lines) + "\n"
 
-    # requests by type
+
+def _requests(prev: Snapshot | None, cur: Snapshot, rate: Rate, b: Bold) -> list[str]:
+    """Requests by type: rates, total, latency percentiles."""
     req = _delta(prev, cur, "netid_requests_total")
     lat_count = _delta(prev, cur, "netid_request_latency_seconds_count")
     lat_b = _delta(prev, cur, "netid_request_latency_seconds_bucket")
@@ -159,7 +169,7 @@ def render(prev: Snapshot | None, cur: Snapshot, *, url: str = "", bold: bool = 
     for labels, v in req.items():
         d = dict(labels)
         per_type[d.get("type", "?")][0 if d.get("outcome") == "ok" else 1] += v
-    lines += ["", b(f"{'REQUESTS':<14}{'req/s':>8}{'ok/s':>8}{'err/s':>8}{'total':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}")]
+    lines = ["", b(f"{'REQUESTS':<14}{'req/s':>8}{'ok/s':>8}{'err/s':>8}{'total':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}")]
     totals = _by(cur.series("netid_requests_total"), "type")
     for kind in sorted(set(per_type) | set(_by(lat_count, "type"))):
         ok, err = per_type.get(kind, [0.0, 0.0])
@@ -169,16 +179,24 @@ def render(prev: Snapshot | None, cur: Snapshot, *, url: str = "", bold: bool = 
             f"{kind:<14}{_num(rate(ok + err)):>8}{_num(rate(ok)):>8}{_num(rate(err)):>8}{int(totals.get(kind, 0)):>9}"
             f"{_ms(q[0]):>9}{_ms(q[1]):>9}{_ms(q[2]):>9}"
         )
+    return lines
 
-    # error codes
+
+def _errors(prev: Snapshot | None, cur: Snapshot, rate: Rate, b: Bold) -> list[str]:
+    """Error codes, most frequent first (nothing if none ever)."""
+    req = _delta(prev, cur, "netid_requests_total")
     codes = _by({lab: v for lab, v in req.items() if dict(lab).get("outcome") != "ok"}, "outcome")
     all_codes = _by({lab: v for lab, v in cur.series("netid_requests_total").items() if dict(lab).get("outcome") != "ok"}, "outcome")
-    if all_codes:
-        lines += ["", b(f"{'ERRORS':<22}{'/s':>8}{'total':>9}")]
-        for code in sorted(all_codes, key=lambda c: -all_codes[c]):
-            lines.append(f"{code:<22}{_num(rate(codes.get(code, 0.0))):>8}{int(all_codes[code]):>9}")
+    if not all_codes:
+        return []
+    lines = ["", b(f"{'ERRORS':<22}{'/s':>8}{'total':>9}")]
+    for code in sorted(all_codes, key=lambda c: -all_codes[c]):
+        lines.append(f"{code:<22}{_num(rate(codes.get(code, 0.0))):>8}{int(all_codes[code]):>9}")
+    return lines
 
-    # models
+
+def _models(prev: Snapshot | None, cur: Snapshot, rate: Rate, b: Bold) -> list[str]:
+    """Per model: queue depth, batches, mean batch size, queue wait, model time, abandoned jobs."""
     size_c = _by(_delta(prev, cur, "netid_batch_size_count"), "model")
     size_s = _by(_delta(prev, cur, "netid_batch_size_sum"), "model")
     wait_b = _delta(prev, cur, "netid_batch_wait_seconds_bucket")
@@ -186,44 +204,52 @@ def render(prev: Snapshot | None, cur: Snapshot, *, url: str = "", bold: bool = 
     depth = _by(cur.series("netid_queue_depth"), "model")
     abandoned = _by(cur.series("netid_batch_abandoned_total"), "model")
     models = sorted(set(depth) | set(size_c))
-    if models:
-        lines += ["", b(f"{'MODELS':<12}{'queue':>7}{'batch/s':>9}{'items/s':>9}{'mean batch':>12}{'wait p50':>10}{'wait p99':>10}{'model p50':>11}{'abandoned':>11}")]
-        for m in models:
-            calls, items = size_c.get(m, 0.0), size_s.get(m, 0.0)
-            wb, mb = _buckets(wait_b, model=m), _buckets(model_b, model=m)
-            mean = items / calls if calls else math.nan
-            lines.append(
-                f"{m:<12}{int(depth.get(m, 0)):>7}{_num(rate(calls)):>9}{_num(rate(items)):>9}"
-                f"{('-' if math.isnan(mean) else f'{mean:.1f}'):>12}{_ms(histogram_quantile(wb, 0.5)):>10}"
-                f"{_ms(histogram_quantile(wb, 0.99)):>10}{_ms(histogram_quantile(mb, 0.5)):>11}{int(abandoned.get(m, 0)):>11}"
-            )
+    if not models:
+        return []
+    lines = ["", b(f"{'MODELS':<12}{'queue':>7}{'batch/s':>9}{'items/s':>9}{'mean batch':>12}{'wait p50':>10}{'wait p99':>10}{'model p50':>11}{'abandoned':>11}")]
+    for m in models:
+        calls, items = size_c.get(m, 0.0), size_s.get(m, 0.0)
+        wb, mb = _buckets(wait_b, model=m), _buckets(model_b, model=m)
+        mean = items / calls if calls else math.nan
+        lines.append(
+            f"{m:<12}{int(depth.get(m, 0)):>7}{_num(rate(calls)):>9}{_num(rate(items)):>9}"
+            f"{('-' if math.isnan(mean) else f'{mean:.1f}'):>12}{_ms(histogram_quantile(wb, 0.5)):>10}"
+            f"{_ms(histogram_quantile(wb, 0.99)):>10}{_ms(histogram_quantile(mb, 0.5)):>11}{int(abandoned.get(m, 0)):>11}"
+        )
+    return lines
 
-    # spoken-challenge checks: how many the screen decided without the phone loop
+
+def _challenge(prev: Snapshot | None, cur: Snapshot, rate: Rate, b: Bold) -> list[str]:
+    """Spoken-challenge checks: how many the screen decided without the phone loop."""
+    if not cur.series("netid_challenge_checks_total"):
+        return []
     checks = _delta(prev, cur, "netid_challenge_checks_total")
-    if cur.series("netid_challenge_checks_total"):
-        stage, stage_all = _by(checks, "stage"), _by(cur.series("netid_challenge_checks_total"), "stage")
-        failed = _by(checks, "outcome").get("fail", 0.0)
-        n, n_all = sum(stage.values()), sum(stage_all.values())
-        # the screen's share of the checks pocketsphinx makes (Whisper's readings have none)
-        aligned = (lambda d: sum(v for k, v in d.items() if k != "read"))  # noqa: E731
-        share = (lambda d: f"{100 * d.get('screen', 0.0) / aligned(d):.0f} %" if aligned(d) else "-")  # noqa: E731
-        lines += ["", b("CHALLENGE")]
-        line = (f"checks {_num(rate(n)):>7}/s  failed {_num(rate(failed)):>5}/s  total {int(n_all)}   "
-                f"decided by the screen {share(stage)} (since start {share(stage_all)})")
-        if stage_all.get("read"):
-            line += f"   read by Whisper {int(stage_all['read'])} since start"
-        lines.append(line)
+    stage, stage_all = _by(checks, "stage"), _by(cur.series("netid_challenge_checks_total"), "stage")
+    failed = _by(checks, "outcome").get("fail", 0.0)
+    n, n_all = sum(stage.values()), sum(stage_all.values())
+    # the screen's share of the checks pocketsphinx makes (Whisper's readings have none)
+    aligned = (lambda d: sum(v for k, v in d.items() if k != "read"))  # noqa: E731
+    share = (lambda d: f"{100 * d.get('screen', 0.0) / aligned(d):.0f} %" if aligned(d) else "-")  # noqa: E731
+    line = (f"checks {_num(rate(n)):>7}/s  failed {_num(rate(failed)):>5}/s  total {int(n_all)}   "
+            f"decided by the screen {share(stage)} (since start {share(stage_all)})")
+    if stage_all.get("read"):
+        line += f"   read by Whisper {int(stage_all['read'])} since start"
+    return ["", b("CHALLENGE"), line]
 
-    # rejections
+
+def _rejections(prev: Snapshot | None, cur: Snapshot, rate: Rate, b: Bold) -> list[str]:
+    """``overloaded`` (by where) and ``rate_limited`` answers."""
     over = _by(_delta(prev, cur, "netid_overloaded_total"), "where")
     over_all = _by(cur.series("netid_overloaded_total"), "where")
     rl = sum(_delta(prev, cur, "netid_rate_limited_total").values())
     rl_all = sum(cur.series("netid_rate_limited_total").values())
-    lines += ["", b("REJECTIONS")]
-    lines.append(f"overloaded    {_num(rate(sum(over.values()))):>7}/s  total {int(sum(over_all.values()))}"
-                 + ("  (" + ", ".join(f"{w} {int(v)}" for w, v in sorted(over_all.items())) + ")" if over_all else ""))
-    lines.append(f"rate_limited  {_num(rate(rl)):>7}/s  total {int(rl_all)}")
-    return "\n".join(lines) + "\n"
+    return [
+        "",
+        b("REJECTIONS"),
+        f"overloaded    {_num(rate(sum(over.values()))):>7}/s  total {int(sum(over_all.values()))}"
+        + ("  (" + ", ".join(f"{w} {int(v)}" for w, v in sorted(over_all.items())) + ")" if over_all else ""),
+        f"rate_limited  {_num(rate(rl)):>7}/s  total {int(rl_all)}",
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:
