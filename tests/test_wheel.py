@@ -69,12 +69,14 @@ def test_the_wheel_runs_outside_the_checkout(installed: Path, tmp_path: Path) ->
                            cwd=tmp_path, capture_output=True, text=True, check=True).stdout
     assert str(REPO) not in where, where
 
-    samples = REPO / "samples" / "lfw" / "Al_Gore"
-    out = _run(installed, "compare", "face", str(samples / "Al_Gore_0001.jpg"), str(samples / "Al_Gore_0002.jpg"),
-               cwd=tmp_path, timeout=300)
+    lfw = REPO / "samples" / "lfw"
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text(f"{lfw / 'Al_Gore/Al_Gore_0001.jpg'}\t{lfw / 'Al_Gore/Al_Gore_0003.jpg'}\n"
+                     f"{lfw / 'Al_Gore/Al_Gore_0001.jpg'}\t{lfw / 'Laura_Bush/Laura_Bush_0001.jpg'}\n")
+    out = _run(installed, "compare", "face", "--pairs", str(pairs), "--target-fmr", "1e-3", cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr
-    line = json.loads(out.stdout.strip().splitlines()[-1])
-    assert line["decision"] == "match" and line["score"] > line["threshold"]
+    same, other = (json.loads(ln) for ln in out.stdout.strip().splitlines()[-2:])
+    assert same["decision"] == "match" and other["decision"] == "no_match", (same, other)
 
 
 def test_a_short_demo_from_the_wheel(installed: Path, tmp_path: Path) -> None:
