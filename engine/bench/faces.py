@@ -130,36 +130,20 @@ def _sorted_usable(lfw: Lfw, ok: np.ndarray) -> np.ndarray:
     return np.array(idx, dtype=np.int64)
 
 
-def all_against_all(
-    lfw: Lfw, faces: Embedded, *, block: int = 1024, tail_fraction: float = 1.5e-3,
-    show_progress: bool = True,
-) -> AllAgainstAll:
-    """Score every pair of usable images once, in row blocks, with FAISS.
-
-    Images are ordered by (part, identity), so in a row block the same-person columns of
-    each row are one contiguous run and the parts are contiguous column ranges; scores
-    are routed to the "A", "B" and "all" distributions by slicing, never by copying the
-    87-million-score matrix.
-    """
-    import time
-
-    import faiss
-
-    t0 = time.perf_counter()
-    ok = faces.ok
-    order = _sorted_usable(lfw, ok)
-    x = np.ascontiguousarray(faces.emb[order], dtype=np.float32)
-    n = len(order)
-    names = [lfw.images[i].name for i in order]
-    parts = np.array([lfw.part[nm] for nm in names])
-    n_a = int((parts == "A").sum())
-    # end (exclusive) of each row's identity run
+def _identity_ends(names: list[str]) -> np.ndarray:
+    """For each row of the scored order, the end (exclusive) of its identity's run."""
+    n = len(names)
     id_end = np.empty(n, dtype=np.int64)
     run_end = n
     for i in range(n - 1, -1, -1):
         if i < n - 1 and names[i] != names[i + 1]:
             run_end = i + 1
         id_end[i] = run_end
+    return id_end
+
+
+def _part_sizes(names: list[str], parts: np.ndarray) -> dict[str, tuple[int, int, dict[str, int]]]:
+    """Per part ("all", "A", "B"): its images, its genuine comparisons, its images per identity."""
 
     def sizes(sel: np.ndarray) -> tuple[int, int, dict[str, int]]:
         counts: dict[str, int] = {}
@@ -169,22 +153,24 @@ def all_against_all(
         gen = sum(c * (c - 1) // 2 for c in counts.values())
         return m, gen, counts
 
-    meta = {}
-    for key, sel in (("all", np.ones(n, bool)), ("A", parts == "A"), ("B", parts == "B")):
-        m, gen, counts = sizes(sel)
-        meta[key] = (m, gen, counts)
+    n = len(names)
+    return {key: sizes(sel) for key, sel in (("all", np.ones(n, bool)), ("A", parts == "A"), ("B", parts == "B"))}
 
-    acc = {key: TailHistogram(int(math.ceil(tail_fraction * (m * (m - 1) // 2 - gen))) + 64)
-           for key, (m, gen, _) in meta.items()}
-    genuine: dict[str, list[np.ndarray]] = {"all": [], "A": [], "B": []}
 
-    def pairs_of(rows0: int, cols0: int, ncols: int, positions: np.ndarray):
+class _Router:
+    """Sends a block of different-person scores to the parts' histograms; the pairs behind
+    the few scores that reach a tail are worked out only for those."""
+
+    def __init__(self, order: np.ndarray, acc: dict[str, TailHistogram]) -> None:
+        self.order, self.acc = order, acc
+
+    def _pairs_of(self, rows0: int, cols0: int, ncols: int, positions: np.ndarray):
         def f(sel: np.ndarray) -> np.ndarray:
             r, c = np.divmod(positions[sel], ncols)
-            return np.stack((order[rows0 + r], order[cols0 + c]), axis=1).astype(np.int32)
+            return np.stack((self.order[rows0 + r], self.order[cols0 + c]), axis=1).astype(np.int32)
         return f
 
-    def route(scores2d: np.ndarray, r0: int, c0: int, mask: np.ndarray | None, keys: tuple[str, ...]) -> None:
+    def __call__(self, scores2d: np.ndarray, r0: int, c0: int, mask: np.ndarray | None, keys: tuple[str, ...]) -> None:
         if mask is None:
             vals = scores2d.reshape(-1)
             positions = np.arange(vals.size)
@@ -197,12 +183,19 @@ def all_against_all(
 
         def pair_fn(sel: np.ndarray) -> np.ndarray:
             pos = positions if positions is not None else np.flatnonzero(np.asarray(mask))
-            return pairs_of(r0, c0, ncols, pos)(sel)
+            return self._pairs_of(r0, c0, ncols, pos)(sel)
 
         for key in keys:
-            acc[key].add(vals, pair_fn)
+            self.acc[key].add(vals, pair_fn)
 
-    # Row blocks never straddle the A/B boundary.
+
+def _score_blocks(x: np.ndarray, id_end: np.ndarray, n_a: int, block: int, route: _Router,
+                  genuine: dict[str, list[np.ndarray]], show_progress: bool) -> None:
+    """Score every pair once, in row blocks that never straddle the A/B boundary: the
+    genuine scores into ``genuine``, the others through ``route``."""
+    import faiss
+
+    n = x.shape[0]
     bounds = list(range(0, n_a, block)) + list(range(n_a, n, block)) + [n]
     bounds = sorted(set(bounds))
     work = sum((bounds[k + 1] - bounds[k]) * (n - bounds[k]) for k in range(len(bounds) - 1))
@@ -228,6 +221,10 @@ def all_against_all(
                 del s
             bar.update((r1 - r0) * (n - r0))
 
+
+def _part_scores(meta: dict[str, tuple[int, int, dict[str, int]]], genuine: dict[str, list[np.ndarray]],
+                 acc: dict[str, TailHistogram]) -> dict[str, PartScores]:
+    """Each part's scores, checked against the comparisons it should hold."""
     out: dict[str, PartScores] = {}
     for key, (m, gen, counts) in meta.items():
         gs = np.concatenate(genuine[key]) if genuine[key] else np.zeros(0, np.float32)
@@ -242,6 +239,37 @@ def all_against_all(
             sum(1 for c in counts.values() if c >= 2),
             (biggest[1] * (biggest[1] - 1) / 2) / gen if gen else 0.0, biggest[0], gen,
         )
+    return out
+
+
+def all_against_all(
+    lfw: Lfw, faces: Embedded, *, block: int = 1024, tail_fraction: float = 1.5e-3,
+    show_progress: bool = True,
+) -> AllAgainstAll:
+    """Score every pair of usable images once, in row blocks, with FAISS.
+
+    Images are ordered by (part, identity), so in a row block the same-person columns of
+    each row are one contiguous run and the parts are contiguous column ranges; scores
+    are routed to the "A", "B" and "all" distributions by slicing, never by copying the
+    87-million-score matrix.
+    """
+    import time
+
+    import faiss  # noqa: F401 - loaded before the clock starts: its import is not scoring time
+
+    t0 = time.perf_counter()
+    order = _sorted_usable(lfw, faces.ok)
+    x = np.ascontiguousarray(faces.emb[order], dtype=np.float32)
+    n = len(order)
+    names = [lfw.images[i].name for i in order]
+    parts = np.array([lfw.part[nm] for nm in names])
+    n_a = int((parts == "A").sum())
+    meta = _part_sizes(names, parts)
+    acc = {key: TailHistogram(int(math.ceil(tail_fraction * (m * (m - 1) // 2 - gen))) + 64)
+           for key, (m, gen, _) in meta.items()}
+    genuine: dict[str, list[np.ndarray]] = {"all": [], "A": [], "B": []}
+    _score_blocks(x, _identity_ends(names), n_a, block, _Router(order, acc), genuine, show_progress)
+    out = _part_scores(meta, genuine, acc)
     total = len(lfw.images)
     lost = total * (total - 1) // 2 - n * (n - 1) // 2
     return AllAgainstAll(out, order, n, total - n, lost, time.perf_counter() - t0)
