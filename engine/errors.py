@@ -55,10 +55,12 @@ or templates: they may reach a relying party.
     ├── RateLimited                     rate_limited           (retry_after_ms)
     ├── Conflict                        conflict
     ├── DeadlineExceeded                deadline_exceeded
+    ├── Unavailable                     unavailable            (retry_after_ms; PostgreSQL or Redis unreachable)
     ├── ModelError                      model_error
     │   ├── ModelMissing                model_missing
     │   └── ModelIntegrityError         model_integrity
     ├── StoreError                      store_error
+    │   └── StoreUnavailable            unavailable            (also an Unavailable: the store's database)
     └── ConfigError                     config_error           (ValueError)
 """
 
@@ -116,10 +118,12 @@ __all__ = [
     "RateLimited",
     "Conflict",
     "DeadlineExceeded",
+    "Unavailable",
     "ModelError",
     "ModelMissing",
     "ModelIntegrityError",
     "StoreError",
+    "StoreUnavailable",
     "ConfigError",
     "ERRORS_BY_CODE",
     "error_from_code",
@@ -442,6 +446,12 @@ class DeadlineExceeded(EngineError):
     code = "deadline_exceeded"
 
 
+class Unavailable(EngineError):
+    """A service the engine depends on (PostgreSQL, Redis) cannot be reached right now; retry later."""
+
+    code = "unavailable"
+
+
 class ModelError(EngineError):
     """A model could not be loaded."""
 
@@ -466,6 +476,12 @@ class StoreError(EngineError):
     code = "store_error"
 
 
+class StoreUnavailable(StoreError, Unavailable):
+    """The database cannot be reached right now; retry later."""
+
+    code = "unavailable"
+
+
 class ConfigError(EngineError, ValueError):
     """The configuration is invalid."""
 
@@ -479,7 +495,9 @@ def _walk(cls: type[EngineError]) -> list[type[EngineError]]:
     return out
 
 
-ERRORS_BY_CODE: dict[str, type[EngineError]] = {c.code: c for c in _walk(EngineError)}
+ERRORS_BY_CODE: dict[str, type[EngineError]] = {}
+for _cls in _walk(EngineError):  # first in the tree wins: "unavailable" is Unavailable, not StoreUnavailable
+    ERRORS_BY_CODE.setdefault(_cls.code, _cls)
 
 
 def error_from_code(code: str, message: str = "", retry_after_ms: int | None = None) -> EngineError:

@@ -1,8 +1,8 @@
 """The durable store: records, the ``Store`` interface and ``open_store(url)``.
 
 ``base`` holds the records, the interface and the status rules; ``sqlite`` the
-embedded implementation on one file. ``open_store`` picks the implementation from
-the URL's scheme.
+embedded implementation on one file; ``postgres`` the one that many engine nodes
+share. ``open_store`` picks the implementation from the URL's scheme.
 """
 
 from __future__ import annotations
@@ -47,7 +47,10 @@ __all__ = [
     "raise_unless_card_valid",
 ]
 
-SUPPORTED_SCHEMES = "sqlite:///PATH (relative), sqlite:////PATH (absolute), or a plain file path"
+SUPPORTED_SCHEMES = (
+    "sqlite:///PATH (relative), sqlite:////PATH (absolute), a plain file path,"
+    " or postgresql://HOST[:PORT]/DATABASE[?schema=NAME] (a libpq URL, user and password as libpq takes them)"
+)
 
 
 def open_store(url_or_path: str | os.PathLike[str], *, busy_timeout_ms: int = 5000) -> Store:
@@ -55,14 +58,20 @@ def open_store(url_or_path: str | os.PathLike[str], *, busy_timeout_ms: int = 50
 
     ``sqlite:///relative/x.db``, ``sqlite:////absolute/x.db`` (the SQLAlchemy
     convention, so ``f"sqlite:///{absolute_path}"`` works) or a plain path open a
-    ``SqliteStore``. Any other scheme raises ``ConfigError``; the URL itself is
-    not repeated in the message, since it may carry a password.
+    ``SqliteStore``; ``postgresql://…`` (or ``postgres://…``) a ``PostgresStore``,
+    with ``busy_timeout_ms`` as its wait for row locks. Any other scheme raises
+    ``ConfigError``; the URL itself is not repeated in the message, since it may
+    carry a password.
     """
     target = os.fspath(url_or_path)
     if not isinstance(target, str):
         raise ConfigError("the store location must be a text path or URL")
     if "://" in target:
         scheme, _, rest = target.partition("://")
+        if scheme.lower() in ("postgresql", "postgres"):
+            from .postgres import PostgresStore
+
+            return PostgresStore(target, busy_timeout_ms=busy_timeout_ms)
         if scheme.lower() != "sqlite":
             raise ConfigError(
                 f"unsupported store URL scheme {scheme[:20]!r}; supported: {SUPPORTED_SCHEMES}"
