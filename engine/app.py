@@ -18,15 +18,15 @@ from typing import Any
 
 import trio
 
-from .calibration import ScoreModel
+from engine.matching.calibration import ScoreModel
 from .config import EngineConfig
 from .crypto import EngineKeys, TemplateCipher
-from .extract import Extractors, onnx_extractors
+from engine.inference.extractors import Extractors, onnx_extractors
 from .flows import Context, Engine
 from .inference import local_inference
 from .matching import DUPLICATE_FMR, FaissDuplicateSearch, NoDuplicateSearch, StoreMatcher, TemplateSealer
-from .metrics import Metrics, serve_http
-from .server import Server, open_listeners
+from engine.ops.metrics import Metrics, serve_http
+from engine.server.listener import Server, open_listeners
 from .state import MemoryQuotas, MemorySessionState
 from .store import Store, open_store
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from .inference.batcher import BatcherConfig
 from .errors import ConfigError
-from .models import DEFAULT_MODELS_DIR
-from .protocol import MAX_FRAME_BYTES
+from engine.inference.models import DEFAULT_MODELS_DIR
+from engine.wire.protocol import MAX_FRAME_BYTES
 
 __all__ = ["LimitsConfig", "ChallengeSettings", "EngineConfig"]
 
@@ -64,7 +64,7 @@ class LimitsConfig:
     #: Seconds an unauthenticated connection with nothing in flight may stay silent.
     idle_timeout: float = 60.0
     #: Seconds an authenticated relying-party stream with nothing in flight may stay silent
-    #: (engine.client pings every ``keepalive`` seconds, 60 by default).
+    #: (engine.wire.client pings every ``keepalive`` seconds, 60 by default).
     rp_idle_timeout: float = 600.0
     #: Inside a frame: at least ``min_receive_rate`` bytes/s over each ``rate_window``
     #: seconds, or the frame completes within the window (32 kbit/s: a GPRS-class link).
@@ -75,7 +75,7 @@ class LimitsConfig:
     #: Bytes one connection may hold: request bodies in flight plus the frame being read.
     #: Past it, the engine stops reading that connection until replies free room.
     max_connection_bytes: int = 16 * 1024 * 1024
-    #: Bytes of partly received frames over 64 KiB (engine.framing.SMALL_FRAME), engine-wide,
+    #: Bytes of partly received frames over 64 KiB (engine.wire.framing.SMALL_FRAME), engine-wide,
     #: reserved from the length prefix on. A frame that does not fit is answered
     #: ``frame_budget`` and the connection closed; smaller frames are never refused for it.
     frame_budget: int = 128 * 1024 * 1024

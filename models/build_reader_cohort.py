@@ -3,7 +3,7 @@
 A phrase's log-probability under Whisper depends on the phrase as much as on the audio:
 common words in a common order are likely whatever is said. The challenge check therefore
 subtracts, word by word, the mean log-probability the phrase gets over a few recordings of
-*other* sentences (:meth:`engine.reader.Reader.prior`). This script chooses them:
+*other* sentences (:meth:`engine.challenge.reader.Reader.prior`). This script chooses them:
 
 * eight speechocean762 recordings (``speech/`` of the shared data), one from each of four
   female and four male speakers, drawn with a fixed seed;
@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from engine.bench.datasets import load_speech  # noqa: E402
-from engine.reader import COHORT_FILE, DEFAULT_COHORT_DIR  # noqa: E402
+from engine.challenge.reader import COHORT_FILE, DEFAULT_COHORT_DIR
 
 SEED = 762
 PER_GENDER = 4
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "format": 1,
         "what": "recordings of other sentences: a phrase's Whisper score is its words' log-probabilities over the "
-                "recording checked, less their mean over these (engine/reader.py, Reader.prior)",
+                "recording checked, less their mean over these (engine/challenge/reader.py, Reader.prior)",
         "source": "speechocean762 (Zhang et al., Interspeech 2021), commit 613968e; also OpenSLR SLR101; free for "
                   "commercial and non-commercial use (corpus README)",
         "selection": f"models/build_reader_cohort.py: seed {SEED}, {PER_GENDER} female and {PER_GENDER} male speakers of "

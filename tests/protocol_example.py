@@ -12,10 +12,10 @@ import nacl.hash
 import nacl.public
 import nacl.signing
 
-from engine import protocol as P
-from engine.client import qr_text
+from engine.wire import protocol as P
+from engine.wire.client import qr_text
 from engine.crypto import pseudonym, sha256
-from engine.framing import encode_frame
+from engine.wire.framing import encode_frame
 
 ENGINE_SIGN_SEED = bytes([0x01]) * 32
 ENGINE_BOX_SECRET = bytes([0x02]) * 32

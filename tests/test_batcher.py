@@ -19,7 +19,7 @@ import trio.testing
 
 from engine.inference.batcher import Batcher, BatcherConfig
 from engine.errors import ConfigError, DeadlineExceeded, EngineError, ModelError, NoFace, Overloaded
-from engine.metrics import Metrics
+from engine.ops.metrics import Metrics
 
 
 @dataclass

@@ -25,20 +25,9 @@ from engine.bench.stats import (
     rate_interval,
     threshold_at_fmr,
 )
-from engine.calibration import (
-    BandCentre,
-    Decision,
-    FusionSpec,
-    ModalityCalibration,
-    OperatingPoint,
-    OperatingPoints,
-    PairNorm,
-    ScoreModel,
-    load_operating_points,
-    save_operating_points,
-)
+from engine.matching.calibration import BandCentre, Decision, FusionSpec, ModalityCalibration, OperatingPoint, OperatingPoints, PairNorm, ScoreModel, load_operating_points, save_operating_points
 from engine.errors import ConfigError, ModelError, ModelMissing
-from engine.models import DEFAULT_MODELS_DIR
+from engine.inference.models import DEFAULT_MODELS_DIR
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 SEED = 20240611

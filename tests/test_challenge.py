@@ -45,7 +45,7 @@ from engine.errors import (
     TooLittleSpeech,
     UndecodableSample,
 )
-from engine.pronunciation import VARIANTS_VERSION, pronunciation_variants
+from engine.challenge.pronunciation import VARIANTS_VERSION, pronunciation_variants
 
 from .conftest import POCKETSPHINX_ONLY
 
@@ -561,7 +561,7 @@ needs_digits = pytest.mark.skipif(not (DIGITS / "0_jackson_0.flac").is_file(), r
 
 
 def _speech(utt: str, speaker: str) -> tuple[np.ndarray, str]:
-    from engine.audio import decode_audio
+    from engine.inference.audio import decode_audio
 
     text = dict(ln.split(" ", 1) for ln in (SPEECH / "text").read_text().splitlines() if ln.strip())
     return decode_audio((SPEECH / f"SPEAKER{speaker}" / f"{utt}.flac").read_bytes()), text[utt]
@@ -650,8 +650,8 @@ def test_the_engine_reads_the_challenge_files_from_its_models_directory(tmp_path
     """``netid serve --models DIR``: the Whisper manifest and the calibration are DIR's."""
     import shutil
 
-    from engine.extract import onnx_extractors
-    from engine.models import DEFAULT_MODELS_DIR
+    from engine.inference.extractors import onnx_extractors
+    from engine.inference.models import DEFAULT_MODELS_DIR
 
     assert ChallengeConfig.for_models(tmp_path).calibration_path == tmp_path / "challenge.json"
     with pytest.raises(ModelMissing, match="whisper.json"):

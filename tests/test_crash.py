@@ -27,8 +27,8 @@ import trio
 
 from engine.bench._engine import EngineProcess
 from engine import errors as E
-from engine.client import open_holder, open_relying_party
-from engine.demo import DigitVoices
+from engine.wire.client import open_holder, open_relying_party
+from engine.cli.demo import DigitVoices
 
 from .conftest import DATA
 

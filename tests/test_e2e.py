@@ -22,10 +22,10 @@ import trio
 
 from engine import errors as E
 from engine.app import build_engine, run_engine
-from engine.client import open_connection, open_holder, open_relying_party
+from engine.wire.client import open_connection, open_holder, open_relying_party
 from engine.config import EngineConfig, LimitsConfig
-from engine.demo import DigitVoices
-from engine.registry import import_registry, seal_card_template
+from engine.cli.demo import DigitVoices
+from engine.ops.registry import import_registry, seal_card_template
 from engine.store import CardRecord
 
 from .conftest import DATA, make_rp
@@ -43,8 +43,8 @@ def img(person: str, i: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def extractors():
-    from engine.extract import onnx_extractors
-    from engine.models import DEFAULT_MODELS_DIR
+    from engine.inference.extractors import onnx_extractors
+    from engine.inference.models import DEFAULT_MODELS_DIR
 
     x = onnx_extractors(DEFAULT_MODELS_DIR)
     x.warmup()
@@ -53,8 +53,8 @@ def extractors():
 
 @pytest.fixture(scope="module")
 def scores():
-    from engine.calibration import ScoreModel
-    from engine.models import DEFAULT_MODELS_DIR
+    from engine.matching.calibration import ScoreModel
+    from engine.inference.models import DEFAULT_MODELS_DIR
 
     return ScoreModel.load(DEFAULT_MODELS_DIR)
 

@@ -25,10 +25,10 @@ import trio
 
 from engine.app import build_engine, run_engine
 from engine.challenge import load_phrases
-from engine.client import open_holder, open_relying_party
+from engine.wire.client import open_holder, open_relying_party
 from engine.config import ChallengeSettings, EngineConfig, LimitsConfig
 from engine.errors import ConfigError
-from engine.registry import import_registry
+from engine.ops.registry import import_registry
 
 from .conftest import make_rp
 
@@ -76,8 +76,8 @@ def said(phrase: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def extractors():
-    from engine.extract import onnx_extractors
-    from engine.models import DEFAULT_MODELS_DIR
+    from engine.inference.extractors import onnx_extractors
+    from engine.inference.models import DEFAULT_MODELS_DIR
 
     x = onnx_extractors(DEFAULT_MODELS_DIR, challenge_kind="phrase")  # the workers preload Whisper
     x.warmup()
@@ -87,8 +87,8 @@ def extractors():
 
 @pytest.fixture(scope="module")
 def scores():
-    from engine.calibration import ScoreModel
-    from engine.models import DEFAULT_MODELS_DIR
+    from engine.matching.calibration import ScoreModel
+    from engine.inference.models import DEFAULT_MODELS_DIR
 
     return ScoreModel.load(DEFAULT_MODELS_DIR)
 

@@ -24,17 +24,8 @@ from engine.errors import (
     SampleTooLarge,
     UndecodableSample,
 )
-from engine.face import (
-    ARCFACE_TEMPLATE,
-    Detection,
-    FaceConfig,
-    FaceExtractor,
-    align_face,
-    decode_image,
-    select_face,
-    similarity_transform,
-)
-from engine.models import DEFAULT_MODELS_DIR, load_manifest, open_session, sha256_file
+from engine.inference.face import ARCFACE_TEMPLATE, Detection, FaceConfig, FaceExtractor, align_face, decode_image, select_face, similarity_transform
+from engine.inference.models import DEFAULT_MODELS_DIR, load_manifest, open_session, sha256_file
 
 LFW = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw"
 SEED = 20240531

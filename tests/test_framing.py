@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.errors import FrameTooLarge, MalformedFrame
-from engine.framing import FrameReader, encode_frame
+from engine.wire.framing import FrameReader, encode_frame
 
 payloads_st = st.lists(st.binary(min_size=1, max_size=3000), max_size=12)
 cuts_st = st.lists(st.integers(min_value=0, max_value=40_000), max_size=30)

@@ -14,14 +14,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import errors as E
-from engine import protocol as P
+from engine.wire import protocol as P
 from engine.app import build_engine, run_engine
-from engine.client import open_connection, open_holder, open_relying_party
+from engine.wire.client import open_connection, open_holder, open_relying_party
 from engine.config import ChallengeSettings, EngineConfig, LimitsConfig
-from engine.extract import _identity_vector, fake_extractors
-from engine.framing import encode_frame
-from engine.registry import seal_card_template
-from engine.server import Server
+from engine.inference.extractors import _identity_vector, fake_extractors
+from engine.wire.framing import encode_frame
+from engine.ops.registry import seal_card_template
+from engine.server.listener import Server
 from engine.store import CardRecord
 
 from .conftest import Clock, FixedScores, face, make_rp, voice
@@ -167,11 +167,11 @@ def test_decode_request_is_total_on_maps(obj, kind):
 
 async def test_client_mistakes_are_logged_once_per_connection(env, caplog):
     running, _ = env
-    caplog.set_level(logging.INFO, logger="engine.server")
+    caplog.set_level(logging.INFO, logger="engine.server.listener")
     bad = b"".join(_frame(b"\x92\x01\x02") for _ in range(50))
     got = await _exchange(running.port, bad, replies=50)
     assert len(got) == 50 and all(m["code"] == "invalid_message" for m in got)
-    lines = [r for r in caplog.records if r.name == "engine.server"]
+    lines = [r for r in caplog.records if r.name == "engine.server.listener"]
     assert len(lines) == 1 and not lines[0].exc_info
     assert running.engine.metrics.requests.labels(type="invalid", outcome="invalid_message")._value.get() == 50
 
@@ -384,7 +384,7 @@ class _Peer:
 
 
 def test_the_table_evicts_the_quietest_idle_unauthenticated_connection():
-    from engine.limits import ConnectionTable
+    from engine.server.limits import ConnectionTable
 
     table = ConnectionTable(max_connections=3, max_unauthenticated=2)
     a, b, busy = _Peer(5.0), _Peer(1.0), _Peer(0.0, in_flight=1)
@@ -401,7 +401,7 @@ def test_the_table_evicts_the_quietest_idle_unauthenticated_connection():
 
 
 def test_log_lines_are_paced_and_the_rest_counted(caplog):
-    from engine.limits import LogPacer
+    from engine.server.limits import LogPacer
 
     now = [0.0]
     pacer = LogPacer(logging.getLogger("engine.test"), per_second=1.0, burst=3, clock=lambda: now[0])
@@ -415,9 +415,9 @@ def test_log_lines_are_paced_and_the_rest_counted(caplog):
 
 
 async def test_a_client_that_waits_is_kept_alive_by_its_pings(tmp_path, nursery, autojump_clock):
-    """engine.client pings within the first-frame timeout, then every keepalive seconds."""
-    from engine.client import Connection
-    from engine.framing import FrameReader
+    """engine.wire.client pings within the first-frame timeout, then every keepalive seconds."""
+    from engine.wire.client import Connection
+    from engine.wire.framing import FrameReader
 
     engine = _engine(tmp_path, first_frame_timeout=10.0, idle_timeout=60.0)
     server = Server(engine)

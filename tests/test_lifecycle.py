@@ -2,7 +2,7 @@
 
 Levels and upgrades by acceptance points, re-application, new phone (rebind), lost card,
 relying-party registry (maximum level, disable, quota), the audit log and the operator CLI.
-Samples are ``b"FACE:<who>:<n>"`` and ``b"VOICE:<who>:<said>:<n>"`` (see engine/extract.py).
+Samples are ``b"FACE:<who>:<n>"`` and ``b"VOICE:<who>:<said>:<n>"`` (see engine/inference/extractors.py).
 Timing (quota refill, the relying-party cache window) runs on the engine's injectable clock,
 never on wall-clock sleeps.
 """
@@ -25,15 +25,15 @@ import pytest
 import trio
 
 from engine import errors as E
-from engine import protocol as P
+from engine.wire import protocol as P
 from engine.app import Running, build_engine, run_engine
 from engine.cli import main as netid
-from engine.client import Connection, HolderClient, RelyingPartyClient, open_connection, open_holder, open_relying_party
+from engine.wire.client import Connection, HolderClient, RelyingPartyClient, open_connection, open_holder, open_relying_party
 from engine.config import ChallengeSettings, EngineConfig, LimitsConfig
-from engine.extract import _identity_vector, fake_extractors
+from engine.inference.extractors import _identity_vector, fake_extractors
 from engine.flows import holder as holder_flows
-from engine.registry import seal_card_template
-from engine.service import Engine
+from engine.ops.registry import seal_card_template
+from engine.flows import Engine
 from engine.store import AcceptancePoint, CardRecord
 
 from .conftest import Clock, FixedScores, RPKeys, face, make_rp, voice

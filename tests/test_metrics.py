@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import trio
 
-from engine.metrics import Metrics, serve_http
+from engine.ops.metrics import Metrics, serve_http
 
 
 async def http(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes]:

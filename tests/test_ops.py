@@ -18,13 +18,13 @@ import trio
 from engine.bench._common import digit_voices
 from engine.bench._engine import EngineProcess, netid
 from engine import errors as E
-from engine import top
+from engine.ops import top
 from engine.app import build_engine, run_engine
 from engine.inference.batcher import BatcherConfig
-from engine.client import open_holder, open_relying_party
+from engine.wire.client import open_holder, open_relying_party
 from engine.config import ChallengeSettings, EngineConfig, LimitsConfig
-from engine.extract import _identity_vector, fake_extractors
-from engine.registry import seal_card_template
+from engine.inference.extractors import _identity_vector, fake_extractors
+from engine.ops.registry import seal_card_template
 from engine.store import CardRecord
 
 from .conftest import FixedScores, face, make_rp, voice

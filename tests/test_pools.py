@@ -1,4 +1,4 @@
-"""The face and voice models in worker processes (engine.extract.ModelPool): the same
+"""The face and voice models in worker processes (engine.inference.extractors.ModelPool): the same
 results as in the engine's process, errors one for one, bad models refused at start."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.audio import decode_audio
+from engine.inference.audio import decode_audio
 from engine.errors import ModelIntegrityError, ModelMissing, NoFace, UndecodableSample
-from engine.extract import ModelPool
-from engine.face import FaceExtractor
-from engine.models import DEFAULT_MODELS_DIR
-from engine.voice import VoiceExtractor
+from engine.inference.extractors import ModelPool
+from engine.inference.face import FaceExtractor
+from engine.inference.models import DEFAULT_MODELS_DIR
+from engine.inference.voice import VoiceExtractor
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 FACE = SAMPLES / "lfw" / "Al_Gore" / "Al_Gore_0001.jpg"
@@ -83,8 +83,8 @@ def test_workers_exit_when_the_engine_is_killed(tmp_path: Path) -> None:
     import time
 
     script = (
-        "from engine.extract import ModelPool\n"
-        "from engine.models import DEFAULT_MODELS_DIR\n"
+        "from engine.inference.extractors import ModelPool\n"
+        "from engine.inference.models import DEFAULT_MODELS_DIR\n"
         "import os, sys\n"
         "p = ModelPool(DEFAULT_MODELS_DIR, intra_op_threads=1, processes=2)\n"
         "p.warmup()\n"

@@ -1,7 +1,7 @@
 """What a relying party can learn: only session id, outcome, reason class, level, time, pseudonym.
 
 Every byte a relying party receives is captured at the frame level (its streams are read raw
-with ``engine.framing``), in passing and failing flows and in every error it can provoke; the
+with ``engine.wire.framing``), in passing and failing flows and in every error it can provoke; the
 sealed results are opened and their signatures checked; then the raw bytes and the decoded
 content are searched for card numbers, names, scores, templates and device keys.
 """
@@ -23,13 +23,13 @@ import pytest
 import trio
 
 from engine import errors as E
-from engine import protocol as P
-from engine.client import open_result
+from engine.wire import protocol as P
+from engine.wire.client import open_result
 from engine.config import LimitsConfig
 from engine.crypto import device_box_key, sha256, unseal
-from engine.extract import _identity_vector, fake_extractors
-from engine.framing import FrameReader, encode_frame
-from engine.service import REASONS
+from engine.inference.extractors import _identity_vector, fake_extractors
+from engine.wire.framing import FrameReader, encode_frame
+from engine.flows import REASONS
 
 from .conftest import RPKeys, make_rp
 from .test_lifecycle import Env, engine_env, face, phone, rp_stream, verify_once, voice

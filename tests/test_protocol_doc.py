@@ -20,8 +20,8 @@ import trio
 
 from engine.app import build_engine, run_engine
 from engine.config import EngineConfig, LimitsConfig
-from engine.extract import _identity_vector, fake_extractors
-from engine.registry import seal_card_template
+from engine.inference.extractors import _identity_vector, fake_extractors
+from engine.ops.registry import seal_card_template
 from engine.store import CardRecord
 
 from . import protocol_example

@@ -1,4 +1,4 @@
-"""Whisper's reading of the expected words (engine/reader.py), and how the challenge
+"""Whisper's reading of the expected words (engine/challenge/reader.py), and how the challenge
 checker uses it for the kinds it is configured to check (phrases, by default).
 
 The model tests run the real Whisper base on a speechocean762 recording shipped in
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.audio import decode_audio, from_pcm16, to_pcm16
+from engine.inference.audio import decode_audio, from_pcm16, to_pcm16
 from engine.challenge import (
     DEFAULT_RECOGNISERS,
     FAILURE_SCORE,
@@ -27,8 +27,8 @@ from engine.challenge import (
     Verdict,
 )
 from engine.errors import ConfigError, ModelError, ModelIntegrityError, ModelMissing, NoSpeech
-from engine.models import DEFAULT_MODELS_DIR
-from engine.reader import COHORT_FILE, DEFAULT_COHORT_DIR, END, MANIFEST_FILE, Reader, check_cohort, load_cohort, log_mel, reader_text
+from engine.inference.models import DEFAULT_MODELS_DIR
+from engine.challenge.reader import COHORT_FILE, DEFAULT_COHORT_DIR, END, MANIFEST_FILE, Reader, check_cohort, load_cohort, log_mel, reader_text
 
 from .conftest import POCKETSPHINX_ONLY
 
@@ -161,7 +161,7 @@ def test_a_missing_manifest_or_package_is_model_missing(tmp_path: Path) -> None:
 def test_a_worker_that_cannot_load_whisper_says_why(tmp_path: Path) -> None:
     """A digest mismatch found while a challenge worker loads the model is raised by
     warmup, as the specific error, not as a broken pool."""
-    from engine.extract import ChallengePool
+    from engine.inference.extractors import ChallengePool
 
     path = _copy_manifest(tmp_path)
     doc = json.loads(path.read_text())

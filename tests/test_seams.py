@@ -18,11 +18,11 @@ import pytest
 import trio
 
 from engine import errors as E
-from engine import protocol as P
+from engine.wire import protocol as P
 from engine.crypto import TemplateCipher
-from engine.extract import _identity_vector
+from engine.inference.extractors import _identity_vector
 from engine.matching import FaissDuplicateSearch, NoDuplicateSearch, StoreMatcher, TemplateSealer
-from engine.speaker import SpeakerEmbedding
+from engine.inference.speaker import SpeakerEmbedding
 from engine.state import MemoryQuotas, MemorySessionState, Session
 from engine.store import CardRecord, open_store
 

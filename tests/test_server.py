@@ -12,12 +12,12 @@ import pytest
 import trio
 
 from engine import errors as E
-from engine import protocol as P
+from engine.wire import protocol as P
 from engine.app import build_engine, run_engine
-from engine.client import open_connection, open_holder, open_relying_party
+from engine.wire.client import open_connection, open_holder, open_relying_party
 from engine.config import ChallengeSettings, EngineConfig, LimitsConfig
-from engine.extract import _identity_vector, fake_extractors
-from engine.registry import seal_card_template
+from engine.inference.extractors import _identity_vector, fake_extractors
+from engine.ops.registry import seal_card_template
 from engine.store import CardRecord
 
 from .conftest import Clock, FixedScores, face, make_rp, voice
@@ -261,7 +261,7 @@ async def test_silent_connection_is_closed(tmp_path, nursery, autojump_clock):
     """A peer that connects and never sends a frame is dropped after first_frame_timeout."""
     cfg = EngineConfig(data_dir=tmp_path / "data", port=0, limits=LimitsConfig(first_frame_timeout=5.0))
     engine = build_engine(cfg, extractors=fake_extractors(), scores=FixedScores())
-    from engine.server import Server
+    from engine.server.listener import Server
 
     server = Server(engine)
     client, served = trio.testing.memory_stream_pair()

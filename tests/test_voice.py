@@ -12,7 +12,7 @@ import soundfile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.audio import SAMPLE_RATE, decode_audio, trim_silence
+from engine.inference.audio import SAMPLE_RATE, decode_audio, trim_silence
 from engine.errors import (
     ConfigError,
     NoSpeech,
@@ -21,9 +21,9 @@ from engine.errors import (
     TooLittleSpeech,
     UndecodableSample,
 )
-from engine.models import DEFAULT_MODELS_DIR
-from engine.speaker import SpeakerEmbedding, enrollment_band, pack_template, unpack_template
-from engine.voice import VoiceConfig, VoiceExtractor, band_limited, detect_band, fbank
+from engine.inference.models import DEFAULT_MODELS_DIR
+from engine.inference.speaker import SpeakerEmbedding, enrollment_band, pack_template, unpack_template
+from engine.inference.voice import VoiceConfig, VoiceExtractor, band_limited, detect_band, fbank
 
 SPEECH = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech"
 DIGITS = Path(__file__).resolve().parents[2] / "shared" / "data" / "digits"
@@ -81,7 +81,7 @@ def test_fbank_shape_and_mean() -> None:
 def test_pure_tone_lands_in_its_mel_bins() -> None:
     """Before the mean is taken off, a 1 kHz tone's energy sits in the bins around 1 kHz;
     a tone twice as loud only shifts every log energy by the same amount."""
-    from engine.voice import _OPTS
+    from engine.inference.voice import _OPTS
 
     import kaldi_native_fbank as knf
 
@@ -213,7 +213,7 @@ def test_trim_silence_removes_long_silences() -> None:
 
 
 def test_dilation_is_centred_and_zero_outside() -> None:
-    from engine.audio import _dilate
+    from engine.inference.audio import _dilate
 
     m = np.zeros(12, bool)
     m[5] = True

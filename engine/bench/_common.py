@@ -4,7 +4,7 @@
 * :func:`load_people` makes *chimeric* residents: an LFW face identity paired with a Free
   Spoken Digit Dataset speaker (no public set holds the same people's faces and voices).
   The first image is the ID-card photo, images 2-3 enroll, the rest are live captures.
-* :func:`digit_voices` gives the engine's FSDD splicer (:class:`engine.demo.DigitVoices`)
+* :func:`digit_voices` gives the engine's FSDD splicer (:class:`engine.cli.demo.DigitVoices`)
   with every clip read up front, so that building a recording during a timed run costs
   no I/O.
 * :func:`pct` / :func:`latency_summary`, :func:`emit` (one JSON line), :class:`CpuClock`.
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from engine.assets import asset_dir
-from engine.demo import DIGIT_SPEAKERS, DigitVoices, data_layout
+from engine.cli.demo import DIGIT_SPEAKERS, DigitVoices, data_layout
 
 __all__ = [
     "REPO",
@@ -111,8 +111,8 @@ def usable_faces(images: list[bytes], models_dir: Path | None = None) -> list[bo
     Some LFW images hold several similar faces: a benchmark that means to measure
     throughput leaves them out rather than count their (correct) ``multiple_faces`` answers.
     """
-    from engine.face import FaceExtractor
-    from engine.models import DEFAULT_MODELS_DIR
+    from engine.inference.face import FaceExtractor
+    from engine.inference.models import DEFAULT_MODELS_DIR
 
     face = FaceExtractor(models_dir or DEFAULT_MODELS_DIR)
     out = face.embed_batch(images)

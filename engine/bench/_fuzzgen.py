@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 import nacl.signing
 
-from engine import protocol as P
+from engine.wire import protocol as P
 
 __all__ = ["Raw", "enc", "FrameMaker"]
 

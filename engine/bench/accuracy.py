@@ -21,7 +21,7 @@ from engine.bench.calibrate import DEFAULT_OUT, calibrate, common_arguments, mea
 from engine.bench.evaluate import evaluate
 from engine.bench.measure import Measurements, measure
 from engine.bench.report import write_jsonl, write_plots, write_report
-from engine.calibration import OperatingPoints, load_operating_points
+from engine.matching.calibration import OperatingPoints, load_operating_points
 from engine.errors import ModelError
 
 __all__ = ["main", "choose_points"]

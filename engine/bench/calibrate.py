@@ -23,17 +23,8 @@ from engine.bench.fusion import CrossFused, fisher_weights
 from engine.bench.measure import MeasureConfig, Measurements, measure
 from engine.bench.stats import ExactScores, ImpostorDistribution, threshold_at_fmr
 from engine.bench.voices import band_rows
-from engine.calibration import (
-    BandCentre,
-    FusionSpec,
-    ModalityCalibration,
-    OperatingPoint,
-    OperatingPoints,
-    PairNorm,
-    SplitSpec,
-    save_operating_points,
-)
-from engine.models import DEFAULT_MODELS_DIR
+from engine.matching.calibration import BandCentre, FusionSpec, ModalityCalibration, OperatingPoint, OperatingPoints, PairNorm, SplitSpec, save_operating_points
+from engine.inference.models import DEFAULT_MODELS_DIR
 
 __all__ = ["TARGETS", "calibrate", "common_arguments", "measure_config", "main"]
 

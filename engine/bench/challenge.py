@@ -64,7 +64,7 @@ from engine.bench.challenge_scoring import run_tasks
 from engine.bench.challenge_trials import Task, bandlimited_tasks, digit_tasks, speech_tasks
 from engine.challenge import CALIBRATION_FILE, ChallengeChecker, ChallengeConfig
 from engine.errors import ConfigError, ModelError
-from engine.models import DEFAULT_MODELS_DIR
+from engine.inference.models import DEFAULT_MODELS_DIR
 
 # the benchmark's parts live in challenge_trials (what is scored), challenge_scoring (scoring
 # it), challenge_calibration (the operating point on part A) and challenge_report (part B and

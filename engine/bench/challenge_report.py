@@ -31,8 +31,8 @@ from engine.bench.challenge_calibration import (
 )
 from engine.bench.challenge_trials import KIND_OF_SET, Result
 from engine.challenge import CALIBRATION_FILE, ChallengeConfig
-from engine.pronunciation import VARIANTS_VERSION
-from engine.reader import check_cohort
+from engine.challenge.pronunciation import VARIANTS_VERSION
+from engine.challenge.reader import check_cohort
 
 __all__ = ["save_scores", "report_part_b", "report_cost", "emit_run", "write_calibration", "human_summary"]
 

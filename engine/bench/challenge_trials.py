@@ -15,11 +15,11 @@ import numpy as np
 import soundfile
 import soxr
 
-from engine.audio import decode_audio
+from engine.inference.audio import decode_audio
 from engine.bench.datasets import DEFAULT_SALT, split_of
 from engine.challenge import ChallengeConfig, ScoreParts, challenge_words, load_phrases
 from engine.errors import ConfigError
-from engine.reader import COHORT_FILE
+from engine.challenge.reader import COHORT_FILE
 
 __all__ = ["KIND_OF_SET", "DIGIT_LEN", "Task", "Result", "speech_tasks", "bandlimited_tasks", "digit_tasks", "load_audio"]
 

@@ -39,13 +39,13 @@ def _digest(*parts: str) -> str:
 
 
 def face_cache_key(extractor) -> tuple[str, dict[str, str]]:
-    """(cache key, model digests) for a :class:`engine.face.FaceExtractor`."""
+    """(cache key, model digests) for a :class:`engine.inference.face.FaceExtractor`."""
     models = {"yunet": extractor.det_manifest.sha256, "sface": extractor.emb_manifest.sha256}
     return _digest("face", models["yunet"], models["sface"], repr(extractor.config)), models
 
 
 def voice_cache_key(extractor, max_seconds: float) -> tuple[str, dict[str, str]]:
-    """(cache key, model digests) for a :class:`engine.voice.VoiceExtractor` + crop."""
+    """(cache key, model digests) for a :class:`engine.inference.voice.VoiceExtractor` + crop."""
     models = {"campplus": extractor.manifest.sha256}
     return _digest("voice", models["campplus"], repr(extractor.config), f"crop={max_seconds:g}"), models
 
@@ -96,7 +96,7 @@ class EmbeddingCache:
 
     def put(self, key: str, value: np.ndarray | SampleError) -> None:
         """Keep an embedding (a vector, or a ``(vector, tag)`` pair such as a voice's
-        :class:`engine.speaker.SpeakerEmbedding`) or the error of its input."""
+        :class:`engine.inference.speaker.SpeakerEmbedding`) or the error of its input."""
         if isinstance(value, SampleError):
             self.status[key] = value.code
             self.vectors.pop(key, None)

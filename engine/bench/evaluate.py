@@ -22,7 +22,7 @@ from engine.bench.stats import (
     operating_point,
     rate_interval,
 )
-from engine.calibration import OperatingPoints, ScoreModel
+from engine.matching.calibration import OperatingPoints, ScoreModel
 
 __all__ = ["Evaluation", "evaluate", "rate", "TARGETS"]
 

@@ -4,7 +4,7 @@
 prints the same ``ready`` JSON line as ``netid serve`` (plus ``rp_id``: a relying party it
 registered, whose keys it wrote to ``DIR/fuzz-rp.sign.key`` / ``.box.key``), logs JSON lines
 to stderr and drains on SIGTERM. Faces are ``FACE:<who>:<n>``, recordings
-``VOICE:<who>:<said>:<n>`` (engine.extract.fake_extractors); card ``C1`` belongs to alice.
+``VOICE:<who>:<said>:<n>`` (engine.inference.extractors.fake_extractors); card ``C1`` belongs to alice.
 The wire, the server and every limit are the real ones: only the models are stand-ins.
 """
 
@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     from engine.app import build_engine, run_engine
     from engine.cli import setup_logging
     from engine.config import EngineConfig
-    from engine.extract import _identity_vector, fake_extractors
-    from engine.registry import seal_card_template
+    from engine.inference.extractors import _identity_vector, fake_extractors
+    from engine.ops.registry import seal_card_template
     from engine.store import CardRecord, RelyingParty
 
     setup_logging(args.log_level, True)

@@ -122,7 +122,7 @@ async def _read_msg(reader) -> dict | None:
 
 
 async def one_connection(port: int, rng: random.Random, st: Stats, *, rp_id: str, rp_key, answer_timeout: float, max_frame: int) -> None:
-    from engine.framing import FrameReader
+    from engine.wire.framing import FrameReader
 
     try:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
@@ -208,7 +208,7 @@ async def _end(stream, reader, rng: random.Random, st: Stats, max_frame: int, an
 async def fuzz(port: int, seconds: float, seed: int, *, connections: int, rp_id: str, rp_key, answer_timeout: float = 20.0,
                max_frame: int, st: Stats | None = None, alive=lambda: True, progress=None) -> Stats:
     """Fuzz an engine on ``port`` for ``seconds``; ``alive()`` False counts a crash and stops."""
-    from engine.client import open_connection
+    from engine.wire.client import open_connection
 
     st = st or Stats()
     master = random.Random(seed)
@@ -282,7 +282,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def _max_frame(sets: list[str]) -> int:
-    from engine.protocol import MAX_FRAME_BYTES
+    from engine.wire.protocol import MAX_FRAME_BYTES
 
     for s in sets:
         if s.startswith("limits.max_frame="):

@@ -52,7 +52,7 @@ def raise_nofile() -> int:
 
 
 async def _metric(url: str, name: str) -> float | None:
-    from engine.top import scrape
+    from engine.ops.top import scrape
 
     try:
         snap = await trio.to_thread.run_sync(scrape, url)
@@ -121,7 +121,7 @@ async def attacker(port: int, kind: str, max_frame: int, counts: Counter) -> Non
 
 
 async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from engine.client import open_holder, open_relying_party
+    from engine.wire.client import open_holder, open_relying_party
 
     nofile = raise_nofile()
     sets = [a for s in args.engine_set for a in ("--set", s)] + (["--nofile", str(args.engine_nofile)] if args.engine_nofile else [])
@@ -179,7 +179,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 peak["connections"] = max(peak["connections"], await _metric(url, "netid_connections") or 0.0)
                 peak["rss_kib"] = max(peak["rss_kib"], rss_kib(eng.pid))
             closed = {}
-            from engine.top import scrape
+            from engine.ops.top import scrape
 
             snap = await trio.to_thread.run_sync(scrape, url)
             for labels, v in snap.series("netid_connections_closed_total").items():

@@ -1,7 +1,7 @@
 """``netid bench limit``: the model-bound ceiling of verifications per second, no server.
 
 Each verification does exactly the extraction work the engine does for ``verify``, through
-the same extractor seam (:func:`engine.extract.onnx_extractors`): decode, detect, align and
+the same extractor seam (:func:`engine.inference.extractors.onnx_extractors`): decode, detect, align and
 embed the face (YuNet + SFace); decode, resample, check for speech, filterbank and embed the voice
 (CAM++); and, unless ``--no-challenge``, the spoken-challenge recogniser. No protocol, no
 crypto, no store, no event loop: what is left is the work only the models can do, so
@@ -93,8 +93,8 @@ def _extractors(intra: int, challenge: bool, models_dir: Path | None):
     import dataclasses
 
     from engine.errors import ModelMissing
-    from engine.extract import onnx_extractors
-    from engine.models import DEFAULT_MODELS_DIR
+    from engine.inference.extractors import onnx_extractors
+    from engine.inference.models import DEFAULT_MODELS_DIR
 
     try:
         x = onnx_extractors(models_dir or DEFAULT_MODELS_DIR, intra_op_threads=intra, check_challenge=challenge)

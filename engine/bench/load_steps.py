@@ -133,7 +133,7 @@ def prepare_data(gen: Generator, data_dir: Path, work: Path, run_tag: str) -> No
 
 
 async def enroll_all(gen: Generator, rng: random.Random) -> dict[str, int]:
-    from engine.client import open_holder
+    from engine.wire.client import open_holder
     from engine.errors import EngineError
 
     refused: Counter[str] = Counter()
@@ -200,7 +200,7 @@ def arrival_times(rate: float, seconds: float, rng: random.Random) -> list[float
 async def run_step(gen: Generator, step: Step, seed: int) -> dict[str, Any]:
     """Poisson arrivals (:func:`arrival_times`) at ``step.offered_rps`` for ``step.seconds``;
     wait for every answer."""
-    from engine.top import Snapshot
+    from engine.ops.top import Snapshot
 
     rng = random.Random(seed)
     outcomes: list[Outcome] = []
@@ -222,7 +222,7 @@ async def run_step(gen: Generator, step: Step, seed: int) -> dict[str, Any]:
 
 
 async def _scrape(gen: Generator):
-    from engine.top import scrape
+    from engine.ops.top import scrape
 
     if not gen.metrics_url:
         return None
@@ -233,7 +233,7 @@ async def _scrape(gen: Generator):
 
 
 def summarise(step: Step, t0: float, outcomes: list[Outcome], before, after, cpu: dict, gen: Generator) -> dict[str, Any]:
-    from engine.top import _buckets, _by, _delta, histogram_quantile
+    from engine.ops.top import _buckets, _by, _delta, histogram_quantile
 
     results = [o for o in outcomes if o.status in ("pass", "fail")]
     warm = min(2.0, 0.15 * step.seconds)
@@ -306,7 +306,7 @@ async def _connect_all(gen: Generator) -> None:
     """Long-lived connections: one per relying party, one per holder's phone."""
     from contextlib import AsyncExitStack
 
-    from engine.client import open_holder, open_relying_party
+    from engine.wire.client import open_holder, open_relying_party
 
     gen.connections = stack = AsyncExitStack()
     for rp in gen.rps:

@@ -1,7 +1,7 @@
 """Everything ``netid bench accuracy`` and ``netid calibrate`` measure, computed once.
 
-Faces and voices go through the engine's own extractors (:class:`engine.face.FaceExtractor`,
-:class:`engine.voice.VoiceExtractor`), embeddings cached on disk; then LFW 10-fold,
+Faces and voices go through the engine's own extractors (:class:`engine.inference.face.FaceExtractor`,
+:class:`engine.inference.voice.VoiceExtractor`), embeddings cached on disk; then LFW 10-fold,
 LFW all-against-all by part, voice scores by part and pair of bands (each band centred
 and each pair standardised on the calibration part, as ``netid calibrate`` ships them) and
 chimeric face + voice scores by part and pair of bands.
@@ -21,9 +21,9 @@ from engine.bench.faces import AllAgainstAll, TenFold, all_against_all, ten_fold
 from engine.bench.fusion import ChimericScores, chimeric_scores
 from engine.bench.stats import ExactScores, eer
 from engine.bench.voices import NARROW, VoiceScores, band_centres, band_key, voice_scores
-from engine.calibration import pair_key
+from engine.matching.calibration import pair_key
 from engine.errors import ConfigError
-from engine.speaker import BANDS
+from engine.inference.speaker import BANDS
 
 __all__ = ["PAIRS", "MeasureConfig", "Measurements", "measure"]
 
@@ -48,7 +48,7 @@ class MeasureConfig:
     voice_probes: int = 7
     max_seconds: float = 5.0
     chimeric_attempts: int = 7
-    #: "max" (best cosine over the enrollment templates) or "centroid" (engine.calibration.voice_templates)
+    #: "max" (best cosine over the enrollment templates) or "centroid" (engine.matching.calibration.voice_templates)
     voice_template: str = "centroid"
     show_progress: bool = True
 
@@ -89,7 +89,7 @@ class Measurements:
 
 
 def _embed_faces(cfg: MeasureConfig, lfw: Lfw, timings: dict) -> tuple[Embedded, dict[str, str]]:
-    from engine.face import FaceExtractor
+    from engine.inference.face import FaceExtractor
 
     fe = FaceExtractor(cfg.models, intra_op_threads=cfg.threads)
     key, models = face_cache_key(fe)
@@ -103,9 +103,9 @@ def _embed_faces(cfg: MeasureConfig, lfw: Lfw, timings: dict) -> tuple[Embedded,
 
 
 def _embed_voices(cfg: MeasureConfig, speech: Speech, timings: dict) -> tuple[Embedded, dict[str, str]]:
-    from engine.audio import SAMPLE_RATE, decode_audio
+    from engine.inference.audio import SAMPLE_RATE, decode_audio
     from engine.errors import SampleError
-    from engine.voice import VoiceExtractor, band_limited
+    from engine.inference.voice import VoiceExtractor, band_limited
 
     ve = VoiceExtractor(cfg.models, intra_op_threads=cfg.threads)
     key, models = voice_cache_key(ve, cfg.max_seconds)

@@ -11,7 +11,7 @@ import numpy as np
 from engine.bench.evaluate import Evaluation
 from engine.bench.measure import Measurements
 from engine.bench.plots import Curve, det_png, histogram_png
-from engine.calibration import OperatingPoints
+from engine.matching.calibration import OperatingPoints
 
 __all__ = ["write_jsonl", "write_plots", "write_report"]
 
@@ -280,7 +280,7 @@ def _held_apart(L: list[str], meas: Measurements, ev: Evaluation, points: Operat
     add("")
     if pol:
         p = pol[0]
-        add(f"**Decision policy** (engine/calibration.py): face ≥ {p['face_floor']:.4f} (face FMR "
+        add(f"**Decision policy** (engine/matching/calibration.py): face ≥ {p['face_floor']:.4f} (face FMR "
             f"{p['face_floor_fmr']:.0e}) and voice ≥ {p['voice_floor']:.4f} (voice FMR {p['voice_floor_fmr']:.0e}) "
             f"and fused ≥ {p['fused_threshold']:.4f} (fused FMR {p['target_fmr']:.0e}).")
         add("")

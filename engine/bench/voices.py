@@ -1,13 +1,13 @@
 """Voice figures on speechocean762, per pair of bands: several-utterance enrollment.
 
 Every utterance is embedded twice: as recorded (16 kHz, "wide") and band-limited to
-8 kHz ("narrow", :func:`engine.voice.band_limited`: what a telephone-band capture of the
+8 kHz ("narrow", :func:`engine.inference.voice.band_limited`: what a telephone-band capture of the
 same speech gives). A pair of bands ``"wide>narrow"`` is a wide-band enrollment scored
 against narrow-band probes.
 
 Protocol, per speaker (utterances in id order): the first ``enroll`` utterances are the
 enrollment, the next ``probes`` are probes. A probe is scored against a speaker as the
-engine scores it (:class:`engine.calibration.ScoreModel`): both sides centred on their
+engine scores it (:class:`engine.matching.calibration.ScoreModel`): both sides centred on their
 band, the enrollment's centroid, the cosine, then standardised by the pair's impostor
 statistics. Every probe is compared with every enrolled speaker of the same part: its own
 (genuine) and all others (impostor). Recordings are cut to their first ``max_seconds``
@@ -23,7 +23,7 @@ import numpy as np
 
 from engine.bench.datasets import Speech
 from engine.bench.embeddings import Embedded
-from engine.calibration import centre, pair_key, voice_templates
+from engine.matching.calibration import centre, pair_key, voice_templates
 
 __all__ = ["NARROW", "VoiceScores", "band_key", "band_centres", "band_rows", "voice_scores"]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError, ModelMissing
-from ..pronunciation import VARIANTS_VERSION
+from engine.challenge.pronunciation import VARIANTS_VERSION
 from .config import KINDS, ChallengeConfig
 
 __all__ = ["ChallengeCalibration", "Screen", "check_measured_with", "load_calibration"]

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from ..audio import from_pcm16
+from engine.inference.audio import from_pcm16
 from ..errors import ConfigError, ModelError, ModelMissing, SampleError
-from ..reader import Reader, check_cohort, check_installed
+from engine.challenge.reader import Reader, check_cohort, check_installed
 from .calibration import ChallengeCalibration, Screen, check_measured_with, load_calibration
 from .config import FAILURE_SCORE, KINDS, ChallengeConfig
 from .decoder import Decoder
@@ -108,7 +108,7 @@ class ChallengeChecker:
         return True
 
     def _reader(self) -> Any:
-        """This process's Whisper model (:class:`engine.reader.Reader`), loaded once and
+        """This process's Whisper model (:class:`engine.challenge.reader.Reader`), loaded once and
         shared by its threads."""
         with self._reader_lock:
             if self._reader_model is None:

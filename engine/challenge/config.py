@@ -14,8 +14,8 @@ from pathlib import Path
 import pocketsphinx
 
 from ..errors import ConfigError
-from ..models import DEFAULT_MODELS_DIR
-from ..reader import DEFAULT_COHORT_DIR
+from engine.inference.models import DEFAULT_MODELS_DIR
+from engine.challenge.reader import DEFAULT_COHORT_DIR
 
 __all__ = [
     "CALIBRATION_FILE",
@@ -32,7 +32,7 @@ __all__ = [
 
 KINDS = ("digits", "phrase")
 #: what can check a kind of challenge: pocketsphinx's alignment against its phone loop, or
-#: Whisper's reading of the expected words (:mod:`engine.reader`)
+#: Whisper's reading of the expected words (:mod:`engine.challenge.reader`)
 RECOGNISERS = ("pocketsphinx", "whisper")
 #: the recogniser per challenge kind (:attr:`ChallengeConfig.recognisers`)
 DEFAULT_RECOGNISERS = {"digits": "whisper", "phrase": "whisper"}
@@ -82,7 +82,7 @@ class ChallengeConfig:
     #: kind is clear (:class:`~engine.challenge.Screen`); ``False``: always both passes.
     screen: bool = True
     #: the kinds whose expected words pocketsphinx also aligns with the pronunciations
-    #: non-native speakers often use (:func:`~engine.pronunciation.pronunciation_variants`);
+    #: non-native speakers often use (:func:`~engine.challenge.pronunciation.pronunciation_variants`);
     #: the calibration records them.
     variant_kinds: tuple[str, ...] = ("phrase",)
     min_seconds: float = 0.3
@@ -92,18 +92,18 @@ class ChallengeConfig:
     #: longest phrase accepted in a phrase list, in words.
     max_phrase_words: int = 24
     #: what checks each challenge kind (:data:`RECOGNISERS`): ``"whisper"`` scores how likely
-    #: Whisper base finds the expected words (:mod:`engine.reader`); ``"pocketsphinx"``
+    #: Whisper base finds the expected words (:mod:`engine.challenge.reader`); ``"pocketsphinx"``
     #: aligns them and scores them against its phone loop. The calibration records them.
     recognisers: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_RECOGNISERS))
     #: where ``whisper.json`` (the Whisper model's manifest) is read from (:meth:`for_models`
     #: sets it).
     reader_models_dir: Path = DEFAULT_MODELS_DIR
     #: the reader's cohort: recordings of other sentences and their manifest
-    #: (:func:`engine.reader.load_cohort`).
+    #: (:func:`engine.challenge.reader.load_cohort`).
     reader_cohort_dir: Path = DEFAULT_COHORT_DIR
     #: the kinds whose Whisper score is relative to the reader's cohort: each word's
     #: log-probability, and the sentence's end's after them, less its mean over recordings
-    #: of other sentences (:meth:`engine.reader.Reader.relative`). A phrase's cohort passes
+    #: of other sentences (:meth:`engine.challenge.reader.Reader.relative`). A phrase's cohort passes
     #: run once per challenge worker and are kept. The calibration records them.
     cohort_kinds: tuple[str, ...] = ("phrase",)
 

@@ -13,7 +13,7 @@ import numpy as np
 import pocketsphinx
 
 from ..errors import ModelError
-from ..pronunciation import pronunciation_variants
+from engine.challenge.pronunciation import pronunciation_variants
 from .config import FAILURE_SCORE, SAMPLE_RATE, ChallengeConfig
 from .scoring import Alignment
 

@@ -14,9 +14,9 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from ..audio import to_pcm16
+from engine.inference.audio import to_pcm16
 from ..errors import ConfigError, NoSpeech, SampleError, SampleTooLarge, TooLittleSpeech, UndecodableSample
-from ..reader import END as READ_END
+from engine.challenge.reader import END as READ_END
 from .config import SAMPLE_RATE, ChallengeConfig
 from .phrases import challenge_kind, challenge_words, unknown_words
 
@@ -50,7 +50,7 @@ RunPasses = Callable[[list[Pass]], list[Any]]
 
 def read_words(config: ChallengeConfig, challenge: str, words: Sequence[str]) -> tuple[str, ...]:
     """What Whisper reads for ``challenge``: its words, and for a kind relative to the
-    cohort the sentence's end after them (:data:`engine.reader.END`)."""
+    cohort the sentence's end after them (:data:`engine.challenge.reader.END`)."""
     if challenge_kind(challenge) in config.relative_kinds:
         return (*words, READ_END)
     return tuple(words)

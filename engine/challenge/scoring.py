@@ -97,7 +97,7 @@ def score_parts(entries: Alignment, background: np.ndarray) -> ScoreParts | None
 
 
 def read_parts(word_logprobs: Sequence[tuple[str, float]] | None) -> ScoreParts | None:
-    """The score parts of Whisper's reading (:meth:`engine.reader.Reader.word_logprobs`):
+    """The score parts of Whisper's reading (:meth:`engine.challenge.reader.Reader.word_logprobs`):
     ``words`` the mean log-probability per expected word (the sentence's end, where read,
     counted as one), and no silence."""
     if not word_logprobs:

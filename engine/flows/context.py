@@ -17,14 +17,14 @@ from typing import Any
 import numpy as np
 import trio
 
-from .. import protocol as P
+from engine.wire import protocol as P
 from ..config import EngineConfig
 from ..crypto import EngineKeys, seal
 from ..errors import CredentialDeleted, EngineError, RelyingPartyDisabled, UnknownCredential, UnknownRelyingParty, WrongDeviceKey
 from ..inference import Inference
 from ..matching import DuplicateSearch, Match, Matcher, TemplateSealer
-from ..metrics import Metrics
-from ..speaker import SpeakerEmbedding
+from engine.ops.metrics import Metrics
+from engine.inference.speaker import SpeakerEmbedding
 from ..state import Quotas, Session, SessionState
 from ..store import Credential, RelyingParty, Store, raise_unless_active
 

@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import trio
 
-from .. import protocol as P
+from engine.wire import protocol as P
 from ..errors import Overloaded
 from .context import Context
 from .enroll import handle_enroll
@@ -69,7 +69,7 @@ BIOMETRIC = (P.Verify, P.Enroll, P.Rebind, P.ReportLost)
 class Engine:
     def __init__(self, ctx: Context, *, extractors: Any = None, owns_extractors: bool = False) -> None:
         self.ctx = ctx
-        self.x = extractors  # the local extractors, when the models run here (engine.extract)
+        self.x = extractors  # the local extractors, when the models run here (engine.inference.extractors)
         self.owns_extractors = owns_extractors
         self.ready = False
         self._biometric = 0  # biometric requests admitted and not yet answered

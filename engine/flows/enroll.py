@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import trio
 
-from .. import protocol as P
+from engine.wire import protocol as P
 from ..crypto import device_box_key, sha256, verify_signature
 from ..errors import CardNotValid, CardPhotoMismatch, DuplicateIdentity
-from ..speaker import SpeakerEmbedding
+from engine.inference.speaker import SpeakerEmbedding
 from ..store import CardRecord, Credential, raise_unless_card_valid
 from .context import Context, gather
 from .relying_party import Conn

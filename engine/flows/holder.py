@@ -6,7 +6,7 @@ credential's templates; the store's transitions then decide any race.
 
 from __future__ import annotations
 
-from .. import protocol as P
+from engine.wire import protocol as P
 from ..crypto import device_box_key, sha256, verify_signature
 from ..errors import VerificationFailed
 from ..store import Credential, raise_unless_active

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .. import protocol as P
+from engine.wire import protocol as P
 from ..crypto import verify_signature
 from ..errors import LevelNotAllowed, NotAuthenticated, RateLimited
 from ..state import Session

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 
-from .. import protocol as P
+from engine.wire import protocol as P
 from ..crypto import verify_signature
 from ..errors import BadSignature, InvalidMessage, UnknownAcceptancePoint, UnknownCredential
 from ..store import raise_unless_active

@@ -12,7 +12,7 @@ import logging
 
 import trio
 
-from .. import protocol as P
+from engine.wire import protocol as P
 from ..crypto import device_box_key, seal, sha256, verify_signature
 from ..errors import (
     BadSignature,

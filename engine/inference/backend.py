@@ -3,7 +3,7 @@
 ``InferenceBackend.run(items)`` returns one output per item, in order: a result, or
 the :class:`~engine.errors.SampleError` for that item. ``LocalBackend`` runs a
 blocking batch function (the ONNX models in this process or in worker processes,
-:mod:`engine.extract`; or the deterministic fake) in trio worker threads behind its
+:mod:`engine.inference.extractors`; or the deterministic fake) in trio worker threads behind its
 own ``CapacityLimiter``; a remote model server would be another implementation.
 """
 

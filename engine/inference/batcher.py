@@ -45,7 +45,7 @@ from ..errors import ConfigError, DeadlineExceeded, EngineError, Overloaded
 from .backend import InferenceBackend, LocalBackend
 
 if TYPE_CHECKING:
-    from ..metrics import Metrics
+    from engine.ops.metrics import Metrics
 
 __all__ = ["BatcherConfig", "Batcher"]
 

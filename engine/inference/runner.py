@@ -3,7 +3,7 @@
 :class:`Inference` owns one :class:`~engine.inference.batcher.Batcher` per model,
 each calling that model's :class:`~engine.inference.backend.InferenceBackend`, and
 decodes audio in worker threads. :func:`local_inference` builds it on the local
-extractors (:mod:`engine.extract`): the real ONNX models or the unit tests' fake.
+extractors (:mod:`engine.inference.extractors`): the real ONNX models or the unit tests' fake.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from .backend import InferenceBackend, LocalBackend
 from .batcher import Batcher, BatcherConfig
 
 if TYPE_CHECKING:
-    from ..extract import Extractors
-    from ..metrics import Metrics
-    from ..speaker import SpeakerEmbedding
+    from engine.inference.extractors import Extractors
+    from engine.ops.metrics import Metrics
+    from engine.inference.speaker import SpeakerEmbedding
 
 __all__ = ["Inference", "local_inference"]
 

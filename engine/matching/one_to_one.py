@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import numpy as np
 
 from ..errors import UnknownCredential
-from ..speaker import SpeakerEmbedding, enrollment_band
+from engine.inference.speaker import SpeakerEmbedding, enrollment_band
 from ..store import Credential, Store, raise_unless_active
 from .index import normalise
 from .templates import TemplateSealer

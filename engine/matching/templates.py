@@ -2,7 +2,7 @@
 
 Each ciphertext is bound to its owner (``face:<card>``, ``voice:<card>``, ``card:<card>``)
 as associated data, so a template copied to another card does not open. A face template
-is the float32 vector; a voice template carries its band (:mod:`engine.speaker`).
+is the float32 vector; a voice template carries its band (:mod:`engine.inference.speaker`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..crypto import TemplateCipher
-from ..speaker import SpeakerEmbedding, pack_template, unpack_template
+from engine.inference.speaker import SpeakerEmbedding, pack_template, unpack_template
 
 __all__ = ["TemplateSealer"]
 
@@ -28,7 +28,7 @@ class TemplateSealer:
         return np.frombuffer(self.cipher.decrypt(ciphertext, f"face:{card_number}"), dtype=np.float32)
 
     def open_card(self, ciphertext: bytes, card_number: str) -> np.ndarray:
-        """The embedding of the card's photo (sealed by :func:`engine.registry.seal_card_template`)."""
+        """The embedding of the card's photo (sealed by :func:`engine.ops.registry.seal_card_template`)."""
         return np.frombuffer(self.cipher.decrypt(ciphertext, f"card:{card_number}"), dtype=np.float32)
 
     def seal_voice(self, embedding: SpeakerEmbedding, card_number: str) -> bytes:

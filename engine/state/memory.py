@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .. import protocol as P
+from engine.wire import protocol as P
 from ..errors import Overloaded, RateLimited, ResultPending, SessionExpired, SessionUsed, UnknownSession
 from .base import Delivery, Session
 from .hub import ResultHub

@@ -37,8 +37,8 @@ import numpy as np
 import soundfile as sf
 import trio
 
-from .assets import asset_dir
-from .errors import DeadlineExceeded, EngineError, Overloaded
+from engine.assets import asset_dir
+from engine.errors import DeadlineExceeded, EngineError, Overloaded
 
 SAMPLES = asset_dir("samples")
 DIGIT_SPEAKERS = ("george", "jackson", "lucas", "nicolas", "theo", "yweweler")
@@ -183,7 +183,7 @@ class _Stage:
         return (other if speaker != r.speaker else r).voice_files[-1].read_bytes()
 
     async def enroll(self, r: Resident) -> None:
-        from .client import open_holder
+        from engine.wire.client import open_holder
 
         async with open_holder("127.0.0.1", self.port, device_key=r.key) as phone:
             try:
@@ -223,7 +223,7 @@ class _Stage:
             break
 
     async def verify(self, rp, pending: dict, i: int, r: Resident, kind: str) -> None:
-        from .client import open_holder
+        from engine.wire.client import open_holder
 
         face_path, speaker, other = self.probe(i, r, kind)
         start = time.perf_counter()
@@ -248,7 +248,7 @@ class _Stage:
 
     async def stream(self, rp_sign: nacl.signing.SigningKey, rp_box: nacl.public.PrivateKey) -> float:
         """Every verification of the phase, streamed by the relying party; the seconds it took."""
-        from .client import open_relying_party
+        from engine.wire.client import open_relying_party
 
         jobs: list[tuple[Resident, str]] = []
         for r in self.enrolled:
@@ -280,10 +280,10 @@ class _Stage:
 
 async def _engine_for(work: Path, phase: Phase, residents: list[Resident]):
     """An engine on a fresh store with the residents' ID cards and the demo relying party."""
-    from .app import build_engine
-    from .config import ChallengeSettings, EngineConfig
-    from .registry import import_registry
-    from .store import RelyingParty
+    from engine.app import build_engine
+    from engine.config import ChallengeSettings, EngineConfig
+    from engine.ops.registry import import_registry
+    from engine.store import RelyingParty
 
     config = EngineConfig(data_dir=work / "data", port=0, challenge=ChallengeSettings(kind="digits", check=phase.check))
     t0 = time.perf_counter()
@@ -304,7 +304,7 @@ async def _engine_for(work: Path, phase: Phase, residents: list[Resident]):
 
 
 async def _phase(args: argparse.Namespace, work: Path, phase: Phase, rng: random.Random) -> tuple[list[tuple[str, str, str, float]], float]:
-    from .app import run_engine
+    from engine.app import run_engine
 
     paths = data_layout(args.data or SAMPLES)
     residents, strangers = _residents(paths, phase.voices, args.residents, rng)

@@ -79,9 +79,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import ModelError, ModelIntegrityError, ModelMissing
-from .assets import asset_dir
-from .models import DEFAULT_MODELS_DIR
+from engine.errors import ModelError, ModelIntegrityError, ModelMissing
+from engine.assets import asset_dir
+from engine.inference.models import DEFAULT_MODELS_DIR
 
 __all__ = ["COHORT_FILE", "DEFAULT_COHORT_DIR", "END", "MANIFEST_FILE", "MAX_SECONDS", "CohortRecording", "Reader",
            "check_cohort", "check_installed", "load_cohort", "log_mel", "reader_text"]
@@ -245,8 +245,8 @@ def check_cohort(folder: Path = DEFAULT_COHORT_DIR) -> str:
 def load_cohort(folder: Path = DEFAULT_COHORT_DIR) -> tuple[list[CohortRecording], str]:
     """The cohort's recordings, decoded, and the sha256 of its manifest; refused as by
     :func:`check_cohort`, or as :class:`ModelError` for a recording that cannot be decoded."""
-    from .audio import decode_audio, from_pcm16, to_pcm16
-    from .errors import SampleError
+    from engine.inference.audio import decode_audio, from_pcm16, to_pcm16
+    from engine.errors import SampleError
 
     files, digest = _cohort_files(folder)
     out = []

@@ -1,7 +1,7 @@
 """Speaker embedding with CAM++ (``models/campplus.onnx``) and the band of each recording.
 
-For each recording of a batch: decode (:func:`engine.audio.decode_audio`, 16 kHz), check
-with the WebRTC VAD that enough speech is there (:func:`engine.audio.trim_silence`, used
+For each recording of a batch: decode (:func:`engine.inference.audio.decode_audio`, 16 kHz), check
+with the WebRTC VAD that enough speech is there (:func:`engine.inference.audio.trim_silence`, used
 for the check only: the model hears the whole recording), detect the recording's
 effective band (:func:`detect_band`), compute Kaldi log-mel filterbank features
 (kaldi-native-fbank, 80 bins, minus their mean over time) and run the model. The
@@ -21,18 +21,10 @@ from pathlib import Path
 import kaldi_native_fbank as knf
 import numpy as np
 
-from engine.audio import SAMPLE_RATE, decode_audio, trim_silence
-from engine.errors import (
-    ConfigError,
-    ModelError,
-    NoSpeech,
-    SampleError,
-    SampleTooLarge,
-    TooLittleSpeech,
-    UndecodableSample,
-)
-from engine.models import DEFAULT_MODELS_DIR, open_session
-from engine.speaker import Band, SpeakerEmbedding
+from engine.inference.audio import SAMPLE_RATE, decode_audio, trim_silence
+from engine.errors import ConfigError, ModelError, NoSpeech, SampleError, SampleTooLarge, TooLittleSpeech, UndecodableSample
+from engine.inference.models import DEFAULT_MODELS_DIR, open_session
+from engine.inference.speaker import Band, SpeakerEmbedding
 
 __all__ = ["VoiceConfig", "VoiceExtractor", "band_limited", "detect_band", "fbank"]
 

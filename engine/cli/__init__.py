@@ -12,9 +12,9 @@ from pathlib import Path
 
 import trio
 
-from . import __version__
-from .config import ChallengeSettings, EngineConfig, LimitsConfig
-from .errors import EngineError
+from engine import __version__
+from engine.config import ChallengeSettings, EngineConfig, LimitsConfig
+from engine.errors import EngineError
 
 log = logging.getLogger("engine.cli")
 
@@ -51,11 +51,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace, **overrides) -> EngineConfig:
-    from .models import DEFAULT_MODELS_DIR
+    from engine.inference.models import DEFAULT_MODELS_DIR
 
     phrases: tuple[str, ...] = ()
     if getattr(args, "phrases", None):
-        from .challenge import load_phrases
+        from engine.challenge import load_phrases
 
         phrases = load_phrases(Path(args.phrases).read_text().splitlines())
     kw = dict(
@@ -101,7 +101,7 @@ def connection_caps(wanted: int | None) -> dict[str, int]:
 
 
 def _open_store(args: argparse.Namespace):
-    from .store import open_store
+    from engine.store import open_store
 
     cfg = build_config(args)
     if cfg.store_url is None:  # the database in the data directory
@@ -111,7 +111,7 @@ def _open_store(args: argparse.Namespace):
 
 # ---- serve ------------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .app import build_engine, run_engine
+    from engine.app import build_engine, run_engine
 
     config = build_config(args)
     engine = build_engine(config)
@@ -147,9 +147,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # ---- registry and operators ------------------------------------------------------------------------------
 def cmd_registry_import(args: argparse.Namespace) -> int:
-    from .crypto import TemplateCipher
-    from .face import FaceExtractor
-    from .registry import import_registry
+    from engine.crypto import TemplateCipher
+    from engine.inference.face import FaceExtractor
+    from engine.ops.registry import import_registry
 
     store, cfg = _open_store(args)
     cipher = TemplateCipher.load_or_create(cfg.template_key_file)
@@ -206,7 +206,7 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def cmd_rp(args: argparse.Namespace) -> int:
-    from .store import RelyingParty
+    from engine.store import RelyingParty
 
     store, _cfg = _open_store(args)
     try:
@@ -238,7 +238,7 @@ def cmd_rp(args: argparse.Namespace) -> int:
 
 
 def cmd_ap(args: argparse.Namespace) -> int:
-    from .store import AcceptancePoint
+    from engine.store import AcceptancePoint
 
     store, _cfg = _open_store(args)
     try:
@@ -267,13 +267,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 # ---- compare ---------------------------------------------------------------------------------------
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import run_compare
+    from engine.cli.compare import run_compare
 
     return run_compare(args)
 
 
 def cmd_qr(args: argparse.Namespace) -> int:
-    from .qr import render_png, render_terminal
+    from engine.wire.qr import render_png, render_terminal
 
     if args.png:
         render_png(args.text, Path(args.png))
@@ -284,7 +284,7 @@ def cmd_qr(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from engine.cli.demo import run_demo
 
     return run_demo(args)
 
@@ -395,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Commands whose own parsers take every argument after the command name.
-DELEGATED = {"calibrate": "engine.bench.calibrate", "top": "engine.top"}
+DELEGATED = {"calibrate": "engine.bench.calibrate", "top": "engine.ops.top"}
 BENCHMARKS = ("accuracy", "load", "limit", "challenge", "fuzz", "soak", "idle")
 
 

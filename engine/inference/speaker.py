@@ -1,8 +1,8 @@
 """A speaker embedding as the engine keeps it: the vector and the band it was heard in.
 
-The band is the recording's effective bandwidth (:func:`engine.voice.detect_band`):
+The band is the recording's effective bandwidth (:func:`engine.inference.voice.detect_band`):
 "wide" for a 16 kHz capture, "narrow" for 8 kHz or telephone-band audio. Scores are
-normalised for the bands of both sides (:meth:`engine.calibration.ScoreModel.voice_score`),
+normalised for the bands of both sides (:meth:`engine.matching.calibration.ScoreModel.voice_score`),
 so a stored voice template carries its band: a version byte, a band byte, then the
 float32 vector (little-endian), sealed like every template.
 """

@@ -1,10 +1,10 @@
 """The TCP (optionally TLS) server: admission, one task per connection, drain.
 
-Each accepted connection is counted in a :class:`~engine.limits.ConnectionTable` (at a cap,
+Each accepted connection is counted in a :class:`~engine.server.limits.ConnectionTable` (at a cap,
 the quietest idle unauthenticated connection is evicted to make room, or the new one is
 refused with ``too_many_connections``) and then runs as an
-:class:`~engine.connection.Connection`, whose errors never escape into the shared nursery.
-All connections share one :class:`~engine.limits.FrameBudget` for partly received frames
+:class:`~engine.server.connection.Connection`, whose errors never escape into the shared nursery.
+All connections share one :class:`~engine.server.limits.FrameBudget` for partly received frames
 and two log pacers (client mistakes, internal errors).
 """
 
@@ -16,14 +16,14 @@ import ssl
 
 import trio
 
-from . import protocol as P
-from .config import EngineConfig
-from .connection import Connection, close_gracefully
-from .framing import encode_frame
-from .limits import ConnectionTable, FrameBudget, LogPacer
-from .service import Engine
+from engine.wire import protocol as P
+from engine.config import EngineConfig
+from engine.server.connection import Connection, close_gracefully
+from engine.wire.framing import encode_frame
+from engine.server.limits import ConnectionTable, FrameBudget, LogPacer
+from engine.flows import Engine
 
-log = logging.getLogger("engine.server")
+log = logging.getLogger("engine.server.listener")
 
 __all__ = ["Server", "open_listeners", "port_of"]
 

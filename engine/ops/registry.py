@@ -16,9 +16,9 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from .crypto import TemplateCipher
-from .errors import InvalidMessage, SampleError
-from .store import CARD_STATUSES, CardRecord, Store
+from engine.crypto import TemplateCipher
+from engine.errors import InvalidMessage, SampleError
+from engine.store import CARD_STATUSES, CardRecord, Store
 
 __all__ = ["CardLine", "ImportReport", "read_registry", "import_registry", "seal_card_template"]
 

@@ -16,7 +16,7 @@ the engine from the wire, and what it does:
   and never escapes into the shared nursery.
 
 Client mistakes are counted in the metrics and logged at most once per connection, without
-a traceback, through a pacer shared by all connections (engine.limits.LogPacer).
+a traceback, through a pacer shared by all connections (engine.server.limits.LogPacer).
 """
 
 from __future__ import annotations
@@ -30,15 +30,15 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import trio
 
-from . import protocol as P
-from .errors import DeadlineExceeded, EngineError, IdleTimeout, InvalidMessage, Overloaded, TooManyConnections, TooManyInFlight
-from .framing import FrameReader, encode_frame
-from .service import Conn, Engine
+from engine.wire import protocol as P
+from engine.errors import DeadlineExceeded, EngineError, IdleTimeout, InvalidMessage, Overloaded, TooManyConnections, TooManyInFlight
+from engine.wire.framing import FrameReader, encode_frame
+from engine.flows import Conn, Engine
 
 if TYPE_CHECKING:
-    from .server import Server
+    from engine.server.listener import Server
 
-log = logging.getLogger("engine.server")
+log = logging.getLogger("engine.server.listener")
 
 __all__ = ["Connection"]
 

@@ -11,7 +11,7 @@ Scores
 * **face**: cosine similarity of SFace embeddings; against an enrollment of several
   images, the best over them (as :class:`engine.matching.index.TemplateIndex` compares).
 * **voice**: channel-aware. Every recording carries its detected band
-  (:mod:`engine.speaker`: "wide" 16 kHz capture, "narrow" 8 kHz or telephone band). Each
+  (:mod:`engine.inference.speaker`: "wide" 16 kHz capture, "narrow" 8 kHz or telephone band). Each
   embedding is centred on its band: the mean embedding of the calibration part's
   recordings in that band is subtracted and the result L2-normalised, which takes out
   what the band itself adds to every voice (narrow-band impostors otherwise score high).
@@ -61,7 +61,7 @@ import msgspec
 import numpy as np
 
 from engine.errors import ConfigError, ModelError, ModelMissing
-from engine.speaker import BANDS
+from engine.inference.speaker import BANDS
 
 __all__ = [
     "OPERATING_POINTS_FILE",

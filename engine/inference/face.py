@@ -27,16 +27,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from engine.errors import (
-    ConfigError,
-    FaceTooSmall,
-    MultipleFaces,
-    NoFace,
-    SampleError,
-    SampleTooLarge,
-    UndecodableSample,
-)
-from engine.models import DEFAULT_MODELS_DIR, open_session
+from engine.errors import ConfigError, FaceTooSmall, MultipleFaces, NoFace, SampleError, SampleTooLarge, UndecodableSample
+from engine.inference.models import DEFAULT_MODELS_DIR, open_session
 
 __all__ = [
     "ARCFACE_TEMPLATE",

@@ -24,11 +24,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import ModelMissing, NoFace, NoSpeech, SampleError, UndecodableSample
+from engine.errors import ModelMissing, NoFace, NoSpeech, SampleError, UndecodableSample
 
 __all__ = ["Extractors", "onnx_extractors", "fake_extractors"]
 
-log = logging.getLogger("engine.extract")
+log = logging.getLogger("engine.inference.extractors")
 
 Pcm = Any  # float32 16 kHz mono audio (np.ndarray); opaque bytes for the fake
 _ORPHAN_POLL = 0.5  # seconds between a worker's checks that the engine still runs
@@ -72,7 +72,7 @@ def _start_worker(parent: int, initializer: Callable[..., None], *args: Any) -> 
     loading is kept for :func:`_ready` and the first task: an initializer that raises
     breaks the pool without saying why."""
     global _init_error
-    from .models import limit_blas_threads
+    from engine.inference.models import limit_blas_threads
 
     threading.Thread(target=_exit_with, args=(parent,), name="parent-watch", daemon=True).start()
     limit_blas_threads()
@@ -157,8 +157,8 @@ def _ready() -> int:
 
 def _init_model_worker(models_dir: Path, intra_op_threads: int) -> None:
     global _models
-    from .face import FaceExtractor
-    from .voice import VoiceExtractor
+    from engine.inference.face import FaceExtractor
+    from engine.inference.voice import VoiceExtractor
 
     face = FaceExtractor(models_dir, intra_op_threads=intra_op_threads)
     voice = VoiceExtractor(models_dir, intra_op_threads=intra_op_threads)
@@ -191,7 +191,7 @@ class ModelPool(_WorkerPool):
     """
 
     def __init__(self, models_dir: Path, *, intra_op_threads: int, processes: int) -> None:
-        from .models import load_manifest
+        from engine.inference.models import load_manifest
 
         for name in ("yunet", "sface", "campplus"):  # a missing model is an error now, not in a worker
             manifest = load_manifest(models_dir, name)
@@ -208,7 +208,7 @@ class ModelPool(_WorkerPool):
 
 def _init_challenge_worker(config: Any, kind: str) -> None:
     global _checker
-    from .challenge import ChallengeChecker
+    from engine.challenge import ChallengeChecker
 
     # a worker only decodes, with the engine's checker's configuration; the threshold is
     # applied by that checker, in the engine's process
@@ -260,15 +260,15 @@ def onnx_extractors(
     models in this process (``model_processes=0``) or in that many worker processes, the
     challenge recogniser in ``challenge_processes`` worker processes, ready for challenges
     of ``challenge_kind``."""
-    from .audio import decode_audio
-    from .face import FaceExtractor
-    from .models import limit_blas_threads
-    from .voice import VoiceExtractor
+    from engine.inference.audio import decode_audio
+    from engine.inference.face import FaceExtractor
+    from engine.inference.models import limit_blas_threads
+    from engine.inference.voice import VoiceExtractor
 
     limit_blas_threads()  # this process's numpy too: it decodes audio and scores templates
     checker = None
     if check_challenge:
-        from .challenge import ChallengeChecker, ChallengeConfig
+        from engine.challenge import ChallengeChecker, ChallengeConfig
 
         # first: a missing or mismatched calibration is refused before any process starts;
         # the calibrated thresholds and the Whisper manifest come from models_dir
@@ -294,7 +294,7 @@ def onnx_extractors(
         warmers.append(pool.warmup)
     else:
         def challenge_batch(items: list) -> list:  # the check is disabled by configuration
-            from .challenge import Verdict
+            from engine.challenge import Verdict
 
             return [Verdict(True, 0.0, "screen") for _ in items]
 
@@ -342,7 +342,7 @@ def _fake_embed(kind: str, data: bytes, dim: int, err: type[SampleError]) -> np.
 
 def _fake_voice(data: bytes) -> Any:
     """A fake speaker embedding; ``VOICE8:`` marks a narrow-band recording."""
-    from .speaker import SpeakerEmbedding
+    from engine.inference.speaker import SpeakerEmbedding
 
     narrow = data.startswith(b"VOICE8:")
     out = _fake_embed("VOICE", b"VOICE:" + data[7:] if narrow else data, 192, NoSpeech)
@@ -358,7 +358,7 @@ def fake_extractors() -> Extractors:
         return data
 
     def challenge(items: list[tuple[bytes, str]]) -> list:
-        from .challenge import Verdict
+        from engine.challenge import Verdict
 
         out: list = []
         for pcm, expected in items:

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import trio
 
-from .errors import FrameBudgetExhausted, FrameTooLarge, IdleTimeout, MalformedFrame, TooSlow
+from engine.errors import FrameBudgetExhausted, FrameTooLarge, IdleTimeout, MalformedFrame, TooSlow
 
 __all__ = ["HEADER_SIZE", "MAX_LENGTH", "SMALL_FRAME", "Budget", "FrameReader", "encode_frame"]
 
@@ -37,7 +37,7 @@ SMALL_FRAME = 65536
 
 
 class Budget(Protocol):
-    """Memory shared by every connection's partly received frames (engine.limits.FrameBudget)."""
+    """Memory shared by every connection's partly received frames (engine.server.limits.FrameBudget)."""
 
     def try_reserve(self, size: int) -> bool: ...
     def release(self, size: int) -> None: ...

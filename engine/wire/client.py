@@ -31,10 +31,10 @@ import nacl.signing
 import nacl.utils
 import trio
 
-from . import protocol as P
-from .crypto import sha256, unseal, verify_signature
-from .errors import BadSignature, EngineError, InvalidMessage, SessionExpired, error_from_code
-from .framing import FrameReader, encode_frame
+from engine.wire import protocol as P
+from engine.crypto import sha256, unseal, verify_signature
+from engine.errors import BadSignature, EngineError, InvalidMessage, SessionExpired, error_from_code
+from engine.wire.framing import FrameReader, encode_frame
 
 __all__ = [
     "Connection",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SampleError
+from engine.errors import SampleError
 
 __all__ = ["run_compare", "embed_files"]
 
@@ -30,8 +30,8 @@ def embed_files(paths: list[Path], embed_batch, *, batch: int = 32) -> dict[Path
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from .calibration import ScoreModel
-    from .models import DEFAULT_MODELS_DIR
+    from engine.matching.calibration import ScoreModel
+    from engine.inference.models import DEFAULT_MODELS_DIR
 
     models = args.models or DEFAULT_MODELS_DIR
     if args.pairs:
@@ -56,11 +56,11 @@ def run_compare(args: argparse.Namespace) -> int:
 
     scores = ScoreModel.load(models)
     if args.modality == "face":
-        from .face import FaceExtractor
+        from engine.inference.face import FaceExtractor
 
         embed = FaceExtractor(models).embed_batch
     else:
-        from .voice import VoiceExtractor
+        from engine.inference.voice import VoiceExtractor
 
         embed = VoiceExtractor(models).embed_batch
     distinct = sorted({p for pair in pairs for p in pair})

@@ -15,7 +15,7 @@ from typing import Annotated, Literal, Union
 import msgspec
 from msgspec import Meta
 
-from .errors import InvalidMessage, UnknownMessage
+from engine.errors import InvalidMessage, UnknownMessage
 
 PROTOCOL_VERSION = 1
 

@@ -1,0 +1,1 @@
+"""Operations: Prometheus metrics, ``netid top``, the ID-card registry import."""

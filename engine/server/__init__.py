@@ -1,0 +1,1 @@
+"""The TCP server: accepting connections, one connection's reader and writer, connection limits."""

@@ -1,0 +1,1 @@
+"""The wire: MessagePack messages and their limits, framing, and the client library."""
