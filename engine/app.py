@@ -1,7 +1,8 @@
 """The composition root: assemble an engine from an :class:`EngineConfig`, and run it.
 
 ``build_engine`` is the one place that picks the implementation behind each seam
-(store, session state and quotas, matching, inference) from the configuration.
+(store, session state and quotas, matching, inference) from the configuration: state in
+this process, or on Redis and the PostgreSQL store when ``state_url`` names one.
 ``run_engine`` loads the duplicate search, warms the models, serves the wire protocol
 and, if configured, the metrics endpoint. ``task_status`` reports a
 :class:`Running` handle with the bound ports once the engine is ready. On
@@ -56,7 +57,8 @@ def build_engine(
     metrics: Metrics | None = None,
 ) -> Engine:
     """An engine on ``config``: the store named by ``config.store_location`` (unless one
-    is given), state in this process, 1:1 matching through the store, FAISS duplicate
+    is given), session state and quotas in this process or, with ``config.state_url``, on
+    Redis and PostgreSQL (shared by many nodes), 1:1 matching through the store, FAISS duplicate
     search (if configured), and the local models (ONNX unless ``extractors`` are given)."""
     import faiss
 
@@ -76,6 +78,12 @@ def build_engine(
         )
     scores = scores if scores is not None else ScoreModel.load(config.models_dir)
     metrics = metrics or Metrics()
+    if config.state_url is None:
+        state, quotas = MemorySessionState(), MemoryQuotas()
+    else:
+        from .state.redis import open_shared_state
+
+        state, quotas = open_shared_state(config.state_url, config.store_location)
     duplicates = (
         FaissDuplicateSearch(store, templates, dim=extractors.face_dim, threshold=scores.threshold("face", DUPLICATE_FMR))
         if config.duplicate_search
@@ -84,8 +92,8 @@ def build_engine(
     ctx = Context(
         config=config,
         store=store,
-        state=MemorySessionState(),
-        quotas=MemoryQuotas(),
+        state=state,
+        quotas=quotas,
         matcher=StoreMatcher(store, templates, scores, face_dim=extractors.face_dim, voice_dim=extractors.voice_dim),
         duplicates=duplicates,
         inference=local_inference(extractors, (config.face_batch, config.voice_batcher, config.challenge_batch), metrics=metrics),

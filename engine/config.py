@@ -159,6 +159,10 @@ class EngineConfig:
     model_processes: int = 2
     store_threads: int = 4
     duplicate_search: bool = True
+    #: Where sessions, results and quotas live: None, this process (one node); or
+    #: ``redis://HOST[:PORT]/DB[?prefix=NAME]`` for many nodes, which also keeps consumed
+    #: sessions and undelivered results in the PostgreSQL store (docs/cluster.md).
+    state_url: str | None = None
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -171,6 +175,12 @@ class EngineConfig:
             raise ConfigError("model_processes must be 0..64")
         if not 0.0 <= self.voice_wait_with_challenge <= 10.0:
             raise ConfigError("voice_wait_with_challenge must be between 0 and 10 seconds")
+        if self.state_url is not None:
+            if self.state_url.partition("://")[0].lower() not in ("redis", "rediss", "unix"):
+                raise ConfigError("the state URL reads redis://HOST[:PORT]/DB[?prefix=NAME] (or rediss://, unix://)")
+            if self.store_location.partition("://")[0].lower() not in ("postgresql", "postgres"):
+                raise ConfigError("shared state on Redis needs a PostgreSQL store (--store postgresql://...):"
+                                  " consumed sessions and undelivered results are kept there")
 
     @property
     def voice_batcher(self) -> BatcherConfig:

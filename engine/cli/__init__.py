@@ -75,6 +75,7 @@ def build_config(args: argparse.Namespace, **overrides) -> EngineConfig:
             intra_op_threads=args.threads,
             limits=LimitsConfig(session_ttl=args.session_ttl, max_in_flight=args.max_in_flight, **connection_caps(args.max_connections)),
             challenge=ChallengeSettings(kind=args.challenge, phrases=phrases, check=not args.no_challenge_check),
+            state_url=args.state,
         )
     kw.update(overrides)
     return EngineConfig(**kw)
@@ -314,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--challenge", choices=["digits", "phrase"], default="digits")
     s.add_argument("--phrases", type=Path, help="phrase list for --challenge phrase (one per line)")
     s.add_argument("--no-challenge-check", action="store_true", help="do not check what the recording says")
+    s.add_argument("--state", default=None, metavar="URL",
+                   help="sessions, results and quotas shared by many nodes: redis://HOST[:PORT]/DB[?prefix=NAME];"
+                        " needs --store postgresql://... (default: in this process)")
     s.set_defaults(func=cmd_serve)
 
     r = sub.add_parser("registry", help="ID-card registry")
