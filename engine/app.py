@@ -118,7 +118,7 @@ async def run_engine(engine: Engine, *, task_status=trio.TASK_STATUS_IGNORED) ->
                     engine.metrics,
                     host=config.metrics_host,
                     port=config.metrics_port,
-                    ready=lambda: engine.ready and not server.draining,
+                    ready=lambda: engine.ready and engine.reachable and not server.draining,
                     task_status=task_status,
                 )
 

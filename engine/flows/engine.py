@@ -62,6 +62,9 @@ def _on_ctx(flow: Flow) -> Callable[[Engine, Conn, Any], Awaitable[msgspec.Struc
     return handle
 
 
+#: Seconds between probes of the store and the state's services (for /readyz).
+PROBE_EVERY = 1.0
+
 #: Requests that run the models: admitted against the engine-wide limits first.
 BIOMETRIC = (P.Verify, P.Enroll, P.Rebind, P.ReportLost)
 
@@ -71,7 +74,8 @@ class Engine:
         self.ctx = ctx
         self.x = extractors  # the local extractors, when the models run here (engine.inference.extractors)
         self.owns_extractors = owns_extractors
-        self.ready = False
+        self.ready = False  # warmed up and serving
+        self.reachable = True  # the store and the state's services answered the last probe
         self._biometric = 0  # biometric requests admitted and not yet answered
 
     # the seams, for the server, the operator tools and tests
@@ -113,9 +117,24 @@ class Engine:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.ctx.inference.run)
             await nursery.start(self.ctx.state.run, lambda: self.ctx.clock())
+            nursery.start_soon(self._probe)
             self.ready = True
             await self.ctx.refresh_credential_gauge()
             task_status.started()
+
+    async def _probe(self) -> None:
+        """Every ``PROBE_EVERY`` seconds, ask the store and the state whether their services
+        answer; ``reachable`` holds the last answer (for /readyz, not for each request)."""
+        while True:
+            # a thread of its own, not the store's limiter: requests queued there must not delay it
+            up = await trio.to_thread.run_sync(self.ctx.store.healthy) and await self.ctx.state.healthy()
+            if up != self.reachable:
+                if up:
+                    log.info("the store and the shared state answer again: ready")
+                else:
+                    log.warning("the store or the shared state is unreachable: not ready")
+                self.reachable = up
+            await trio.sleep(PROBE_EVERY)
 
     def close(self) -> None:
         """Release the store and, if the engine made them, the models' worker processes."""

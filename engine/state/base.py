@@ -82,6 +82,11 @@ class SessionState(Protocol):
 
     def unsubscribe(self, rp_id: str, outbox: trio.MemorySendChannel) -> None: ...
 
+    async def healthy(self) -> bool:
+        """Whether the services the state lives on answer now (a cheap probe for
+        readiness, never raising); in-process state is always healthy."""
+        ...
+
     async def run(self, clock: Callable[[], float], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Background work for as long as the engine runs (expiry sweeps)."""
         ...

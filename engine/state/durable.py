@@ -115,6 +115,15 @@ class DurableState:
         except psycopg.Error as exc:  # PoolTimeout included
             raise self._error(exc) from exc
 
+    def healthy(self, timeout_s: float = 1.0) -> bool:
+        """``SELECT 1`` on a pooled connection; False while the database cannot be reached."""
+        try:
+            with self._pool.connection(timeout=timeout_s) as conn:
+                conn.execute("SELECT 1")
+        except psycopg.Error:
+            return False
+        return True
+
     def close(self) -> None:
         self._pool.close()
 

@@ -118,6 +118,9 @@ class MemorySessionState:
             del self._entries[sid]
         return len(dead)
 
+    async def healthy(self) -> bool:
+        return True
+
     async def run(self, clock: Callable[[], float], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:

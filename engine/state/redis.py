@@ -318,6 +318,14 @@ class RedisSessionState:
         for rp_id, sid, sealed in rows:
             self._push(rp_id, sid, sealed, outbox)
 
+    async def healthy(self) -> bool:
+        """Redis answers ``PING`` and PostgreSQL ``SELECT 1`` (each within about a second)."""
+        try:
+            await self.r.run(self.r.client.ping)
+        except (Unavailable, redis.RedisError):
+            return False
+        return bool(await self._durable(self.durable.healthy))
+
     # ---- background work -------------------------------------------------------------------------
     async def run(self, clock: Callable[[], float], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Subscriber thread, catch-up of reconnecting streams, delivery marks, re-sends, sweeps."""

@@ -251,6 +251,10 @@ class Store(Protocol):
         self, *, limit: int = 100, since_seq: int = 0, subject: str | None = None
     ) -> list[AuditEntry]: ...
 
+    def healthy(self) -> bool:
+        """Whether the database answers now (a cheap probe for readiness, never raising)."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -158,6 +158,19 @@ class PostgresDatabase:
         with self._connection() as conn:
             return conn.execute(query, args).fetchall()  # type: ignore[arg-type]
 
+    def healthy(self, timeout_s: float = 1.0) -> bool:
+        """``SELECT 1`` on a pooled connection (checked before use): False while the database
+        cannot be reached within ``timeout_s``. The pool reconnects meanwhile, so the probe
+        turns True again by itself once the database is back."""
+        if self._closed:
+            return False
+        try:
+            with self._pool.connection(timeout=timeout_s) as conn:
+                conn.execute("SELECT 1")
+        except psycopg.Error:
+            return False
+        return True
+
     def close(self) -> None:
         if self._closed:
             return

@@ -266,6 +266,10 @@ class SqliteFile:
                     f"database schema version {row[0]} is not supported (this engine uses {SCHEMA_VERSION})"
                 )
 
+    def healthy(self) -> bool:
+        """A file in this process: healthy until closed."""
+        return not self._closed
+
     def close(self) -> None:
         with self._conns_lock:
             self._closed = True
