@@ -5,8 +5,8 @@ fake extractors) share a data directory (the engine's keys, as every node of a d
 must), a PostgreSQL schema and a Redis key prefix. A session opened on node A is verified
 on node B, the result is pushed to the relying party's stream on A, and the same
 submission replayed to either node is refused. The relying party's node killed with
-SIGKILL, the relying party reconnects to the other node and receives the result of a
-session that completed meanwhile. Redis and PostgreSQL on 127.0.0.1
+SIGKILL, the relying party's client (given both addresses) fails over to the other node and
+receives the result of a session that completed meanwhile. Redis and PostgreSQL on 127.0.0.1
 (services policy: tests/conftest.py).
 """
 
@@ -84,16 +84,34 @@ async def test_opened_on_one_node_verified_on_the_other_pushed_back_and_never_re
                 assert (fetched.session_id, fetched.outcome) == (opened.session_id, "pass")
 
 
-async def test_the_relying_partys_node_killed_it_reconnects_to_the_other_and_gets_the_result(tmp_path, redis_prefix, postgres_url) -> None:  # noqa: F811
+async def test_the_relying_partys_node_killed_the_client_fails_over_and_gets_the_result(tmp_path, redis_prefix, postgres_url) -> None:  # noqa: F811
     async with two_nodes(tmp_path, redis_prefix, postgres_url) as (a, b, rp, (key, credential_id)):
         with trio.fail_after(60):
-            async with open_relying_party("127.0.0.1", a.port, **rp) as hotel:
+            async with open_relying_party(hosts=[("127.0.0.1", a.port), ("127.0.0.1", b.port)], **rp) as hotel:
+                assert hotel.address == ("127.0.0.1", a.port)  # the first that answers
                 opened = await hotel.open_session(level="basic", purpose="check-in")
-            await trio.to_thread.run_sync(a.kill)  # SIGKILL: the relying party's node is gone
-            async with open_holder("127.0.0.1", b.port, device_key=key) as phone:
-                qr = phone.scan(opened.qr)  # the session opened on A lives on
-                assert (await phone.verify(credential_id, qr, face=face("alice", 5), voice=voice("alice", qr.challenge, 6))).outcome == "pass"
-            async with open_relying_party("127.0.0.1", b.port, **rp) as hotel:  # it fails over to B
+                await trio.to_thread.run_sync(a.kill)  # SIGKILL: the relying party's node is gone
+                async with open_holder("127.0.0.1", b.port, device_key=key) as phone:
+                    qr = phone.scan(opened.qr)  # the session opened on A lives on
+                    assert (await phone.verify(credential_id, qr, face=face("alice", 5), voice=voice("alice", qr.challenge, 6))).outcome == "pass"
                 with trio.fail_after(10):
-                    pushed = await hotel.results().__anext__()  # completed while it was away: sent on reconnect
+                    pushed = await hotel.results().__anext__()  # completed while it was away: sent on reconnect to B
                 assert (pushed.session_id, pushed.outcome) == (opened.session_id, "pass")
+                assert hotel.address == ("127.0.0.1", b.port) and hotel.connections == 2
+                again = await hotel.open_session(level="basic", purpose="check-out")  # carries on, on B
+                assert (await hotel.fetch_result(opened.session_id)).session_id == opened.session_id
+                with pytest.raises(E.ResultPending):
+                    await hotel.fetch_result(again.session_id)
+
+
+def test_the_relying_partys_addresses_read_as_pairs_or_a_comma_list() -> None:
+    from engine.wire.client import _addresses
+
+    assert _addresses("h", 1, None) == [("h", 1)]
+    assert _addresses(None, None, "a:1, b:2,[::1]:3") == [("a", 1), ("b", 2), ("::1", 3)]
+    assert _addresses(None, None, [("a", "1")]) == [("a", 1)]
+    for bad in ("a", "a:x", ""):
+        with pytest.raises(ValueError):
+            _addresses(None, None, bad)
+    with pytest.raises(ValueError):
+        _addresses(None, None, [])

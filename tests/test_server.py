@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import struct
 import time
 
@@ -217,6 +218,25 @@ async def test_rp_auth_failures(env):
     with pytest.raises(E.UnknownRelyingParty):
         async with open_relying_party("127.0.0.1", running.port, rp_id="nobody", signing_key=wrong, box_key=rp_keys.box):
             pass
+
+
+async def test_rp_with_several_addresses_takes_the_first_that_answers(env):
+    running, rp_keys, _ = env
+    with socket.socket() as unused:  # bound, never listening: connections to it are refused
+        unused.bind(("127.0.0.1", 0))
+        dead = unused.getsockname()[1]
+        keys = dict(rp_id="hotel", signing_key=rp_keys.signing, box_key=rp_keys.box)
+        with trio.fail_after(10):
+            async with open_relying_party(hosts=f"127.0.0.1:{dead},127.0.0.1:{running.port}", **keys) as rp:
+                assert rp.address == ("127.0.0.1", running.port)
+                assert (await rp.open_session()).session_id
+            with pytest.raises(OSError):  # a whole round refused before any stream: the last error
+                async with open_relying_party(hosts=[("127.0.0.1", dead)], **keys):
+                    pass
+            with pytest.raises(E.BadSignature):  # refused by the engine on every node
+                async with open_relying_party(hosts=[("127.0.0.1", running.port)] * 2, rp_id="hotel",
+                                              signing_key=nacl.signing.SigningKey.generate(), box_key=rp_keys.box):
+                    pass
 
 
 def test_fake_extractor_is_deterministic():

@@ -1,6 +1,7 @@
 """Async clients: a relying party's stream and a holder's phone.
 
     async with open_relying_party(host, port, rp_id=..., signing_key=..., box_key=...) as rp:
+    # or open_relying_party(hosts=[(host_a, port_a), (host_b, port_b)], ...): fails over
         opened = await rp.open_session(level="basic")
         print(qr_text(opened.qr))                 # shown as a QR code
         result = await rp.wait_result(opened.session_id)   # signature checked, unsealed
@@ -18,9 +19,10 @@ from __future__ import annotations
 
 import base64
 import itertools
+import logging
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +52,8 @@ __all__ = [
 ]
 
 QR_PREFIX = "NETID1:"
+
+log = logging.getLogger("engine.client")
 
 
 def qr_text(signed: P.Signed) -> str:
@@ -226,14 +230,40 @@ class OpenedSession:
 
 
 class RelyingPartyClient:
-    def __init__(self, conn: Connection, *, rp_id: str, box_key: nacl.public.PrivateKey, engine_key: bytes) -> None:
+    """A relying party's authenticated stream: sessions, results pushed and fetched.
+
+    Given several addresses (:func:`open_relying_party`), the client keeps one stream open
+    to the first node that answers; when that stream drops it connects to the next node and
+    authenticates again, and the engine sends it there what it missed meanwhile. ``results()``
+    goes on across the switch; a request caught by the drop is sent again on the new stream
+    (``open_session`` may then leave an unused session behind, which expires)."""
+
+    def __init__(self, conn: Connection | None, *, rp_id: str, box_key: nacl.public.PrivateKey, engine_key: bytes) -> None:
         self.conn = conn
         self.rp_id = rp_id
         self._box_key = box_key
         self.engine_key = engine_key
+        #: the node the stream is connected to (several addresses only)
+        self.address: tuple[str, int] | None = None
+        #: streams opened so far: 1, plus one per fail-over (several addresses only)
+        self.connections = 0
+        self._pushes: trio.MemoryReceiveChannel | None = None  # across fail-overs; else the stream's own
+        self._switched = trio.Event()  # set (and replaced) each time ``conn`` changes
+
+    async def _request(self, msg_type: type, **fields: Any) -> Any:
+        while True:
+            conn = self.conn
+            assert conn is not None
+            try:
+                return await conn.request(msg_type, **fields)
+            except trio.BrokenResourceError:
+                if self._pushes is None:  # one address: no fail-over
+                    raise
+                while self.conn is conn:  # the stream dropped: wait for the next node's
+                    await self._switched.wait()
 
     async def open_session(self, *, level: str = "basic", purpose: str = "") -> OpenedSession:
-        reply: P.SessionOpened = await self.conn.request(P.OpenSession, level=level, purpose=purpose)
+        reply: P.SessionOpened = await self._request(P.OpenSession, level=level, purpose=purpose)
         verify_signature(self.engine_key, reply.qr.payload, reply.qr.sig)
         payload = P.decode_signed(reply.qr, P.QrPayload)
         return OpenedSession(reply.session_id, reply.qr, payload, reply.expires_at)
@@ -245,19 +275,84 @@ class RelyingPartyClient:
         return result
 
     async def results(self) -> AsyncIterator[P.ResultPayload]:
-        """Pushed results, unsealed and signature-checked, as they arrive."""
-        async for msg in self.conn.pushes:
+        """Pushed results, unsealed and signature-checked, as they arrive. Delivery is at least
+        once: after a fail-over a result can come twice; key them by session id."""
+        async for msg in self._pushes if self._pushes is not None else self.conn.pushes:  # type: ignore[union-attr]
             yield self.open(msg.sealed)
 
     async def fetch_result(self, session_id: str) -> P.ResultPayload:
-        reply: P.ResultMsg = await self.conn.request(P.FetchResult, session_id=session_id)
+        reply: P.ResultMsg = await self._request(P.FetchResult, session_id=session_id)
         return self.open(reply.sealed)
+
+    async def _stay_connected(self, addresses: list[tuple[str, int]], connect: Any, retry_wait: float,
+                              *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Hold a stream to one of ``addresses``, in order, moving on to the next when it drops.
+        Until the first stream is up, a whole round of failures raises the last error; after,
+        it keeps trying (waiting ``retry_wait`` after each round), and requests wait for it."""
+        push_send, self._pushes = trio.open_memory_channel[P.ResultMsg](1024)
+        started, failed, i = False, 0, 0
+        while True:
+            host, port = addresses[i % len(addresses)]
+            try:
+                async with connect(host, port) as conn:
+                    self.conn, self.address, self.engine_key = conn, (host, port), conn.engine_key
+                    self.connections += 1
+                    switched, self._switched = self._switched, trio.Event()
+                    switched.set()
+                    failed = 0
+                    if not started:
+                        started = True
+                        task_status.started()
+                    async for msg in conn.pushes:  # until the stream drops
+                        try:
+                            push_send.send_nowait(msg)
+                        except trio.WouldBlock:
+                            conn.pushes_dropped += 1
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, EngineError) as exc:
+                if not started and failed + 1 >= len(addresses):
+                    raise
+                log.info("relying party stream to %s:%d: %s; trying the next node", host, port, type(exc).__name__)
+            failed += 1
+            i += 1
+            if failed % len(addresses) == 0:
+                await trio.sleep(retry_wait)
+
+
+def _addresses(host: str | None, port: int | None, hosts: Sequence[tuple[str, int]] | str | None) -> list[tuple[str, int]]:
+    """``hosts`` (pairs, or ``"HOST:PORT,HOST:PORT"``), else ``host`` and ``port``."""
+    if hosts is None:
+        if host is None or port is None:
+            raise ValueError("give host and port, or hosts")
+        return [(host, int(port))]
+    if isinstance(hosts, str):
+        pairs = []
+        for item in hosts.split(","):
+            name, sep, number = item.strip().rpartition(":")
+            if not sep or not name or not number.isdigit():
+                raise ValueError("hosts reads HOST:PORT[,HOST:PORT...]")
+            pairs.append((name.strip("[]"), int(number)))
+        hosts = pairs
+    found = [(str(h), int(p)) for h, p in hosts]
+    if not found:
+        raise ValueError("hosts is empty")
+    return found
+
+
+@asynccontextmanager
+async def _authenticated(host: str, port: int, *, rp_id: str, signing_key: nacl.signing.SigningKey, engine_key: bytes | None,
+                         ssl_context: ssl.SSLContext | None, keepalive: float | None) -> AsyncIterator[Connection]:
+    async with open_connection(host, port, ssl_context=ssl_context, keepalive=keepalive) as conn:
+        if engine_key is not None and engine_key != conn.engine_key:
+            raise BadSignature("engine key does not match the pinned key")
+        sig = signing_key.sign(P.auth_message(conn.hello.nonce, rp_id)).signature
+        await conn.request(P.Auth, rp_id=rp_id, sig=sig)
+        yield conn
 
 
 @asynccontextmanager
 async def open_relying_party(
-    host: str,
-    port: int,
+    host: str | None = None,
+    port: int | None = None,
     *,
     rp_id: str,
     signing_key: nacl.signing.SigningKey,
@@ -265,15 +360,40 @@ async def open_relying_party(
     engine_key: bytes | None = None,
     ssl_context: ssl.SSLContext | None = None,
     keepalive: float | None = 60.0,
+    hosts: Sequence[tuple[str, int]] | str | None = None,
+    retry_wait: float = 0.5,
 ) -> AsyncIterator[RelyingPartyClient]:
     """Connect and authenticate; ``engine_key`` pins the engine's published key if given.
-    The stream pings every ``keepalive`` seconds without a request (None: never)."""
-    async with open_connection(host, port, ssl_context=ssl_context, keepalive=keepalive) as conn:
-        if engine_key is not None and engine_key != conn.engine_key:
-            raise BadSignature("engine key does not match the pinned key")
-        sig = signing_key.sign(P.auth_message(conn.hello.nonce, rp_id)).signature
-        await conn.request(P.Auth, rp_id=rp_id, sig=sig)
-        yield RelyingPartyClient(conn, rp_id=rp_id, box_key=box_key, engine_key=conn.engine_key)
+    The stream pings every ``keepalive`` seconds without a request (None: never).
+
+    ``hosts`` (``[(host, port), ...]`` or ``"host:port,host:port"``) names several nodes of
+    one deployment: they are tried in order, and when the stream drops the client fails over
+    to the next and authenticates again (see :class:`RelyingPartyClient`); after the first
+    stream the engine key is pinned to that node's. With ``host`` and ``port`` alone, a
+    dropped stream stays dropped, as before."""
+    addresses = _addresses(host, port, hosts)
+    if hosts is None:
+        async with _authenticated(host, port, rp_id=rp_id, signing_key=signing_key, engine_key=engine_key,  # type: ignore[arg-type]
+                                  ssl_context=ssl_context, keepalive=keepalive) as conn:
+            yield RelyingPartyClient(conn, rp_id=rp_id, box_key=box_key, engine_key=conn.engine_key)
+        return
+    client = RelyingPartyClient(None, rp_id=rp_id, box_key=box_key, engine_key=engine_key or b"")
+
+    def connect(h: str, p: int) -> Any:  # every node after the first must hold the same engine key
+        return _authenticated(h, p, rp_id=rp_id, signing_key=signing_key, engine_key=engine_key or (client.engine_key or None),
+                              ssl_context=ssl_context, keepalive=keepalive)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client._stay_connected, addresses, connect, retry_wait)
+            try:
+                yield client
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:  # the caller's own exception, or the first connection's
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 # ---- holder ---------------------------------------------------------------------------------------
