@@ -298,7 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-json", action="store_true", help="structured logs: one JSON object per line")
     sub = p.add_subparsers(dest="command", required=True)
+    for add in (_serve_parser, _operator_parsers, _tool_parsers):
+        add(sub)
+    return p
 
+
+def _serve_parser(sub) -> None:
     s = sub.add_parser("serve", help="run the engine")
     _common(s)
     s.add_argument("--host", default="127.0.0.1")
@@ -320,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                         " needs --store postgresql://... (default: in this process)")
     s.set_defaults(func=cmd_serve)
 
+
+def _operator_parsers(sub) -> None:
     r = sub.add_parser("registry", help="ID-card registry")
     rs = r.add_subparsers(dest="action", required=True)
     ri = rs.add_parser("import", help="import ID-card records (JSON lines: card_number, name, photo, status)")
@@ -364,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--subject")
     a.set_defaults(func=cmd_audit)
 
+
+def _tool_parsers(sub) -> None:
     cmp_ = sub.add_parser("compare", help="compare two face images or two voice recordings")
     cmp_.add_argument("modality", choices=["face", "voice"])
     cmp_.add_argument("a", nargs="?")
@@ -395,7 +404,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("kind", choices=BENCHMARKS)
     sub.add_parser("calibrate", help="derive operating points from measured score distributions")
     sub.add_parser("top", help="live view of a running engine's metrics")
-    return p
 
 
 #: Commands whose own parsers take every argument after the command name.
