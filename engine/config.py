@@ -141,15 +141,16 @@ class EngineConfig:
     challenge: ChallengeSettings = field(default_factory=ChallengeSettings)
     # Defaults measured on 2 cores (benchmarks/TUNING.md); raise workers on bigger machines.
     face_batch: BatcherConfig = field(default_factory=lambda: BatcherConfig(max_batch=4, max_wait=0.004, queue_size=64, workers=2))
-    voice_batch: BatcherConfig = field(default_factory=lambda: BatcherConfig(max_batch=16, max_wait=0.004, queue_size=64, workers=1))
+    #: CAM++ runs one recording at a time (about 62 CPU ms each): a batch of 16 held one
+    #: model worker for a second, and the engine reached 0.735 of the limit; batches of four
+    #: on both workers reached 0.971 in the same sitting (benchmarks/TUNING.md section 1).
+    voice_batch: BatcherConfig = field(default_factory=lambda: BatcherConfig(max_batch=4, max_wait=0.004, queue_size=64, workers=2))
     #: One recording per batch: a batch's checks finish together, so a recording the screen
     #: decided would wait for its partner's phone loop (TUNING section 6 h).
     challenge_batch: BatcherConfig = field(default_factory=lambda: BatcherConfig(max_batch=1, max_wait=0.002, queue_size=64, workers=2))
     #: With the challenge check on, a voice job may wait this long (seconds) for company:
     #: the recogniser takes longer on the same recording, so the wait is off the critical
-    #: path. Batches now save little (20.6-21.8 CPU ms per recording at two, 21.7-21.9 at
-    #: one, since BLAS is held to one thread), and 0.01 s measured no different under load
-    #: (benchmarks/TUNING.md sections 1 and 6 i).
+    #: path (benchmarks/TUNING.md sections 1 and 6).
     #: ``voice_batch.max_wait`` applies when it is longer, or with the check off.
     voice_wait_with_challenge: float = 0.2
     intra_op_threads: int = 1
