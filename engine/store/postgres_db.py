@@ -22,24 +22,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import msgspec
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from .. import errors
-from .base import (
-    AuditEntry,
-    AuditValue,
-    check_text as _text,
-    encode_audit_detail as _encode_detail,
-)
+from .base import AuditValue
 from .postgres_schema import advisory_key, migrate
+from .sql_rows import SqlAudit, append_audit
 
 __all__ = ["PostgresDatabase", "parse_url"]
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
-_detail_decoder = msgspec.json.Decoder(dict[str, AuditValue])
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -73,8 +67,10 @@ def _unreachable(exc: BaseException) -> bool:
     return state is None or state.startswith("08") or state in ("57P01", "57P02", "57P03")
 
 
-class PostgresDatabase:
+class PostgresDatabase(SqlAudit):
     """One PostgreSQL schema, used from any number of threads."""
+
+    _MARK = "%s"  # statements are written with ``?``; psycopg takes ``%s``
 
     def __init__(
         self, url: str, *, busy_timeout_ms: int = 5000, min_connections: int = 1, max_connections: int = 8,
@@ -154,9 +150,10 @@ class PostgresDatabase:
         with self._connection() as conn, conn.transaction():
             yield conn
 
-    def _read(self, query: str, args: tuple | dict = ()) -> list[tuple]:
+    def _read(self, query: str, args: tuple = ()) -> list[tuple]:
+        """One statement, written with ``?`` placeholders."""
         with self._connection() as conn:
-            return conn.execute(query, args).fetchall()  # type: ignore[arg-type]
+            return conn.execute(self._sql(query), args).fetchall()  # type: ignore[arg-type]
 
     def healthy(self, timeout_s: float = 1.0) -> bool:
         """``SELECT 1`` on a pooled connection (checked before use): False while the database
@@ -238,13 +235,8 @@ class PostgresDatabase:
         conn: psycopg.Connection, *, actor: str, action: str, subject: str, outcome: str,
         detail: dict[str, AuditValue] | None, now: float,
     ) -> None:
-        encoded = _encode_detail(detail)
-        for value, what in ((actor, "actor"), (action, "action"), (subject, "subject"), (outcome, "outcome")):
-            _text(value, f"audit {what}")
-        conn.execute(
-            "INSERT INTO audit(ts, actor, action, subject, outcome, detail) VALUES (%s, %s, %s, %s, %s, %s)",
-            (float(now), actor, action, subject, outcome, encoded),
-        )
+        append_audit(conn, "%s", actor=actor, action=action, subject=subject, outcome=outcome,
+                     detail=detail, now=now)
 
     def audit(
         self, *, actor: str, action: str, subject: str, outcome: str,
@@ -253,20 +245,3 @@ class PostgresDatabase:
         with self._connection() as conn:  # one INSERT: atomic on its own
             self._audit(conn, actor=actor, action=action, subject=subject, outcome=outcome,
                         detail=detail, now=now)
-
-    def audit_log(
-        self, *, limit: int = 100, since_seq: int = 0, subject: str | None = None
-    ) -> list[AuditEntry]:
-        if limit <= 0:
-            return []
-        query = "SELECT seq, ts, actor, action, subject, outcome, detail FROM audit WHERE seq > %s"
-        args: tuple = (since_seq,)
-        if subject is not None:
-            query += " AND subject = %s"
-            args += (subject,)
-        rows = self._read(query + " ORDER BY seq LIMIT %s", args + (limit,))
-        return [
-            AuditEntry(seq=r[0], ts=r[1], actor=r[2], action=r[3], subject=r[4], outcome=r[5],
-                       detail=_detail_decoder.decode(r[6]))
-            for r in rows
-        ]

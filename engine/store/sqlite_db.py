@@ -17,19 +17,17 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import msgspec
-
 from .. import errors
-from .base import (
-    AcceptancePoint,
-    AuditEntry,
-    AuditValue,
-    Credential,
-    RelyingParty,
-    TemplateRow,
-    check_text as _text,
-    encode_audit_detail as _encode_detail,
+from .base import AuditValue
+from .sql_rows import (  # the row layout, shared with the PostgreSQL store (re-exported)
+    SqlAudit,
+    acceptance_point_of,
+    append_audit,
+    credential_of,
+    relying_party_of,
+    template_of,
 )
+from .sql_rows import AP_COLS as AP_COLS, CRED_COLS as CRED_COLS, RP_COLS as RP_COLS, TPL_COLS as TPL_COLS
 
 __all__ = ["SCHEMA_VERSION", "SqliteFile", "credential_of", "template_of", "relying_party_of", "acceptance_point_of"]
 
@@ -121,42 +119,7 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 """
 
-# columns and row decoders, in the order of the columns
-CRED_COLS = "credential_id, card_number, version, level, device_key, status, created_at, updated_at"
-TPL_COLS = "template_id, credential_id, modality, ciphertext"
-RP_COLS = "rp_id, display_name, sign_key, box_key, max_level, quota_per_minute, status, created_at"
-AP_COLS = "ap_id, name, sign_key, status, created_at"
-
-
-def credential_of(row: tuple) -> Credential:
-    return Credential(
-        credential_id=row[0], card_number=row[1], version=row[2], level=row[3],
-        device_key=bytes(row[4]), status=row[5], created_at=row[6], updated_at=row[7],
-    )
-
-
-def template_of(row: tuple) -> TemplateRow:
-    return TemplateRow(
-        template_id=row[0], credential_id=row[1], modality=row[2], ciphertext=bytes(row[3])
-    )
-
-
-def relying_party_of(row: tuple) -> RelyingParty:
-    return RelyingParty(
-        rp_id=row[0], display_name=row[1], sign_key=bytes(row[2]), box_key=bytes(row[3]),
-        max_level=row[4], quota_per_minute=row[5], status=row[6], created_at=row[7],
-    )
-
-
-def acceptance_point_of(row: tuple) -> AcceptancePoint:
-    return AcceptancePoint(
-        ap_id=row[0], name=row[1], sign_key=bytes(row[2]), status=row[3], created_at=row[4]
-    )
-
-_detail_decoder = msgspec.json.Decoder(dict[str, AuditValue])
-
-
-class SqliteFile:
+class SqliteFile(SqlAudit):
     """One SQLite database file, used from any number of threads."""
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout_ms: int = 5000) -> None:
@@ -286,13 +249,8 @@ class SqliteFile:
         conn: sqlite3.Connection, *, actor: str, action: str, subject: str, outcome: str,
         detail: dict[str, AuditValue] | None, now: float,
     ) -> None:
-        encoded = _encode_detail(detail)
-        for value, what in ((actor, "actor"), (action, "action"), (subject, "subject"), (outcome, "outcome")):
-            _text(value, f"audit {what}")
-        conn.execute(
-            "INSERT INTO audit(ts, actor, action, subject, outcome, detail) VALUES (?, ?, ?, ?, ?, ?)",
-            (float(now), actor, action, subject, outcome, encoded),
-        )
+        append_audit(conn, "?", actor=actor, action=action, subject=subject, outcome=outcome,
+                     detail=detail, now=now)
 
     def audit(
         self, *, actor: str, action: str, subject: str, outcome: str,
@@ -301,20 +259,3 @@ class SqliteFile:
         with self._write() as conn:
             self._audit(conn, actor=actor, action=action, subject=subject, outcome=outcome,
                         detail=detail, now=now)
-
-    def audit_log(
-        self, *, limit: int = 100, since_seq: int = 0, subject: str | None = None
-    ) -> list[AuditEntry]:
-        if limit <= 0:
-            return []
-        sql = "SELECT seq, ts, actor, action, subject, outcome, detail FROM audit WHERE seq > ?"
-        args: tuple = (since_seq,)
-        if subject is not None:
-            sql += " AND subject = ?"
-            args += (subject,)
-        rows = self._read(sql + " ORDER BY seq LIMIT ?", args + (limit,))
-        return [
-            AuditEntry(seq=r[0], ts=r[1], actor=r[2], action=r[3], subject=r[4], outcome=r[5],
-                       detail=_detail_decoder.decode(r[6]))
-            for r in rows
-        ]
