@@ -30,9 +30,10 @@ from contextlib import contextmanager
 
 import psycopg
 from psycopg import sql
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool
 
 from ..errors import StoreError, Unavailable
+from ..store.postgres_db import unreachable
 
 __all__ = ["DurableState", "RETRY_AFTER_MS"]
 
@@ -67,16 +68,6 @@ CREATE INDEX IF NOT EXISTS pending_results_expiry ON pending_results (expires);
 _DDL_LOCK = 0x6E65_7469_6473_7431  # "netidst1": one node at a time applies the DDL
 
 
-def _unreachable(exc: BaseException) -> bool:
-    """Failures to reach the database, as opposed to refusals by it."""
-    if isinstance(exc, PoolTimeout):
-        return True
-    if not isinstance(exc, psycopg.OperationalError):
-        return False
-    state = exc.sqlstate
-    return state is None or state.startswith("08") or state in ("57P01", "57P02", "57P03")
-
-
 class DurableState:
     """The two tables above, through a small connection pool. Thread-safe."""
 
@@ -103,7 +94,7 @@ class DurableState:
 
     @staticmethod
     def _error(exc: BaseException) -> Exception:
-        if _unreachable(exc):
+        if unreachable(exc):
             return Unavailable(f"the database is unreachable ({type(exc).__name__})", retry_after_ms=RETRY_AFTER_MS)
         return StoreError(f"the shared state's query failed ({type(exc).__name__})")
 

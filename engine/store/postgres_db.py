@@ -55,7 +55,7 @@ def parse_url(url: str) -> tuple[str, str]:
     return conninfo, schemas[0] if schemas else "public"
 
 
-def _unreachable(exc: BaseException) -> bool:
+def unreachable(exc: BaseException) -> bool:
     """True for the failures of reaching the database, as opposed to refusals by it."""
     if isinstance(exc, PoolTimeout):
         return True
@@ -104,7 +104,7 @@ class PostgresDatabase(SqlAudit):
                 migrate(conn, self.schema)
         except psycopg.Error as exc:  # for the operator: libpq's first line names host and port
             why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            if _unreachable(exc):
+            if unreachable(exc):
                 raise errors.StoreUnavailable(f"cannot reach the PostgreSQL store: {why}",
                                               retry_after_ms=self._retry_after_ms) from exc
             raise errors.StoreError(f"cannot open the PostgreSQL store: {why}") from exc
@@ -122,7 +122,7 @@ class PostgresDatabase(SqlAudit):
 
     # -- connections and transactions -------------------------------------------------------
     def _error(self, exc: psycopg.Error) -> errors.EngineError:
-        if _unreachable(exc):
+        if unreachable(exc):
             return errors.StoreUnavailable(f"the database is unreachable ({type(exc).__name__})",
                                            retry_after_ms=self._retry_after_ms)
         if isinstance(exc, PoolClosed):
@@ -197,7 +197,7 @@ class PostgresDatabase(SqlAudit):
                 raise
             except psycopg.Error as exc:
                 self._drop_lock_connection()
-                if fresh or not _unreachable(exc):
+                if fresh or not unreachable(exc):
                     raise
 
     @contextmanager
