@@ -83,7 +83,7 @@ def build_engine(
     else:
         from .state.redis import open_shared_state
 
-        state, quotas = open_shared_state(config.state_url, config.store_location)
+        state, quotas = open_shared_state(config.state_url, config.store_location, cpu=metrics.layer_cpu)
     duplicates = (
         FaissDuplicateSearch(store, templates, dim=extractors.face_dim, threshold=scores.threshold("face", DUPLICATE_FMR))
         if config.duplicate_search

@@ -268,6 +268,42 @@ def proc_cpu_seconds(pid: int) -> float | None:
     return total / ticks
 
 
+def listening_pids(ports: Sequence[int]) -> list[int]:
+    """The processes listening on these local TCP ports (IPv4 or IPv6), from /proc."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) in ports:  # 0A: LISTEN
+                inodes.add(f"socket:[{f[9]}]")
+    pids: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (entry / "fd").iterdir()):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def services_cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU seconds of the database servers ``pids`` (listening_pids): with their
+    live descendants (PostgreSQL's backends) and what their ended children used."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        st = _stat(pid)
+        if st is not None:
+            total += (proc_cpu_seconds(pid) or 0.0) + (int(st[13]) + int(st[14])) / ticks
+    return total
+
+
 def machine_busy_seconds() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
     parts = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
@@ -282,7 +318,19 @@ class CpuClock:
     """Wall, own CPU, another process's CPU and the machine's busy CPU over an interval."""
 
     other_pid: int | None = None
+    #: several other processes (the nodes of a cluster), counted together; replaces other_pid
+    other_pids: tuple[int, ...] = ()
+    #: also count the CPU of these database servers (listening_pids; services_cpu_seconds)
+    services: tuple[int, ...] = ()
     _t0: tuple[float, float, float | None, float, float] = field(default=(0.0, 0.0, None, 0.0, 0.0))
+    _services0: float = 0.0
+
+    def _others(self) -> float | None:
+        pids = self.other_pids or ((self.other_pid,) if self.other_pid else ())
+        if not pids:
+            return None
+        got = [proc_cpu_seconds(pid) for pid in pids]
+        return None if any(g is None for g in got) else sum(got)  # type: ignore[arg-type]
 
     @staticmethod
     def _own() -> float:
@@ -291,14 +339,15 @@ class CpuClock:
 
     def start(self) -> None:
         busy, total = machine_busy_seconds()
-        other = proc_cpu_seconds(self.other_pid) if self.other_pid else None
+        other = self._others()
+        self._services0 = services_cpu_seconds(self.services)
         self._t0 = (time.perf_counter(), self._own(), other, busy, total)
 
     def stop(self) -> dict[str, float | None]:
         wall0, own0, other0, busy0, total0 = self._t0
         wall = time.perf_counter() - wall0
         busy, total = machine_busy_seconds()
-        other = proc_cpu_seconds(self.other_pid) if self.other_pid else None
+        other = self._others()
         cores = os.cpu_count() or 1
         out: dict[str, float | None] = {
             "wall_s": round(wall, 3),
@@ -309,6 +358,8 @@ class CpuClock:
         if other is not None and other0 is not None:
             out["engine_cpu_s"] = round(other - other0, 3)
             out["engine_cpu_share"] = round((other - other0) / (wall * cores), 4) if wall else None
+        if self.services:
+            out["services_cpu_s"] = round(services_cpu_seconds(self.services) - self._services0, 3)
         return out
 
 

@@ -26,6 +26,16 @@ What it does, in one run:
    ``p50_ms``, ``p99_ms``, ``offered_rps``, ``overloaded``, ``unanswered``, ``errors``,
    and the three load checks), a PNG plot, and a human summary.
 
+**Many nodes.** With ``--store postgresql://...`` (and ``--state redis://...``, Redis on
+127.0.0.1 by default) the engine runs on the shared services, as ``--nodes`` nodes: each
+relying party's stream on one node, the holders' phones spread over the nodes apart from
+them, so most sessions are opened on one node and verified on another; the nodes'
+``/metrics`` and CPU are summed. Each step then also reports the CPU per verification spent
+in the store's and the state's worker threads (``netid_layer_cpu_seconds_total``) and by the
+PostgreSQL and Redis server processes (from /proc). ``--compare-sqlite`` first runs the same
+steps on one SQLite node, under the same limit (measured before the first and after the
+last), and checks that the two ratios are within 0.03.
+
 Latency is measured on answered verifications (a ``verified`` reply); an ``overloaded``
 answer is timed from the moment the verify request was sent.
 """
@@ -47,6 +57,7 @@ import trio
 
 from ._common import DEFAULT_MIX, data_root, emit, load_people, screen_people, stderr
 from ._engine import EngineProcess
+from .services import RunServices
 
 # the load generator and the report live beside this module; netid bench soak and the tests
 # take the generator's pieces from here
@@ -99,39 +110,87 @@ def measure_limit(args: argparse.Namespace, challenge: bool, layouts: list[str] 
 
 
 # ---- the run ------------------------------------------------------------------------------------
-async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    gen, challenge, t_setup = await _set_up(args, work)
-    summary: dict[str, Any] = {}
-    try:
-        refused = await enroll_all(gen, random.Random(args.seed))
-        stderr(f"  enrolled {len(gen.residents)} residents ({refused or 'none refused'}); setup {time.perf_counter() - t_setup:.0f} s")
-        if not gen.residents:
-            raise SystemExit("no resident could be enrolled")
+def _targets(args: argparse.Namespace, tag: str) -> list[tuple[str, RunServices, int]]:
+    """What the steps run against, in order: ``(name, services, nodes)``; with
+    ``--compare-sqlite``, one SQLite node first, then the store asked for."""
+    services = RunServices(args.store, args.state, tag)
+    name = "postgresql" if services.shared else "sqlite"
+    targets = [(name, services, args.nodes)]
+    if args.compare_sqlite and services.shared:
+        targets.insert(0, ("sqlite", RunServices(None, None, tag), 1))
+    return targets
 
-        limit: dict[str, Any] | None = None
-        if args.limit_rps:
-            limit = {"limit_rps": args.limit_rps, "given": True}
-        elif not args.no_limit:
-            limit = await trio.to_thread.run_sync(measure_limit, args, challenge)
-        rows = await _run_steps(gen, args, limit["limit_rps"] if limit else None)
+
+async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Set-up, the limit, the steps on each target (``_targets``), the limit again, the summary."""
+    targets = _targets(args, os.urandom(3).hex())
+    limit: dict[str, Any] | None = None
+    runs: list[tuple[str, list[dict[str, Any]], Generator, bool, int | None]] = []
+    try:
+        for k, (name, services, nodes) in enumerate(targets):
+            sub = work / name if len(targets) > 1 else work
+            sub.mkdir(parents=True, exist_ok=True)
+            gen, challenge, t_setup = await _set_up(args, sub, services, nodes)
+            codes: list[int] = []
+            try:
+                refused = await enroll_all(gen, random.Random(args.seed))
+                stderr(f"  [{name}, {max(1, len(gen.engines))} node(s)] enrolled {len(gen.residents)} residents "
+                       f"({refused or 'none refused'}); setup {time.perf_counter() - t_setup:.0f} s")
+                if not gen.residents:
+                    raise SystemExit("no resident could be enrolled")
+                if k == 0:
+                    if args.limit_rps:
+                        limit = {"limit_rps": args.limit_rps, "given": True}
+                    elif not args.no_limit:
+                        limit = await trio.to_thread.run_sync(measure_limit, args, challenge)  # the engine idles
+                rows = await _run_steps(gen, args, limit["limit_rps"] if limit else None)
+            finally:
+                for engine in gen.engines:
+                    codes.append(await trio.to_thread.run_sync(engine.stop))
+            runs.append((name, rows, gen, challenge, max(codes, key=abs) if codes else None))
         if limit is not None and "best" in limit:
-            limit = await _limit_after(args, challenge, limit)
-        summary = run_summary(rows, limit, gen, challenge, args)
+            limit = await _limit_after(args, runs[-1][3], limit)
     finally:
-        if gen.engine is not None:
-            code = await trio.to_thread.run_sync(gen.engine.stop)
-            summary["engine_exit_code"] = code
+        for _, services, _ in targets:
+            await trio.to_thread.run_sync(services.clean_up)
+    summaries = []
+    for name, rows, gen, challenge, code in runs:
+        s = run_summary(rows, limit, gen, challenge, args)
+        s.update(store=name, nodes=max(1, len(gen.engines)), engine_exit_code=code)
+        summaries.append(s)
+    return compare(summaries)
+
+
+def compare(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary; with a SQLite baseline first, the last with the baseline inside it and the
+    check that their ratios to the limit are within 0.03 of each other."""
+    summary = summaries[-1]
+    if len(summaries) > 1:
+        base = summaries[0]
+        summary["baseline"] = {k: v for k, v in base.items() if k not in ("steps", "checks")}
+        summary["baseline"]["checks"] = base.get("checks", {})
+        if summary.get("ratio") is not None and base.get("ratio") is not None:
+            diff = round(summary["ratio"] - base["ratio"], 3)
+            summary.setdefault("checks", {})["ratio_within_0.03_of_sqlite"] = {
+                "value": diff, "ratio": summary["ratio"], "sqlite_ratio": base["ratio"], "pass": abs(diff) <= 0.03,
+            }
     return summary
 
 
-async def _set_up(args: argparse.Namespace, work: Path) -> tuple[Generator, bool, float]:
-    """Residents and relying parties, the registry imported and the engine started (unless
-    ``--connect``): the generator, whether the challenge check is on, when set-up began."""
+async def _set_up(args: argparse.Namespace, work: Path, services: RunServices, nodes: int) -> tuple[Generator, bool, float]:
+    """Residents and relying parties, the registry imported and the engine's ``nodes`` started
+    (unless ``--connect``) on ``services``: the generator, whether the challenge check is on,
+    when set-up began."""
     root = data_root(args.data)
     t_setup = time.perf_counter()
     people, strangers = load_people(root, args.residents, seed=args.seed)
     people, strangers = await trio.to_thread.run_sync(screen_people, people, strangers)
     gen = Generator(args, root, people, strangers)
+    gen.store_args = services.store_args()
+    if services.shared:
+        from ._common import listening_pids
+
+        gen.services = tuple(listening_pids(services.ports()))
     run_tag = os.urandom(3).hex()
     challenge = not args.no_challenge_check
     if challenge:
@@ -152,10 +211,19 @@ async def _set_up(args: argparse.Namespace, work: Path) -> tuple[Generator, bool
     stderr(f"netid bench load: {len(people)} residents, {args.relying_parties} relying parties, data {root}, work dir {work}")
     prepare_data(gen, data_dir, work, run_tag)
     if not args.connect:
-        serve_args = list(args.serve_arg)
+        serve_args = [*args.serve_arg, *services.serve_args()]
         if not challenge:
             serve_args.append("--no-challenge-check")
-        gen.engine = EngineProcess(data_dir, serve_args=serve_args, overrides=args.engine_set, log_path=work / "engine.log").start()
+        for k in range(nodes):
+            log_path = work / (f"engine-{k}.log" if nodes > 1 else "engine.log")
+            gen.engines.append(EngineProcess(data_dir, serve_args=serve_args, overrides=args.engine_set, log_path=log_path))
+            try:
+                gen.engines[-1].start()
+            except BaseException:
+                for engine in gen.engines[:-1]:
+                    engine.stop()
+                raise
+        gen.engine = gen.engines[0]
         gen.port = gen.engine.port
         gen.metrics_url = gen.engine.metrics_url
     return gen, challenge, t_setup
@@ -247,6 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-search", action="store_true", help="run the limit's full layout search (adds minutes; see benchmarks/TUNING.md)")
     p.add_argument("--serve-arg", action="append", default=[], help="extra argument for netid serve (repeat)")
     p.add_argument("--engine-set", action="append", default=[], metavar="FIELD=VALUE", help="engine configuration override, e.g. limits.max_biometric=12")
+    p.add_argument("--store", default=None, metavar="URL",
+                   help="the nodes' store, e.g. postgresql://127.0.0.1/test (default: SQLite in the work directory); "
+                        "without schema= the run works in a schema of its own and drops it at the end")
+    p.add_argument("--state", default=None, metavar="URL",
+                   help="shared session state, e.g. redis://127.0.0.1:6379/0 (needs a PostgreSQL --store; default with one: "
+                        "redis://127.0.0.1:6379/0; without prefix= the run uses a prefix of its own and deletes its keys)")
+    p.add_argument("--nodes", type=int, default=1, help="engine nodes on the shared store and state (default 1)")
+    p.add_argument("--compare-sqlite", action="store_true",
+                   help="with a PostgreSQL --store: first run the same steps on one SQLite node, same limit, and check the ratios")
     p.add_argument("--connect", default=None, metavar="HOST:PORT", help="use a running engine instead of starting one")
     p.add_argument("--engine-data", type=Path, default=None, help="with --connect: the engine's data directory")
     p.add_argument("--metrics-url", default=None, help="with --connect: the engine's /metrics URL")
@@ -262,6 +339,13 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     if args.residents < 2:
         raise SystemExit("--residents must be at least 2")
+    shared = bool(args.store and args.store.startswith(("postgresql:", "postgres:")))
+    if args.state is None and shared:
+        args.state = "redis://127.0.0.1:6379/0"
+    if args.nodes < 1 or (args.nodes > 1 and not shared):
+        raise SystemExit("--nodes N > 1 needs a PostgreSQL --store (and Redis --state)")
+    if args.connect and (args.store or args.nodes > 1 or args.compare_sqlite):
+        raise SystemExit("--connect measures a running engine: --store, --nodes and --compare-sqlite start their own")
     summary = trio.run(run, args, work)
     plot_path = args.plot or work / "load.png"
     plot(summary, plot_path)

@@ -55,6 +55,12 @@ def run_summary(rows: list[dict[str, Any]], limit: dict[str, Any] | None, gen: G
             out["engine_cpu_share"] = sat["cpu"].get("engine_cpu_share")
             out["engine_cpu_ms_per_verification"] = engine_ms
             out["cpu_efficiency"] = round(limit["best"]["cpu_ms_per_verification"] / engine_ms, 3)
+    layers = at80.get("layer_cpu_ms_per_verification")
+    if layers is not None:
+        # measured at 80 %: no refused work in it, every request carried to its result
+        out["layer_cpu_ms_per_verification"] = layers
+        out["services_cpu_ms_per_verification"] = at80.get("services_cpu_ms_per_verification")
+        out["store_state_cpu_ms_per_verification"] = round(sum(layers.values()) + (at80.get("services_cpu_ms_per_verification") or 0.0), 2)
     if "saturation" in named and limit_rps:
         out["checks"] = {
             "saturation_ratio_ge_0.90": {
@@ -80,6 +86,10 @@ def run_summary(rows: list[dict[str, Any]], limit: dict[str, Any] | None, gen: G
                 "other_errors": {k: v for k, v in s2["errors"].items() if k != "overloaded"},
                 "pass": good >= 0.90 and over_ok and s2["unanswered"] == 0,
             }
+    if "store_state_cpu_ms_per_verification" in out:
+        out.setdefault("checks", {})["store_state_cpu_le_5ms"] = {
+            "value_ms": out["store_state_cpu_ms_per_verification"], "pass": out["store_state_cpu_ms_per_verification"] <= 5.0,
+        }
     out["steps"] = rows
     return out
 
@@ -130,6 +140,22 @@ def human_summary(s: dict[str, Any]) -> None:
         print(
             f"  CPU per verification: limit {s['limit_cpu_ms_per_verification']} ms, engine {s['engine_cpu_ms_per_verification']} ms "
             f"(efficiency {s['cpu_efficiency']}); machine share while measuring: limit {s['limit_cpu_share']}, engine {s['engine_cpu_share']}"
+        )
+    if s.get("store"):
+        print(f"  store {s['store']}, {s.get('nodes', 1)} node(s)")
+    if s.get("layer_cpu_ms_per_verification") is not None:
+        services = s.get("services_cpu_ms_per_verification")
+        print(
+            f"  store and state CPU per verification at {s['latency_at']}: {s['store_state_cpu_ms_per_verification']} ms "
+            f"(engine threads {s['layer_cpu_ms_per_verification']}"
+            f"{f', PostgreSQL and Redis processes {services}' if services is not None else ''})"
+        )
+    base = s.get("baseline")
+    if base:
+        print(
+            f"  baseline {base['store']}, 1 node, same limit: throughput {base['throughput_rps']:.2f}/s, ratio {base['ratio']}, "
+            f"p99 {base['p99_ms']} ms at {base['latency_at']}, unanswered {base['unanswered']}, errors {base['errors']}"
+            f"{'; store and state CPU ' + str(base['store_state_cpu_ms_per_verification']) + ' ms' if base.get('store_state_cpu_ms_per_verification') is not None else ''}"
         )
     for name, check in s.get("checks", {}).items():
         print(f"  check {name}: {'PASS' if check['pass'] else 'FAIL'} {({k: v for k, v in check.items() if k != 'pass'})}")

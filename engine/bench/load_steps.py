@@ -93,7 +93,31 @@ class Generator:
         self.host, self.port = "127.0.0.1", 0
         self.engine: EngineProcess | None = None
         self.metrics_url: str | None = None
+        #: every node of a cluster (``--nodes``): the first is ``engine``/``host``/``port``
+        self.engines: list[EngineProcess] = []
+        #: the store's operator flags (``--store URL``), for the registry import and relying parties
+        self.store_args: list[str] = []
+        #: the database servers' pids (a PostgreSQL store, Redis state), for their CPU
+        self.services: tuple[int, ...] = ()
         self.connections: Any = None  # AsyncExitStack of the long-lived connections
+
+    def node(self, k: int) -> tuple[str, int]:
+        """Address of node ``k`` (modulo the number of nodes)."""
+        if not self.engines:
+            return self.host, self.port
+        return "127.0.0.1", self.engines[k % len(self.engines)].port
+
+    @property
+    def metrics_urls(self) -> list[str]:
+        return [e.metrics_url for e in self.engines] if self.engines else [self.metrics_url] if self.metrics_url else []
+
+    @property
+    def engine_pids(self) -> tuple[int, ...]:
+        if self.engines:
+            return tuple(e.pid for e in self.engines)
+        if self.engine is not None:
+            return (self.engine.pid,)
+        return (self.args.engine_pid,) if getattr(self.args, "engine_pid", None) else ()
 
     def payload(self, kind: str, r: Resident, challenge: str, rng: random.Random) -> tuple[bytes, bytes]:
         p = r.person
@@ -118,7 +142,7 @@ def prepare_data(gen: Generator, data_dir: Path, work: Path, run_tag: str) -> No
             for r in gen.residents
         )
     )
-    report = netid("registry", "import", str(registry), "--data", str(data_dir))
+    report = netid("registry", "import", str(registry), "--data", str(data_dir), *gen.store_args)
     refused = {c["card_number"] for c in report.get("refused", [])}
     if refused:
         stderr(f"  registry refused {len(refused)} card photos: {sorted(refused)}")
@@ -126,7 +150,7 @@ def prepare_data(gen: Generator, data_dir: Path, work: Path, run_tag: str) -> No
     keys = work / "keys"
     for k in range(gen.args.relying_parties):
         rp_id = f"load-{run_tag}-{k}"
-        netid("rp", "add", "--id", rp_id, "--name", f"Load test {k}", "--quota", "1000000", "--keys-out", str(keys), "--data", str(data_dir))
+        netid("rp", "add", "--id", rp_id, "--name", f"Load test {k}", "--quota", "1000000", "--keys-out", str(keys), "--data", str(data_dir), *gen.store_args)
         gen.rps.append(
             RelyingParty(rp_id, nacl.signing.SigningKey((keys / f"{rp_id}.sign.key").read_bytes()), nacl.public.PrivateKey((keys / f"{rp_id}.box.key").read_bytes()))
         )
@@ -139,12 +163,13 @@ async def enroll_all(gen: Generator, rng: random.Random) -> dict[str, int]:
     refused: Counter[str] = Counter()
     limit = trio.Semaphore(3)
 
-    async def one(r: Resident) -> None:
+    async def one(k: int, r: Resident) -> None:
+        host, port = gen.node(k)
         async with limit:
             voices = [gen.enroll_voices.say(r.person.speaker, "".join(rng.choice("0123456789") for _ in range(8)), rng) for _ in range(3)]
             for attempt in range(20):
                 try:
-                    async with open_holder(gen.host, gen.port, device_key=r.key) as phone:
+                    async with open_holder(host, port, device_key=r.key) as phone:
                         got = await phone.enroll(r.person.card_number, r.person.enroll_faces, voices)
                     r.credential_id = got.credential_id
                     return
@@ -156,8 +181,8 @@ async def enroll_all(gen: Generator, rng: random.Random) -> dict[str, int]:
                     return
 
     async with trio.open_nursery() as n:
-        for r in gen.residents:
-            n.start_soon(one, r)
+        for k, r in enumerate(gen.residents):
+            n.start_soon(one, k, r)
     gen.residents = [r for r in gen.residents if r.credential_id]
     return dict(refused)
 
@@ -205,7 +230,7 @@ async def run_step(gen: Generator, step: Step, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
     outcomes: list[Outcome] = []
     before: Snapshot | None = await _scrape(gen)
-    clock = CpuClock(other_pid=gen.engine.pid if gen.engine else gen.args.engine_pid)
+    clock = CpuClock(other_pids=gen.engine_pids, services=gen.services)
     clock.start()
     t0 = trio.current_time()
     async with trio.open_nursery() as nursery:
@@ -222,14 +247,20 @@ async def run_step(gen: Generator, step: Step, seed: int) -> dict[str, Any]:
 
 
 async def _scrape(gen: Generator):
-    from engine.ops.top import scrape
+    """Every node's ``/metrics``, summed (None if a node could not be read)."""
+    from engine.ops.top import Snapshot, scrape
 
-    if not gen.metrics_url:
+    if not gen.metrics_urls:
         return None
     try:
-        return await trio.to_thread.run_sync(scrape, gen.metrics_url)
+        snaps = [await trio.to_thread.run_sync(scrape, url) for url in gen.metrics_urls]
     except OSError:
         return None
+    samples: dict = {}
+    for snap in snaps:
+        for key, value in snap.samples.items():
+            samples[key] = samples.get(key, 0.0) + value
+    return Snapshot(at=snaps[-1].at, samples=samples, ready=all(s.ready for s in snaps))
 
 
 def summarise(step: Step, t0: float, outcomes: list[Outcome], before, after, cpu: dict, gen: Generator) -> dict[str, Any]:
@@ -291,9 +322,14 @@ def summarise(step: Step, t0: float, outcomes: list[Outcome], before, after, cpu
         row["engine_verify_p99_ms"] = _ms(histogram_quantile(lat_b, 0.99))
         row["engine_overloaded"] = {k: int(v) for k, v in _by(_delta(before, after, "netid_overloaded_total"), "where").items() if v}
         row["abandoned"] = {k: int(v) for k, v in _by(_delta(before, after, "netid_batch_abandoned_total"), "model").items() if v}
+        layers = _by(_delta(before, after, "netid_layer_cpu_seconds_total"), "layer")
+        if results and layers:
+            row["layer_cpu_ms_per_verification"] = {k: round(1000 * v / len(results), 2) for k, v in sorted(layers.items())}
     engine_cpu = cpu.get("engine_cpu_s")
     if engine_cpu is not None and len(results):
         row["engine_cpu_ms_per_verification"] = round(1000 * engine_cpu / len(results), 1)
+    if cpu.get("services_cpu_s") is not None and len(results):
+        row["services_cpu_ms_per_verification"] = round(1000 * cpu["services_cpu_s"] / len(results), 2)
     return row
 
 
@@ -309,10 +345,14 @@ async def _connect_all(gen: Generator) -> None:
     from engine.wire.client import open_holder, open_relying_party
 
     gen.connections = stack = AsyncExitStack()
-    for rp in gen.rps:
-        rp.client = await stack.enter_async_context(open_relying_party(gen.host, gen.port, rp_id=rp.rp_id, signing_key=rp.sign, box_key=rp.box))
-    for r in gen.residents:
-        r.phone = await stack.enter_async_context(open_holder(gen.host, gen.port, device_key=r.key))
+    for k, rp in enumerate(gen.rps):
+        host, port = gen.node(k)
+        rp.client = await stack.enter_async_context(open_relying_party(host, port, rp_id=rp.rp_id, signing_key=rp.sign, box_key=rp.box))
+    for k, r in enumerate(gen.residents):
+        # spread over the nodes apart from the relying parties: on N nodes, (N - 1) / N of the
+        # sessions are opened on one node and verified on another
+        host, port = gen.node(k + 1)
+        r.phone = await stack.enter_async_context(open_holder(host, port, device_key=r.key))
 
 
 async def _route_pushes(gen: Generator, rp: RelyingParty) -> None:

@@ -61,7 +61,8 @@ class Context:
 
     # ---- the store, from worker threads ------------------------------------------------------
     async def db(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return await trio.to_thread.run_sync(lambda: fn(*args, **kwargs), limiter=self.store_limiter)
+        call = self.metrics.layer_cpu.call
+        return await trio.to_thread.run_sync(lambda: call("store", lambda: fn(*args, **kwargs)), limiter=self.store_limiter)
 
     async def audit(self, **kw: Any) -> None:
         await self.db(self.store.audit, now=self.clock(), **kw)

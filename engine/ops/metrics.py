@@ -19,6 +19,8 @@ from collections.abc import Callable
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from .layer_cpu import LayerCpu
+
 __all__ = ["Metrics", "serve_http"]
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,9 @@ class Metrics:
             "key bound to an active credential), by error code; and sessions closed after too many (code too_many_attempts).",
             ["code"], registry=r,
         )
+        #: CPU of the store and state layers' worker threads (netid_layer_cpu_seconds_total)
+        self.layer_cpu = LayerCpu()
+        r.register(self.layer_cpu)
 
     def render(self) -> bytes:
         """The registry in the Prometheus text exposition format."""

@@ -33,7 +33,7 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from ..errors import StoreError, Unavailable
-from ..store.postgres_db import unreachable
+from ..store.postgres_db import check_pooled, unreachable
 
 __all__ = ["DurableState", "RETRY_AFTER_MS"]
 
@@ -89,7 +89,7 @@ class DurableState:
         except psycopg.Error as exc:
             raise self._error(exc) from exc
         self._pool = ConnectionPool(conninfo, kwargs=kwargs, min_size=1, max_size=max_connections, open=False,
-                                    timeout=timeout_s, check=ConnectionPool.check_connection, name=f"netid-state-{self.schema}")
+                                    timeout=timeout_s, check=check_pooled, name=f"netid-state-{self.schema}")
         self._pool.open(wait=False)
 
     @staticmethod

@@ -45,6 +45,7 @@ from redis.retry import Retry
 
 from engine.wire import protocol as P
 from ..errors import ConfigError, EngineError, Overloaded, RateLimited, ResultPending, SessionExpired, SessionUsed, Unavailable, UnknownSession
+from ..ops.layer_cpu import LayerCpu
 from .base import Delivery, Session
 from .durable import RETRY_AFTER_MS, DurableState
 from .hub import ResultHub
@@ -63,6 +64,10 @@ REDELIVER_EVERY = 2.0
 SWEEP_EVERY = 30.0
 #: Seconds a claimed session stays in Redis past its expiry, waiting for its result.
 CLAIMED_GRACE = 300.0
+#: Seconds the subscriber thread waits for a publication before it looks again at which
+#: channels to follow (a relying party's new stream on this node is followed within it; what
+#: was published meanwhile reaches the stream from pending_results). Each wake-up costs CPU.
+LISTEN_WAIT = 0.5
 _PREFIX_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
 _OPEN = """
@@ -141,16 +146,17 @@ def connect(url: str) -> redis.Redis:
 class _Redis:
     """The client, its scripts and the worker threads that call it."""
 
-    def __init__(self, client: redis.Redis, prefix: str) -> None:
+    def __init__(self, client: redis.Redis, prefix: str, *, cpu: LayerCpu | None = None) -> None:
         self.client = client
         self.prefix = prefix
+        self.cpu = cpu or LayerCpu()
         self.limiter = trio.CapacityLimiter(REDIS_THREADS)
         self.scripts = {name: client.register_script(src) for name, src in
                         (("open", _OPEN), ("claim", _CLAIM), ("unclaim", _UNCLAIM), ("fail", _FAIL), ("take", _TAKE))}
 
     async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
-            return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=self.limiter)
+            return await trio.to_thread.run_sync(self.cpu.call, "state", functools.partial(fn, *args, **kwargs), limiter=self.limiter)
         except _DOWN as exc:
             raise Unavailable(f"the session state is unreachable ({type(exc).__name__})", retry_after_ms=RETRY_AFTER_MS) from None
 
@@ -186,7 +192,7 @@ class RedisSessionState:
         return f"{self.r.prefix}:r:{rp_id}"
 
     async def _durable(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=self._durable_limiter)
+        return await trio.to_thread.run_sync(self.r.cpu.call, "state", functools.partial(fn, *args, **kwargs), limiter=self._durable_limiter)
 
     # ---- sessions --------------------------------------------------------------------------------
     async def open(self, session: Session, *, now: float, max_open: int) -> None:
@@ -399,13 +405,13 @@ class RedisSessionState:
                 if subscribed - wanted:
                     pubsub.unsubscribe(*(subscribed - wanted))
                 subscribed = wanted
-                msg = pubsub.get_message(timeout=0.1) if subscribed else None
+                msg = self.r.cpu.call("state", lambda: pubsub.get_message(timeout=LISTEN_WAIT)) if subscribed else None
                 if subscribed:
                     pause = 0.1
                 else:
                     stop.wait(0.05)
                 if msg is not None and msg.get("type") == "message":
-                    self._received(msg, token)
+                    self.r.cpu.call("state", lambda: self._received(msg, token))
             except _DOWN as exc:
                 if pause == 0.1:
                     log.warning("shared state: Redis unreachable (%s); resubscribing when it returns", type(exc).__name__)
@@ -454,10 +460,11 @@ class RedisQuotas:
             raise RateLimited(retry_after_ms=int(wait))
 
 
-def open_shared_state(state_url: str, store_url: str) -> tuple[RedisSessionState, RedisQuotas]:
-    """The state and quotas on Redis at ``state_url`` and the PostgreSQL store at ``store_url``."""
+def open_shared_state(state_url: str, store_url: str, *, cpu: LayerCpu | None = None) -> tuple[RedisSessionState, RedisQuotas]:
+    """The state and quotas on Redis at ``state_url`` and the PostgreSQL store at ``store_url``;
+    the CPU of their worker threads counted in ``cpu``."""
     url, prefix = parse_state_url(state_url)
     client = connect(url)
-    link = _Redis(client, prefix)  # one pool of worker threads and connections for both
+    link = _Redis(client, prefix, cpu=cpu)  # one pool of worker threads and connections for both
     durable = DurableState(store_url, max_connections=DURABLE_THREADS)
     return RedisSessionState(client, durable, link=link), RedisQuotas(client, link=link)

@@ -17,6 +17,7 @@ store opens (``postgres_schema``).
 from __future__ import annotations
 
 import re
+import select
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,7 +32,7 @@ from .base import AuditValue
 from .postgres_schema import advisory_key, migrate
 from .sql_rows import SqlAudit, append_audit
 
-__all__ = ["PostgresDatabase", "parse_url"]
+__all__ = ["PostgresDatabase", "check_pooled", "parse_url"]
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
@@ -65,6 +66,17 @@ def unreachable(exc: BaseException) -> bool:
     # no SQLSTATE: the client lost or could not make the connection; 08: connection
     # exceptions; 57P01-57P03: the server is shutting down or starting up
     return state is None or state.startswith("08") or state in ("57P01", "57P02", "57P03")
+
+
+def check_pooled(conn: psycopg.Connection) -> None:
+    """The pool's check before it hands a connection out: ask the server only when the socket
+    has something to read. An idle connection has nothing to say; one the server closed (a
+    restart, a terminated backend) or sent a notice on is readable, and then a round trip
+    tells whether it still works. A connection handed out on each request costs no round trip."""
+    if conn.closed or conn.broken:
+        raise psycopg.OperationalError("the connection is closed")
+    if select.select([conn.fileno()], [], [], 0)[0]:
+        ConnectionPool.check_connection(conn)
 
 
 class PostgresDatabase(SqlAudit):
@@ -110,7 +122,7 @@ class PostgresDatabase(SqlAudit):
             raise errors.StoreError(f"cannot open the PostgreSQL store: {why}") from exc
         self._pool: ConnectionPool = ConnectionPool(
             conninfo, kwargs=kwargs, min_size=min_connections, max_size=max_connections, open=False,
-            timeout=timeout_s, check=ConnectionPool.check_connection, name=f"netid-{self.schema}",
+            timeout=timeout_s, check=check_pooled, name=f"netid-{self.schema}",
             # a reconnection attempt backs off 1, 2, 4 s…; giving it up after timeout_s lets the
             # next request start a fresh one, so the store is back soon after the database is
             reconnect_timeout=timeout_s,

@@ -1,0 +1,119 @@
+"""The store and state layers' CPU meter, and what ``netid bench load`` adds for many nodes: a
+schema and key prefix of the run's own (removed at the end), the database servers found by
+their ports, and the comparison with a SQLite baseline."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import time
+
+import pytest
+
+from engine.bench._common import listening_pids, services_cpu_seconds
+from engine.bench.load import compare
+from engine.bench.services import RunServices
+from engine.ops.layer_cpu import LayerCpu
+from engine.ops.metrics import Metrics
+
+from .conftest import POSTGRES_URL, service_unreachable
+
+REDIS_URL = os.environ.get("NETID_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def _spin(seconds: float) -> int:
+    end, n = time.thread_time() + seconds, 0
+    while time.thread_time() < end:
+        n += 1
+    return n
+
+
+def test_layer_cpu_counts_the_calling_threads_cpu_per_layer():
+    meter = LayerCpu()
+    assert meter.call("store", lambda: _spin(0.05)) > 0
+    meter.call("state", lambda: time.sleep(0.05))  # waiting is not CPU
+    got = meter.seconds()
+    assert 0.045 <= got["store"] < 0.5
+    assert got["state"] < 0.02
+
+
+def test_layer_cpu_is_exported_and_counts_a_failed_call():
+    metrics = Metrics()
+    with pytest.raises(ZeroDivisionError):
+        metrics.layer_cpu.call("state", lambda: _spin(0.02) / 0)
+    text = metrics.render().decode()
+    line = next(ln for ln in text.splitlines() if ln.startswith('netid_layer_cpu_seconds_total{layer="state"}'))
+    assert float(line.split()[-1]) >= 0.015
+    assert 'netid_layer_cpu_seconds_total{layer="store"} 0.0' in text
+
+
+def test_the_run_works_in_a_schema_and_prefix_of_its_own_unless_given():
+    own = RunServices("postgresql://postgres@127.0.0.1:5432/test?sslmode=disable", "redis://127.0.0.1:6379/0", "abc123")
+    assert own.store == "postgresql://postgres@127.0.0.1:5432/test?sslmode=disable&schema=netid_bench_abc123"
+    assert own.state == "redis://127.0.0.1:6379/0?prefix=netid_bench_abc123"
+    assert own.shared and own.ports() == [5432, 6379]
+    assert own.serve_args() == ["--store", own.store, "--state", own.state]
+    given = RunServices("postgresql://127.0.0.1/test?schema=mine", "redis://127.0.0.1:6390/1?prefix=p", "abc123")
+    assert given.store.endswith("schema=mine") and given.state.endswith("prefix=p")
+    assert given.ports() == [5432, 6390]
+    sqlite = RunServices(None, None, "abc123")
+    assert not sqlite.shared and sqlite.serve_args() == [] and sqlite.ports() == []
+
+
+def test_clean_up_removes_the_runs_schema_and_keys_and_nothing_else():
+    try:
+        import psycopg
+        import redis
+
+        pg = psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=3)
+        r = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+        r.ping()
+    except Exception as exc:  # noqa: BLE001 - not installed, refused...
+        service_unreachable("PostgreSQL or Redis", f"{type(exc).__name__}: {str(exc).strip()[:160]}")
+    tag = secrets.token_hex(3)
+    run = RunServices(POSTGRES_URL, REDIS_URL, tag)
+    other = f"netid_bench_{tag}x"  # a neighbour with the same start survives
+    with pg:
+        pg.execute(f'CREATE SCHEMA "{run.name}"')
+        pg.execute(f'CREATE TABLE "{run.name}".t (x int)')
+        pg.execute(f'CREATE SCHEMA "{other}"')
+        r.set(f"{run.name}:s:1", "x")
+        r.set(f"{other}:s:1", "y")
+        try:
+            run.clean_up()
+            schemas = {row[0] for row in pg.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'netid_bench_%%'")}
+            assert run.name not in schemas and other in schemas
+            assert r.get(f"{run.name}:s:1") is None and r.get(f"{other}:s:1") == b"y"
+        finally:
+            pg.execute(f'DROP SCHEMA IF EXISTS "{other}" CASCADE')
+            pg.execute(f'DROP SCHEMA IF EXISTS "{run.name}" CASCADE')
+            r.delete(f"{other}:s:1", f"{run.name}:s:1")
+            r.close()
+
+
+def test_the_servers_are_found_by_their_listening_ports():
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        assert listening_pids([port]) == [os.getpid()]
+    assert listening_pids([port]) == []
+    assert services_cpu_seconds([os.getpid()]) > 0.0
+    assert services_cpu_seconds([]) == 0.0
+
+
+def _summary(ratio: float | None, store: str) -> dict:
+    return {"ratio": ratio, "store": store, "throughput_rps": 10.0, "steps": [], "checks": {"x": {"pass": True}}}
+
+
+@pytest.mark.parametrize(("shared", "baseline", "passes"), [(0.90, 0.92, True), (0.95, 0.90, False), (0.87, 0.90, True)])
+def test_compare_checks_the_ratio_against_the_sqlite_baseline(shared, baseline, passes):
+    out = compare([_summary(baseline, "sqlite"), _summary(shared, "postgresql")])
+    check = out["checks"]["ratio_within_0.03_of_sqlite"]
+    assert check["pass"] is passes and check["value"] == round(shared - baseline, 3)
+    assert out["store"] == "postgresql" and out["baseline"]["store"] == "sqlite" and "steps" not in out["baseline"]
+    assert out["checks"]["x"]["pass"]
+
+
+def test_compare_of_one_run_is_that_run():
+    one = _summary(0.9, "sqlite")
+    assert compare([one]) is one and "ratio_within_0.03_of_sqlite" not in one["checks"]
