@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from engine.bench.datasets import Lfw, LfwImage, LfwPair, split_of
 from engine.bench.embeddings import Embedded
-from engine.bench.faces import all_against_all, best_threshold, ten_fold
+from engine.bench.faces import all_against_all, best_threshold, enrolled_faces, ten_fold
 from engine.bench.fusion import CrossFused, fisher_weights
 from engine.bench.stats import (
     ExactScores,
@@ -235,6 +235,37 @@ def test_all_against_all_matches_brute_force():
     assert res.comparisons_lost == n - 1
 
 
+@pytest.mark.parametrize("enroll", [1, 2, 3])
+def test_enrolled_faces_match_brute_force(enroll):
+    """A probe against an enrollment of several images scores the best over them, as the
+    engine compares; an enrollment with an image that failed to acquire is not made."""
+    lfw, faces = _synthetic_lfw()
+    ok = faces.ok
+    for part in ("A", "B"):
+        by_name: dict[str, list[int]] = {}
+        for i, im in enumerate(lfw.images):
+            if lfw.part[im.name] == part:
+                by_name.setdefault(im.name, []).append(i)
+        gen, imp, enrolled, failed = [], [], 0, 0
+        for name, imgs in by_name.items():
+            if len(imgs) < enroll:
+                continue
+            if not ok[imgs[:enroll]].all():
+                failed += 1
+                continue
+            enrolled += 1
+            for other, probes in by_name.items():
+                for j in probes[enroll:] if other == name else probes:
+                    if ok[j]:
+                        s = max(float(faces.emb[e] @ faces.emb[j]) for e in imgs[:enroll])
+                        (gen if other == name else imp).append(s)
+        res = enrolled_faces(lfw, faces, part, enroll, block=3)
+        assert (res.identities, res.failed_to_enroll) == (enrolled, failed)
+        assert res.genuine.n == len(gen) and res.impostor.n == len(imp)
+        np.testing.assert_allclose(res.genuine.sorted, np.sort(gen), atol=1e-5)
+        np.testing.assert_allclose(res.impostor.sorted, np.sort(imp), atol=1e-5)
+
+
 def test_best_threshold_counts_failures_as_rejections():
     scores = np.array([0.9, 0.8, 0.2, 0.1, np.nan, np.nan])
     same = np.array([True, True, False, False, True, False])
@@ -430,6 +461,27 @@ def test_voice_scores_follow_the_engine_rule():
     assert g.size == 3 * len(vs.speakers) and imp.size == 3 * len(vs.speakers) * (len(vs.speakers) - 1)
 
 
+def test_chimeric_face_scores_take_the_best_over_the_enrolled_images():
+    from engine.bench.datasets import Chimera
+    from engine.bench.fusion import chimeric_scores
+    from engine.bench.voices import band_centres, voice_scores
+
+    lfw, faces = _synthetic_lfw()
+    speech, voices = _synthetic_speech()
+    vs = voice_scores(speech, voices, "A", centres=band_centres(speech, voices, "A"), enroll=2, probes=3)
+    names = sorted({im.name for im in lfw.images if lfw.part[im.name] == "A"
+                    and sum(j.name == im.name for j in lfw.images) >= 4})
+    persons = [Chimera("A", spk, face) for spk, face in zip(vs.speakers, names)]
+    ch = chimeric_scores(persons, lfw, faces, vs, attempts=2, face_enroll=2)
+    assert persons and len(ch.persons) == len(persons) and ch.attempt_person.size == 2 * len(persons)
+    for col, row in enumerate(ch.attempt_person):
+        imgs = sorted((i for i, im in enumerate(lfw.images) if im.name == persons[row].face),
+                      key=lambda i: lfw.images[i].number)
+        probe = imgs[2 + int((ch.attempt_person[:col] == row).sum())]
+        expect = max(float(faces.emb[e] @ faces.emb[probe]) for e in imgs[:2])
+        assert ch.face[row, col] == pytest.approx(expect, abs=1e-5)
+
+
 def test_band_centres_take_out_the_channel():
     """Uncentred, a narrow probe scores high against any narrow enrollment (the shared
     channel); centred on its band, impostors fall back towards zero."""
@@ -474,8 +526,9 @@ def test_harness_on_a_tiny_real_subset(tmp_path):
         pytest.skip("shared data not present")
     from engine.bench import accuracy, calibrate
 
+    # the subset's identities have one or two images: one image per face enrollment
     common = ["--data", str(DATA), "--pairs-per-fold", "2", "--max-speakers", "8", "--voice-probes", "2",
-              "--chimeric-attempts", "1", "--cache", str(tmp_path / "cache"), "--quiet",
+              "--chimeric-attempts", "1", "--face-enroll", "1", "--cache", str(tmp_path / "cache"), "--quiet",
               "--threads", "1"]
     assert calibrate.main(common + ["--out", str(tmp_path), "--write-to", str(tmp_path / "models")]) == 0
     points = load_operating_points(tmp_path / "models")

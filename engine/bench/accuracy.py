@@ -42,6 +42,8 @@ def choose_points(meas: Measurements, points_dir: Path | None) -> tuple[Operatin
                 reason = "shipped operating points were calibrated with other model files"
             elif shipped.split is None or shipped.split.salt != meas.config.salt:
                 reason = "shipped operating points used another split"
+            elif (shipped.face_enroll, shipped.voice_enroll) != (meas.config.face_enroll, meas.config.voice_enroll):
+                reason = "shipped operating points were calibrated for another enrollment"
             elif {b.band: b.centre for b in shipped.voice_bands} != \
                     {b: tuple(float(x) for x in c) for b, c in meas.centres.items()}:
                 reason = "shipped voice band centres differ from this run's"

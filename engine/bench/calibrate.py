@@ -77,15 +77,18 @@ def calibrate(
 ) -> OperatingPoints:
     """Operating points from part A."""
     targets = tuple(sorted(set(targets) | {target_fmr, face_floor_fmr, voice_floor_fmr}, reverse=True))
-    face = meas.aaa.parts["A"]
+    face = meas.face_enrolled["A"]
     face_imp_mean, face_imp_std = face.impostor.mean_std()
     face_gen_mean, face_gen_std = face.genuine.mean_std()
+    k = meas.config.face_enroll
     face_cal = ModalityCalibration(
         score="cosine", impostor_mean=face_imp_mean, impostor_std=face_imp_std,
         genuine_mean=face_gen_mean, genuine_std=face_gen_std,
         points=_points(face.genuine, face.impostor, targets),
         n_identities=face.identities, n_samples=face.images,
-        comparisons="LFW part A all-against-all: every same-person and every different-person image pair",
+        comparisons=(f"LFW part A: every identity enrolled with its first {k} image{'s' if k > 1 else ''} "
+                     f"(the best cosine over them) against every other image of the part, its own "
+                     f"(genuine) and every other identity's (impostor)"),
     )
 
     vs = meas.voice["A"]
@@ -142,6 +145,7 @@ def calibrate(
                   "voice": "speechocean762, 10 utterances per speaker" if not subset else "speechocean762 subset"},
         command=command,
         voice_template=meas.config.voice_template,
+        face_enroll=meas.config.face_enroll, voice_enroll=meas.config.voice_enroll,
     )
     return points
 
@@ -159,10 +163,13 @@ def common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--salt", default=MeasureConfig.__dataclass_fields__["salt"].default)
     p.add_argument("--pairs-per-fold", type=int, default=None, help="subset: LFW pairs per fold and kind")
     p.add_argument("--max-speakers", type=int, default=None, help="subset: speakers")
-    p.add_argument("--voice-enroll", type=int, default=3, help="enrollment utterances per speaker")
-    p.add_argument("--voice-probes", type=int, default=7, help="probe utterances per speaker")
+    p.add_argument("--face-enroll", type=int, default=2,
+                   help="enrollment images per face identity (the engine takes 1-3; a probe scores the best over them)")
+    p.add_argument("--voice-enroll", type=int, default=4,
+                   help="enrollment utterances per speaker (the engine takes 3-5)")
+    p.add_argument("--voice-probes", type=int, default=6, help="probe utterances per speaker")
     p.add_argument("--max-seconds", type=float, default=5.0, help="cut recordings to this length")
-    p.add_argument("--chimeric-attempts", type=int, default=7, help="attempts per chimeric person")
+    p.add_argument("--chimeric-attempts", type=int, default=6, help="attempts per chimeric person")
     p.add_argument("--voice-template", choices=["max", "centroid"], default="centroid",
                    help="voice enrollment scoring: the normalised mean of the enrollment embeddings "
                         "(default; measured better) or the best over the templates; written into the "
@@ -174,7 +181,8 @@ def measure_config(args: argparse.Namespace, out: Path) -> MeasureConfig:
     return MeasureConfig(
         data=args.data, models=args.models, cache=args.cache or out / "cache", threads=args.threads,
         batch=args.batch, block=args.block, salt=args.salt, pairs_per_fold=args.pairs_per_fold,
-        max_speakers=args.max_speakers, voice_enroll=args.voice_enroll, voice_probes=args.voice_probes,
+        max_speakers=args.max_speakers, face_enroll=args.face_enroll, voice_enroll=args.voice_enroll,
+        voice_probes=args.voice_probes,
         max_seconds=args.max_seconds, chimeric_attempts=args.chimeric_attempts,
         voice_template=args.voice_template, show_progress=not args.quiet,
     )

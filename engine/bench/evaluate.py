@@ -121,6 +121,17 @@ def _faces(ev: Evaluation, meas: Measurements) -> None:
             ev.add("fnmr_at_fmr", **base, threshold_from="same data (DET point)",
                    **_op(operating_point(ps.genuine, ps.impostor, t)))
         _curve(ev, "face", f"LFW {_part_label(key)} ({ps.impostor.n:,} impostor pairs)", ps.genuine, ps.impostor)
+    for part, fe in meas.face_enrolled.items():
+        if fe.genuine.n == 0 or fe.impostor.n == 0:
+            continue
+        base = dict(modality="face", dataset=f"LFW, enrollments of {fe.enroll} images", part=part,
+                    enroll=fe.enroll, identities=fe.identities, genuine_identities=fe.genuine_identities,
+                    failed_to_enroll=fe.failed_to_enroll, images=fe.images)
+        e, e_thr = eer(fe.genuine, fe.impostor)
+        ev.add("face_enrolled_eer", **base, eer=e, threshold=e_thr, n_genuine=fe.genuine.n, n_impostor=fe.impostor.n)
+        for t in TARGETS:
+            ev.add("face_enrolled", **base, threshold_from="same data (DET point)",
+                   **_op(operating_point(fe.genuine, fe.impostor, t)))
     ev.add("all_against_all_scoring", modality="face", images_scored=aaa.images_used,
            images_failed=aaa.images_failed, comparisons_lost_to_fta=aaa.comparisons_lost, seconds=aaa.seconds,
            comparisons=aaa.parts["all"].genuine.n + aaa.parts["all"].impostor.n)
@@ -195,7 +206,7 @@ def _voices(ev: Evaluation, meas: Measurements) -> None:
 
 def _cross(meas: Measurements, points: OperatingPoints, part: str, *, floors=None, face=None, voice=None) -> CrossFused:
     f, v = points.face, points.voice
-    face_dist = face if face is not None else meas.aaa.parts[part].impostor
+    face_dist = face if face is not None else meas.face_enrolled[part].impostor
     if voice is None:
         _, voice = meas.voice[part].scores(True)
     return CrossFused(face_dist, voice, mf=f.impostor_mean, sf=f.impostor_std, mv=v.impostor_mean,
@@ -228,8 +239,8 @@ def _fusion(ev: Evaluation, meas: Measurements, points: OperatingPoints, model: 
             face_gen = ExactScores(ch.face[g])
             voice_gen = ExactScores(ch.voice[g])
             _, vi = meas.voice[part].scores(True)
-            face_imp = meas.aaa.parts[part].impostor
-            _curve(ev, "fused", f"face alone ({face_imp.n:,} impostor pairs)", face_gen, face_imp, "--")
+            face_imp = meas.face_enrolled[part].impostor
+            _curve(ev, "fused", f"face alone ({face_imp.n:,} impostor comparisons)", face_gen, face_imp, "--")
             _curve(ev, "fused", f"voice alone, band-z ({vi.size:,} impostor pairs)", voice_gen, ExactScores(vi), ":")
             _curve(ev, "fused", f"fused (cross product, {cross.n:.2g})", gen, cross, "-")
             for t in TARGETS:
@@ -250,7 +261,7 @@ def _fusion(ev: Evaluation, meas: Measurements, points: OperatingPoints, model: 
 
 def _held_apart(ev: Evaluation, meas: Measurements, points: OperatingPoints, model: ScoreModel) -> None:
     """The calibrated thresholds (from part A) applied to part B."""
-    face_b = meas.aaa.parts["B"]
+    face_b = meas.face_enrolled["B"]
     ch = meas.chimeric["B"]
     g = ch.genuine_mask
     fused_b = model.fuse_batch(ch.face, ch.voice)
@@ -297,7 +308,7 @@ def _policy(ev: Evaluation, meas: Measurements, points: OperatingPoints, model: 
     fm_cross = int(policy_cross.count_ge(ft))
     face_attack = _cross(meas, points, "B", floors=(ff, fv), voice=ch.voice[g])  # impostor face, genuine voice
     voice_attack = _cross(meas, points, "B", floors=(ff, fv), face=ExactScores(ch.face[g]), voice=vi)
-    face_imp = meas.aaa.parts["B"].impostor
+    face_imp = meas.face_enrolled["B"].impostor
     ev.add(
         "policy", part="B", pair=pair, target_fmr=model.target_fmr, face_floor_fmr=points.face_floor_fmr,
         voice_floor_fmr=points.voice_floor_fmr,

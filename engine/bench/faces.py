@@ -15,7 +15,8 @@ from engine.bench.datasets import Lfw
 from engine.bench.embeddings import Embedded, progress
 from engine.bench.stats import ExactScores, TailHistogram
 
-__all__ = ["TenFold", "ten_fold", "AllAgainstAll", "PartScores", "all_against_all", "best_threshold"]
+__all__ = ["TenFold", "ten_fold", "AllAgainstAll", "PartScores", "all_against_all", "best_threshold",
+           "EnrolledFaces", "first_images", "enrolled_faces"]
 
 
 # --------------------------------------------------------------------------- 10-fold
@@ -273,6 +274,69 @@ def all_against_all(
     total = len(lfw.images)
     lost = total * (total - 1) // 2 - n * (n - 1) // 2
     return AllAgainstAll(out, order, n, total - n, lost, time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------- enrollments of several images
+
+
+@dataclass
+class EnrolledFaces:
+    """Face scores as the engine compares them: a probe image against an enrollment of
+    ``enroll`` images of one identity, the best cosine over them.
+
+    Every identity of the part whose first ``enroll`` images all acquire is enrolled with
+    them; it is compared with every usable image of every other identity of the part
+    (impostor) and with its own remaining usable images (genuine).
+    """
+
+    part: str
+    enroll: int
+    genuine: ExactScores
+    impostor: ExactScores
+    #: identities enrolled; of those, with at least one image left to be genuine probes
+    identities: int
+    genuine_identities: int
+    #: identities whose enrollment images did not all acquire (not enrolled)
+    failed_to_enroll: int
+    images: int
+
+
+def first_images(lfw: Lfw) -> dict[str, list[int]]:
+    """Each identity's images (indices into ``lfw.images``) in number order."""
+    by_name: dict[str, list[int]] = {}
+    for i, im in enumerate(lfw.images):
+        by_name.setdefault(im.name, []).append(i)
+    for v in by_name.values():
+        v.sort(key=lambda i: lfw.images[i].number)
+    return by_name
+
+
+def enrolled_faces(lfw: Lfw, faces: Embedded, part: str, enroll: int, *, block: int = 256) -> EnrolledFaces:
+    """Every enrollment of ``enroll`` images of a part against every usable image of the part."""
+    if enroll < 1:
+        raise ValueError("enroll must be at least 1")
+    ok = faces.ok
+    by_name = {n: v for n, v in first_images(lfw).items() if lfw.part[n] == part}
+    probes = np.array([i for v in by_name.values() for i in v if ok[i]], dtype=np.int64)
+    owner = np.array([lfw.images[i].name for i in probes])
+    x = np.ascontiguousarray(faces.emb[probes], dtype=np.float32)
+    enrolled = [(n, v[:enroll]) for n, v in sorted(by_name.items()) if len(v) >= enroll]
+    failed = sum(1 for _, e in enrolled if not ok[e].all())
+    enrolled = [(n, e) for n, e in enrolled if ok[e].all()]
+    gen: list[np.ndarray] = []
+    imp: list[np.ndarray] = []
+    for b0 in range(0, len(enrolled), block):
+        chunk = enrolled[b0 : b0 + block]
+        t = np.ascontiguousarray(faces.emb[np.concatenate([e for _, e in chunk])], dtype=np.float32)
+        best = (x @ t.T).reshape(len(probes), len(chunk), enroll).max(axis=2)  # (probes, identities)
+        for j, (name, e) in enumerate(chunk):
+            mine = owner == name
+            imp.append(best[~mine, j])
+            gen.append(best[mine & ~np.isin(probes, e), j])
+    g = np.concatenate(gen) if gen else np.zeros(0, np.float32)
+    i = np.concatenate(imp) if imp else np.zeros(0, np.float32)
+    gen_ids = sum(1 for a in gen if a.size)
+    return EnrolledFaces(part, enroll, ExactScores(g), ExactScores(i), len(enrolled), gen_ids, failed, len(probes))
 
 
 # --------------------------------------------------------------------------- AS-norm for faces?

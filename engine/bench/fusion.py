@@ -3,9 +3,10 @@
 No public data set holds the same people's faces and voices, so a person here is
 *chimeric*: a speechocean762 speaker paired with an LFW identity by the fixed mapping
 of :func:`engine.bench.datasets.chimeric_persons`. Such a person enrolls with the first
-image of their face identity and the enrollment utterances of their speaker; attempt
-``k`` presents face image ``k + 2`` together with voice probe ``k + 1``. An attempt whose
-face or voice fails to acquire is a rejection (counted apart).
+``face_enroll`` images of their face identity (a probe's face score is the best over
+them, as the engine compares) and the enrollment utterances of their speaker; attempt
+``k`` (from 1) presents face image ``face_enroll + k`` together with voice probe ``k``.
+An attempt whose face or voice fails to acquire is a rejection (counted apart).
 
 Direct comparisons are few (tens of persons). Because the mapping is arbitrary, the
 face score and the voice score of an impostor attempt are independent by construction,
@@ -22,6 +23,7 @@ import numpy as np
 
 from engine.bench.datasets import Chimera, Lfw
 from engine.bench.embeddings import Embedded
+from engine.bench.faces import first_images
 from engine.bench.stats import ExactScores, ImpostorDistribution
 from engine.bench.voices import VoiceScores
 
@@ -46,15 +48,12 @@ class ChimericScores:
 
 
 def chimeric_scores(
-    persons: list[Chimera], lfw: Lfw, faces: Embedded, voices: VoiceScores, *, attempts: int = 7,
+    persons: list[Chimera], lfw: Lfw, faces: Embedded, voices: VoiceScores, *, attempts: int = 6,
+    face_enroll: int = 2,
 ) -> ChimericScores:
     """Scores of every chimeric person of a part against every attempt of that part."""
     part = voices.part
-    by_name: dict[str, list[int]] = {}
-    for i, im in enumerate(lfw.images):
-        by_name.setdefault(im.name, []).append(i)
-    for v in by_name.values():
-        v.sort(key=lambda i: lfw.images[i].number)
+    by_name = first_images(lfw)
     pidx = voices.probe_index()
     spk_row = {s: i for i, s in enumerate(voices.speakers)}
     ok = faces.ok
@@ -69,16 +68,16 @@ def chimeric_scores(
         if p.part != part:
             continue
         imgs = by_name[p.face]
-        if not ok[imgs[0]] or p.speaker not in spk_row:
+        if len(imgs) < face_enroll or not ok[imgs[:face_enroll]].all() or p.speaker not in spk_row:
             failed_enroll += 1
             continue
         kept.append(p)
-        enroll_face.append(faces.emb[imgs[0]])
+        enroll_face.append(faces.emb[imgs[:face_enroll]])
         voice_probe_keys = voices.planned_probes[p.speaker]
         for k in range(min(attempts, len(voice_probe_keys))):
-            if k + 1 >= len(imgs):
+            if face_enroll + k >= len(imgs):
                 break
-            face_i = imgs[k + 1]
+            face_i = imgs[face_enroll + k]
             if voice_probe_keys[k] not in pidx or not ok[face_i]:
                 failed_attempts += 1
                 genuine_failed += 1
@@ -86,9 +85,10 @@ def chimeric_scores(
             attempt_face.append(faces.emb[face_i])
             attempt_voice_col.append(pidx[voice_probe_keys[k]])
             attempt_person.append(len(kept) - 1)
-    ef = np.asarray(enroll_face, dtype=np.float32).reshape(-1, faces.emb.shape[1])
-    af = np.asarray(attempt_face, dtype=np.float32).reshape(-1, faces.emb.shape[1])
-    face = (ef @ af.T).astype(np.float64)
+    d = faces.emb.shape[1]
+    ef = np.asarray(enroll_face, dtype=np.float32).reshape(-1, d)  # face_enroll rows per person
+    af = np.asarray(attempt_face, dtype=np.float32).reshape(-1, d)
+    face = (ef @ af.T).reshape(len(kept), face_enroll, len(attempt_face)).max(axis=1).astype(np.float64)
     vm = voices.norm if voices.norm is not None else voices.raw
     rows = [spk_row[p.speaker] for p in kept]
     voice = vm[np.ix_(rows, attempt_voice_col)] if rows and attempt_voice_col else np.zeros((len(rows), 0))

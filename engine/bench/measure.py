@@ -17,7 +17,7 @@ import numpy as np
 
 from engine.bench.datasets import DEFAULT_SALT, Chimera, Lfw, Speech, chimeric_persons, load_lfw, load_speech
 from engine.bench.embeddings import Embedded, EmbeddingCache, embed_files, face_cache_key, voice_cache_key
-from engine.bench.faces import AllAgainstAll, TenFold, all_against_all, ten_fold
+from engine.bench.faces import AllAgainstAll, EnrolledFaces, TenFold, all_against_all, enrolled_faces, ten_fold
 from engine.bench.fusion import ChimericScores, chimeric_scores
 from engine.bench.stats import ExactScores, eer
 from engine.bench.voices import NARROW, VoiceScores, band_centres, band_key, voice_scores
@@ -44,16 +44,18 @@ class MeasureConfig:
     #: images only), and the first n speakers in split order
     pairs_per_fold: int | None = None
     max_speakers: int | None = None
-    voice_enroll: int = 3
-    voice_probes: int = 7
+    #: images a face enrollment holds (the engine scores a probe by the best over them)
+    face_enroll: int = 2
+    voice_enroll: int = 4
+    voice_probes: int = 6
     max_seconds: float = 5.0
-    chimeric_attempts: int = 7
+    chimeric_attempts: int = 6
     #: "max" (best cosine over the enrollment templates) or "centroid" (engine.matching.calibration.voice_templates)
     voice_template: str = "centroid"
     show_progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.voice_enroll < 1 or self.voice_probes < 1 or self.chimeric_attempts < 1:
+        if min(self.face_enroll, self.voice_enroll, self.voice_probes, self.chimeric_attempts) < 1:
             raise ConfigError("enroll, probes and attempts must be at least 1")
         if not 1.0 <= self.max_seconds <= 30.0:
             raise ConfigError("max_seconds must be in [1, 30]")
@@ -71,6 +73,9 @@ class Measurements:
     models: dict[str, str]
     ten_fold: TenFold
     aaa: AllAgainstAll
+    #: part -> probe images against enrollments of ``config.face_enroll`` images (what the
+    #: face floor and the fused threshold are calibrated and reported on)
+    face_enrolled: dict[str, EnrolledFaces]
     #: band -> centre (mean part-A embedding), as shipped to the engine
     centres: dict[str, np.ndarray]
     #: "enrollment band>probe band" -> (mean, std) of part A's impostor scores
@@ -150,6 +155,9 @@ def measure(cfg: MeasureConfig) -> Measurements:
     timings["ten_fold_s"] = time.perf_counter() - t1
     aaa = all_against_all(lfw, faces, block=cfg.block, show_progress=cfg.show_progress)
     timings["all_against_all_s"] = aaa.seconds
+    t_e = time.perf_counter()
+    face_enrolled = {part: enrolled_faces(lfw, faces, part, cfg.face_enroll) for part in ("A", "B")}
+    timings["face_enrolled_s"] = time.perf_counter() - t_e
 
     t2 = time.perf_counter()
     centres = band_centres(speech, voices, "A")
@@ -169,8 +177,9 @@ def measure(cfg: MeasureConfig) -> Measurements:
     voice = {part: bands[(part, "wide>wide")] for part in ("A", "B")}
     timings["voice_scoring_s"] = time.perf_counter() - t2
 
-    persons = chimeric_persons(lfw, speech, min_images=cfg.chimeric_attempts + 1)
-    chim_bands = {key: chimeric_scores(persons, lfw, faces, vs, attempts=cfg.chimeric_attempts)
+    persons = chimeric_persons(lfw, speech, min_images=cfg.chimeric_attempts + cfg.face_enroll)
+    chim_bands = {key: chimeric_scores(persons, lfw, faces, vs, attempts=cfg.chimeric_attempts,
+                                       face_enroll=cfg.face_enroll)
                   for key, vs in bands.items()}
     chim = {part: chim_bands[(part, "wide>wide")] for part in ("A", "B")}
     detection = {}
@@ -180,4 +189,4 @@ def measure(cfg: MeasureConfig) -> Measurements:
         detection[band] = (len(mine), sum(t == band for t in mine))
     timings["measure_s"] = time.perf_counter() - t0
     return Measurements(cfg, lfw, speech, faces, voices, {**face_models, **voice_models}, tf, aaa,
-                        centres, pair_stats, voice, bands, persons, chim, chim_bands, timings, detection)
+                        face_enrolled, centres, pair_stats, voice, bands, persons, chim, chim_bands, timings, detection)

@@ -152,11 +152,22 @@ def _data(L: list[str], meas: Measurements, ev: Evaluation, points: OperatingPoi
         "part A's (shipped in `models/operating_points.json`). Band detection, the engine's own: "
         + "; ".join(f"{d['band']} {d['detected']:,}/{d['recordings']:,}" for d in ev.find("band_detection"))
         + ".")
+    k = cfg.face_enroll
+    add(f"- **Face enrollments**: as the engine compares, a probe image scores the best cosine over an "
+        f"enrollment's images. Each identity of a part is enrolled with its first {k} image{'s' if k > 1 else ''} "
+        f"and compared with every other usable image of the part: its own (genuine) and every other "
+        f"identity's (impostor). The face thresholds, the face side of the fused threshold and the face "
+        f"figures of the policy rest on these comparisons; the all-against-all figures below are single "
+        f"image pairs. "
+        + "; ".join(f"Part {d['part']}: {d['identities']:,} identities enrolled ({d['failed_to_enroll']} failed "
+                    f"to enroll), {d['n_genuine']:,} genuine and {d['n_impostor']:,} impostor comparisons"
+                    for d in ev.find("face_enrolled_eer")) + ".")
     add(f"- **Chimeric persons** (for fusion; no public set has the same people's faces and voices): "
         f"within each part, the speakers sorted by id are paired one to one with the LFW identities of "
-        f"that part having at least {cfg.chimeric_attempts + 1} images, sorted by name. A person enrolls "
-        f"with their identity's first image and their speaker's enrollment utterances; attempt k shows "
-        f"image k+2 with voice probe k+1. Impostor face and voice scores of different chimeric persons are "
+        f"that part having at least {cfg.chimeric_attempts + k} images, sorted by name. A person enrolls "
+        f"with their identity's first {k} image{'s' if k > 1 else ''} and their speaker's {cfg.voice_enroll} "
+        f"enrollment utterances; attempt j (from 1) shows image {k}+j with voice probe j, "
+        f"{cfg.chimeric_attempts} attempts each. Impostor face and voice scores of different chimeric persons are "
         f"independent by construction, so fused impostor rates are also computed over the cross product "
         f"of all face and all voice impostor comparisons of the part (stated wherever used).")
     add("- Failures to acquire are counted and reported, never dropped silently; a failed sample's "
@@ -216,6 +227,18 @@ def _faces(L: list[str], meas: Measurements, ev: Evaluation, points: OperatingPo
     add("")
     add("![DET face](det_face.png) ![histogram face](hist_face.png)")
     add("")
+    rows = ev.find("face_enrolled")
+    if rows:
+        add(f"### Enrollments of {rows[0]['enroll']} image{'s' if rows[0]['enroll'] > 1 else ''}")
+        add("")
+        add("Each identity enrolled with its first images, a probe scored by the best cosine over them (see "
+            "Data and protocol); each row's threshold the DET point on its own scores:")
+        add("")
+        L.extend(_op_table(rows, lambda r: f"LFW {r['part']}, {r['identities']:,} enrolled"))
+        add("")
+        for e in ev.find("face_enrolled_eer"):
+            add(f"- EER, part {e['part']}: {_pct(e['eer'])} at {e['threshold']:.4f}.")
+        add("")
 
 
 def _voices(L: list[str], meas: Measurements, ev: Evaluation, points: OperatingPoints,

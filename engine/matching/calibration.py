@@ -10,6 +10,8 @@ Scores
 ------
 * **face**: cosine similarity of SFace embeddings; against an enrollment of several
   images, the best over them (as :class:`engine.matching.index.TemplateIndex` compares).
+  The face thresholds are calibrated on such scores: enrollments of ``face_enroll``
+  images against single probe images.
 * **voice**: channel-aware. Every recording carries its detected band
   (:mod:`engine.inference.speaker`: "wide" 16 kHz capture, "narrow" 8 kHz or telephone band). Each
   embedding is centred on its band: the mean embedding of the calibration part's
@@ -205,6 +207,10 @@ class OperatingPoints(msgspec.Struct, frozen=True, kw_only=True):
     #: How an enrolled credential's voice templates are scored: "centroid" (the cosine to
     #: their normalised mean) or "max" (the best cosine over them).
     voice_template: str = "centroid"
+    #: The enrollment the thresholds were calibrated for: images of the face and
+    #: recordings of the voice per credential (the holder's app sends as many).
+    face_enroll: int = 1
+    voice_enroll: int = 3
 
     def __post_init__(self) -> None:
         if self.format != FORMAT_VERSION:
@@ -219,6 +225,8 @@ class OperatingPoints(msgspec.Struct, frozen=True, kw_only=True):
                 raise ValueError(f"{name} calibration lacks its floor point")
         if self.voice_template not in ("max", "centroid"):
             raise ValueError("voice_template must be 'max' or 'centroid'")
+        if self.face_enroll < 1 or self.voice_enroll < 1:
+            raise ValueError("face_enroll and voice_enroll must be at least 1")
         if self.voice.score != "band-z":
             raise ValueError(f"voice score {self.voice.score!r} is not one this engine computes (band-z)")
         if sorted(b.band for b in self.voice_bands) != sorted(BANDS):
