@@ -34,6 +34,7 @@ from ._common import (
     stderr,
 )
 from ._engine import EngineProcess, netid
+from engine.cli.demo import ENROLL_RECORDINGS
 
 __all__ = [
     "Outcome", "Resident", "RelyingParty", "Step", "Generator", "prepare_data", "enroll_all", "verification",
@@ -166,7 +167,7 @@ async def enroll_all(gen: Generator, rng: random.Random) -> dict[str, int]:
     async def one(k: int, r: Resident) -> None:
         host, port = gen.node(k)
         async with limit:
-            voices = [gen.enroll_voices.say(r.person.speaker, "".join(rng.choice("0123456789") for _ in range(8)), rng) for _ in range(3)]
+            voices = [gen.enroll_voices.say(r.person.speaker, "".join(rng.choice("0123456789") for _ in range(8)), rng) for _ in range(ENROLL_RECORDINGS)]
             for attempt in range(20):
                 try:
                     async with open_holder(host, port, device_key=r.key) as phone:
