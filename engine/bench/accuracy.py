@@ -27,6 +27,15 @@ from engine.errors import ModelError
 __all__ = ["main", "choose_points"]
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the project (``models/...`` for the bundled models), else as given."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        return str(path.resolve().relative_to(root))
+    except ValueError:
+        return str(path)
+
+
 def choose_points(meas: Measurements, points_dir: Path | None) -> tuple[OperatingPoints, str]:
     """The shipped operating points if they were calibrated on this very set-up, else a
     fresh calibration on part A (the report says which)."""
@@ -48,7 +57,7 @@ def choose_points(meas: Measurements, points_dir: Path | None) -> tuple[Operatin
                     {b: tuple(float(x) for x in c) for b, c in meas.centres.items()}:
                 reason = "shipped voice band centres differ from this run's"
             else:
-                return shipped, f"shipped `{points_dir / 'operating_points.json'}`"
+                return shipped, f"shipped `{_shown(points_dir / 'operating_points.json')}`"
     elif subset:
         reason = "subset run"
     points = calibrate(meas)
