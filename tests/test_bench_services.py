@@ -117,3 +117,25 @@ def test_compare_checks_the_ratio_against_the_sqlite_baseline(shared, baseline, 
 def test_compare_of_one_run_is_that_run():
     one = _summary(0.9, "sqlite")
     assert compare([one]) is one and "ratio_within_0.03_of_sqlite" not in one["checks"]
+
+
+def test_a_comparisons_capacity_is_the_mean_of_its_alternating_saturation_steps():
+    import argparse
+
+    from engine.bench.load_report import run_summary
+
+    def row(step: str, rps: float, cpu_ms: float, **extra) -> dict:
+        return {"step": step, "offered_rps": 15.0, "throughput_rps": rps, "p50_ms": 400.0, "p99_ms": 900.0,
+                "overloaded": 0, "overloaded_p99_ms": None, "unanswered": 0, "errors": {}, "cpu": {"engine_cpu_share": 0.9},
+                "engine_cpu_ms_per_verification": cpu_ms, **extra}
+
+    rows = [row("saturation-1", 11.0, 160.0), row("saturation-2", 12.0, 170.0), row("50%", 5.7, 160.0),
+            row("80%", 9.2, 165.0, layer_cpu_ms_per_verification={"state": 1.5, "store": 1.0}, services_cpu_ms_per_verification=2.0),
+            row("200%", 11.3, 166.0)]
+    gen = argparse.Namespace(residents=[1, 2], rps=[1])
+    limit = {"limit_rps": 12.5, "best": {"batch": 2, "threads": 2, "intra": 1, "processes": 1, "cpu_ms_per_verification": 150.0, "cpu_share": 0.95}}
+    s = run_summary(rows, limit, gen, True, argparse.Namespace())
+    assert s["throughput_rps"] == 11.5 and s["saturation_rounds"] == [11.0, 12.0] and s["ratio"] == round(11.5 / 12.5, 3)
+    assert s["engine_cpu_ms_per_verification"] == 165.0
+    assert s["store_state_cpu_ms_per_verification"] == 4.5 and s["checks"]["store_state_cpu_le_5ms"]["pass"]
+    assert s["checks"]["overload_at_2x"]["goodput_vs_capacity"] == round(11.3 / 11.5, 3)

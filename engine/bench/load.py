@@ -33,8 +33,9 @@ them, so most sessions are opened on one node and verified on another; the nodes
 ``/metrics`` and CPU are summed. Each step then also reports the CPU per verification spent
 in the store's and the state's worker threads (``netid_layer_cpu_seconds_total``) and by the
 PostgreSQL and Redis server processes (from /proc). ``--compare-sqlite`` first runs the same
-steps on one SQLite node, under the same limit (measured before the first and after the
-last), and checks that the two ratios are within 0.03.
+steps on one SQLite node, under the same limit (measured before and after), both set up
+first, their saturation steps alternating (``--rounds``), and checks that the two ratios are
+within 0.03.
 
 Latency is measured on answered verifications (a ``verified`` reply); an ``overloaded``
 answer is timed from the moment the verify request was sent.
@@ -122,41 +123,64 @@ def _targets(args: argparse.Namespace, tag: str) -> list[tuple[str, RunServices,
 
 
 async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Set-up, the limit, the steps on each target (``_targets``), the limit again, the summary."""
+    """Set-up of every target (``_targets``), the limit, the steps, the limit again, the summary.
+
+    With several targets all are set up first and idle while the limit is measured; their
+    saturation steps then alternate (``--rounds`` each: A, B, A, B...), so that a machine
+    that changes speed during the run weighs on both alike, and each target's capacity is the
+    mean of its rounds; then each runs its 50 %, 80 % and 200 % steps."""
     targets = _targets(args, os.urandom(3).hex())
     limit: dict[str, Any] | None = None
-    runs: list[tuple[str, list[dict[str, Any]], Generator, bool, int | None]] = []
+    sides: list[tuple[str, Generator, bool]] = []
+    rows: dict[str, list[dict[str, Any]]] = {}
+    codes: dict[str, int | None] = {}
     try:
-        for k, (name, services, nodes) in enumerate(targets):
-            sub = work / name if len(targets) > 1 else work
-            sub.mkdir(parents=True, exist_ok=True)
-            gen, challenge, t_setup = await _set_up(args, sub, services, nodes)
-            codes: list[int] = []
-            try:
+        try:
+            for name, services, nodes in targets:
+                sub = work / name if len(targets) > 1 else work
+                sub.mkdir(parents=True, exist_ok=True)
+                gen, challenge, t_setup = await _set_up(args, sub, services, nodes)
+                sides.append((name, gen, challenge))
                 refused = await enroll_all(gen, random.Random(args.seed))
                 stderr(f"  [{name}, {max(1, len(gen.engines))} node(s)] enrolled {len(gen.residents)} residents "
                        f"({refused or 'none refused'}); setup {time.perf_counter() - t_setup:.0f} s")
                 if not gen.residents:
                     raise SystemExit("no resident could be enrolled")
-                if k == 0:
-                    if args.limit_rps:
-                        limit = {"limit_rps": args.limit_rps, "given": True}
-                    elif not args.no_limit:
-                        limit = await trio.to_thread.run_sync(measure_limit, args, challenge)  # the engine idles
-                rows = await _run_steps(gen, args, limit["limit_rps"] if limit else None)
-            finally:
-                for engine in gen.engines:
-                    codes.append(await trio.to_thread.run_sync(engine.stop))
-            runs.append((name, rows, gen, challenge, max(codes, key=abs) if codes else None))
+            if args.limit_rps:
+                limit = {"limit_rps": args.limit_rps, "given": True}
+            elif not args.no_limit:
+                limit = await trio.to_thread.run_sync(measure_limit, args, sides[0][2])  # the engines idle
+            limit_rps = limit["limit_rps"] if limit else None
+            if args.rps or len(sides) == 1:
+                for name, gen, _ in sides:
+                    rows[name] = await _run_steps(gen, args, limit_rps)
+            else:
+                if not limit_rps:
+                    raise SystemExit("a comparison needs the limit (drop --no-limit, or give --limit-rps)")
+                seconds = args.seconds or (12.0 if args.quick else 30.0)
+                for r in range(args.rounds):
+                    for name, gen, _ in sides:
+                        stderr(f"  [{name}] saturation, round {r + 1} of {args.rounds}")
+                        got = await _run_steps(gen, args, limit_rps, [Step(f"saturation-{r + 1}", 1.25 * limit_rps, seconds)])
+                        rows.setdefault(name, []).extend(got)
+                for name, gen, _ in sides:
+                    capacity = max(sum(x["throughput_rps"] for x in rows[name]) / len(rows[name]), 0.05)
+                    stderr(f"  [{name}] capacity {capacity:.2f}/s (mean of {args.rounds} saturation steps)")
+                    rows[name] += await _run_steps(gen, args, limit_rps, [
+                        Step(step, factor * capacity, seconds) for step, factor in (("50%", 0.5), ("80%", 0.8), ("200%", 2.0))])
+        finally:
+            for name, gen, _ in sides:
+                stopped = [await trio.to_thread.run_sync(engine.stop) for engine in gen.engines]
+                codes[name] = max(stopped, key=abs) if stopped else None
         if limit is not None and "best" in limit:
-            limit = await _limit_after(args, runs[-1][3], limit)
+            limit = await _limit_after(args, sides[-1][2], limit)
     finally:
         for _, services, _ in targets:
             await trio.to_thread.run_sync(services.clean_up)
     summaries = []
-    for name, rows, gen, challenge, code in runs:
-        s = run_summary(rows, limit, gen, challenge, args)
-        s.update(store=name, nodes=max(1, len(gen.engines)), engine_exit_code=code)
+    for name, gen, challenge in sides:
+        s = run_summary(rows[name], limit, gen, challenge, args)
+        s.update(store=name, nodes=max(1, len(gen.engines)), engine_exit_code=codes.get(name))
         summaries.append(s)
     return compare(summaries)
 
@@ -229,16 +253,19 @@ async def _set_up(args: argparse.Namespace, work: Path, services: RunServices, n
     return gen, challenge, t_setup
 
 
-async def _run_steps(gen: Generator, args: argparse.Namespace, limit_rps: float | None) -> list[dict[str, Any]]:
-    """The load steps on long-lived connections: ``--rps``, else the capacity search
-    (saturation at 1.25 x the limit, then 50 %, 80 % and 200 % of what saturation achieved)."""
+async def _run_steps(gen: Generator, args: argparse.Namespace, limit_rps: float | None, steps: list[Step] | None = None) -> list[dict[str, Any]]:
+    """The load steps on long-lived connections: ``steps``, else ``--rps``, else the capacity
+    search (saturation at 1.25 x the limit, then 50 %, 80 % and 200 % of what saturation achieved)."""
     seconds = args.seconds or (12.0 if args.quick else 30.0)
     rows: list[dict[str, Any]] = []
     async with trio.open_nursery() as routers:
         await _connect_all(gen)
         for rp in gen.rps:
             routers.start_soon(_route_pushes, gen, rp)
-        if args.rps:
+        if steps:
+            for k, st in enumerate(steps):
+                rows.append(await _do_step(gen, st, args.seed + k))
+        elif args.rps:
             steps = [Step(f"rps={r:g}", r, seconds) for r in args.rps]
             for k, st in enumerate(steps):
                 rows.append(await _do_step(gen, st, args.seed + k))
@@ -324,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=1, help="engine nodes on the shared store and state (default 1)")
     p.add_argument("--compare-sqlite", action="store_true",
                    help="with a PostgreSQL --store: first run the same steps on one SQLite node, same limit, and check the ratios")
+    p.add_argument("--rounds", type=int, default=2, help="with --compare-sqlite: saturation steps per store, alternating (default 2)")
     p.add_argument("--connect", default=None, metavar="HOST:PORT", help="use a running engine instead of starting one")
     p.add_argument("--engine-data", type=Path, default=None, help="with --connect: the engine's data directory")
     p.add_argument("--metrics-url", default=None, help="with --connect: the engine's /metrics URL")
