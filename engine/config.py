@@ -148,11 +148,12 @@ class EngineConfig:
     #: One recording per batch: a batch's checks finish together, so a recording the screen
     #: decided would wait for its partner's phone loop (TUNING section 6 h).
     challenge_batch: BatcherConfig = field(default_factory=lambda: BatcherConfig(max_batch=1, max_wait=0.002, queue_size=64, workers=2))
-    #: With the challenge check on, a voice job may wait this long (seconds) for company:
-    #: the recogniser takes longer on the same recording, so the wait is off the critical
-    #: path (benchmarks/TUNING.md sections 1 and 6).
-    #: ``voice_batch.max_wait`` applies when it is longer, or with the check off.
-    voice_wait_with_challenge: float = 0.2
+    #: With the challenge check on, a voice job may wait this long (seconds) for company.
+    #: With CAM++ the voice model is the longest step of a verification, so the wait is on
+    #: the critical path: 0.2 s doubled the p50 and raised p99 at 80 % load by half
+    #: (benchmarks/TUNING.md section 6). ``voice_batch.max_wait`` applies when it is longer,
+    #: or with the check off.
+    voice_wait_with_challenge: float = 0.02
     intra_op_threads: int = 1
     #: worker processes that run the face and voice models (0: the batchers' threads in
     #: the engine's process, next to the event loop). At 7 verifications/s a verification

@@ -362,11 +362,10 @@ def test_engine_config_overrides():
 
 
 def test_voice_jobs_wait_for_company_only_behind_the_recogniser():
-    """With the challenge check on, the voice embedding is off the critical path: its
-    batcher waits ``voice_wait_with_challenge`` for a second recording; with it off, it
-    keeps its own short ``max_wait``."""
+    """With the challenge check on, the voice batcher waits ``voice_wait_with_challenge``
+    for a second recording; with it off, it keeps its own short ``max_wait``."""
     on = EngineConfig(data_dir=Path("/tmp/x"))
-    assert on.voice_batcher.max_wait == on.voice_wait_with_challenge == 0.2
+    assert on.voice_batcher.max_wait == on.voice_wait_with_challenge == 0.02
     assert on.voice_batcher.max_batch == on.voice_batch.max_batch
     off = EngineConfig(data_dir=Path("/tmp/x"), challenge=ChallengeSettings(check=False))
     assert off.voice_batcher == off.voice_batch and off.voice_batcher.max_wait == 0.004
