@@ -364,6 +364,10 @@ def _operator_parsers(sub) -> None:
             d.add_argument("id")
             d.set_defaults(func=func)
 
+    from engine.cli.index import add_parser as index_parser
+
+    index_parser(sub, _common, _open_store)
+
     a = sub.add_parser("audit", help="show the audit log")
     _common(a)
     a.add_argument("--limit", type=int, default=100)
