@@ -12,7 +12,9 @@
 4. A node in a process of its own (``engine.bench.register_node``): start-up to a loaded
    index, RSS, 1:N search latency and CPU, recall of the planted duplicates at the duplicate
    threshold, false duplicates, and 1:1 latency and CPU against both registers.
-5. Disk: the store's size (and the index file's) per credential.
+5. ``netid serve`` on the register (``--engine``): seconds to its ``ready`` line (the real
+   models loaded, the face index read and brought up to date) and its RSS with its workers.
+6. Disk: the store's size (and the index file's) per credential.
 
 One JSON line per figure group on stdout, a summary on stderr.
 """
@@ -51,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=None, help="data root with lfw/ (default ../shared/data)")
     p.add_argument("--seed", type=int, default=23)
     p.add_argument("--check-pairs", type=int, default=200_000, help="score pairs in the synthetic-versus-real check")
+    p.add_argument("--engine", action=argparse.BooleanOptionalAction, default=True,
+                   help="also start netid serve on the register: time to ready, RSS with its workers")
     p.add_argument("--keep", action="store_true", help="keep the store and the index afterwards")
     p.add_argument("--sweep", default="0.03125,0.0625,0.125,0.25", help="probe fractions the planted duplicates are also searched at")
     p.add_argument("--index", default="{}", help='IndexConfig fields as JSON, e.g. {"probe_fraction": 0.05}')
@@ -79,6 +83,23 @@ def _drop_schema(url: str) -> None:
         conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
+def _analyze(url: str) -> None:
+    if url.startswith("sqlite:///"):
+        import sqlite3
+
+        with sqlite3.connect(url[len("sqlite:///"):]) as conn:
+            conn.execute("ANALYZE")
+        return
+    import psycopg
+
+    from engine.store.postgres_db import parse_url
+
+    conninfo, schema = parse_url(url)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        for table in ("cards", "credentials", "templates", "template_log"):
+            conn.execute(f'ANALYZE "{schema}".{table}')
+
+
 def _disk_bytes(url: str) -> int:
     if url.startswith("sqlite:///"):
         path = url[len("sqlite:///"):]
@@ -93,6 +114,22 @@ def _disk_bytes(url: str) -> int:
             "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0) FROM pg_class c"
             " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relkind = 'r'",
             (schema,)).fetchone()[0])
+
+
+def _engine_startup(url: str, data: Path, workdir: Path) -> dict:
+    """``netid serve`` on the register: seconds from the command to its ``ready`` line (models
+    loaded, face index read and brought up to date), and its RSS with its worker processes."""
+    from engine.bench._engine import EngineProcess
+    from engine.bench.fuzz import rss_kib
+
+    started = time.perf_counter()
+    eng = EngineProcess(data, serve_args=["--store", url], log_path=workdir / "engine.log").start()
+    ready = time.perf_counter() - started
+    time.sleep(2.0)  # let the worker processes settle
+    out = {"ready_s": round(ready, 2), "rss_mb": round(rss_kib(eng.pid) / 1024, 1),
+           "rss_with_workers_mb": round(rss_kib(eng.pid, tree=True) / 1024, 1)}
+    eng.stop()
+    return out
 
 
 def _load(url, n, *, synth, sealer, faces, voices, batch, planted_faces, rng, label):
@@ -178,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     _, small_ids, small_faces, _ = _load(small_url, args.small, synth=synth, sealer=sealer, faces=args.faces, voices=args.voices,
                                          batch=args.batch, planted_faces=enrolled[:0], rng=rng, label="S")
+    for u in (url, small_url):  # as autovacuum would, in time: the planner's statistics after a bulk load
+        _analyze(u)
     templates = n * (args.faces + args.voices)
     emit({"figure": "bulk_load", "store": url.split("://")[0], "credentials": n, "templates": templates,
           "wall_s": round(wall, 2), "insert_s": round(timing["insert_s"], 2), "prepare_s": round(timing["prepare_s"], 2),
@@ -189,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
                                  directory=data / "index").rebuild()
     emit({"figure": "index_build", **built, "wall_s": round(time.perf_counter() - t0, 2)})
     store.close()
+
+    figures: dict[str, dict] = {}
+    if args.engine:
+        figures["engine"] = _engine_startup(url, data, workdir)
+        emit({"figure": "engine_startup", **figures["engine"], "credentials": n})
 
     fresh = synth.identities(args.fresh, 1)[:, 0]
     voice = rng.standard_normal((1, 192)).astype(np.float32)
@@ -206,7 +250,6 @@ def main(argv: list[str] | None = None) -> int:
     if node.returncode:
         sys.stderr.write(node.stderr)
         return node.returncode
-    figures = {}
     for line in node.stdout.splitlines():
         row = json.loads(line)
         figures[row["figure"]] = row
@@ -217,9 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     emit({"figure": "disk", "credentials": n, "store_bytes": disk, "store_bytes_per_credential": round(disk / n, 1),
           "index_file_bytes": index_bytes, "index_bytes_per_credential": round(index_bytes / n, 2)})
     s, q, o = figures["startup"], figures["search"], figures["one_to_one"]
+    engine = f" netid serve ready in {figures['engine']['ready_s']:.1f} s, RSS {figures['engine']['rss_with_workers_mb']:.0f} MB with workers;" \
+        if "engine" in figures else ""
     stderr(f"register of {n:,} credentials on {url.split('://')[0]}: loaded at {n / wall:,.0f} credentials/s;"
            f" node ready (index loaded) in {s['to_loaded_index_s']:.2f} s, RSS {s['rss_mb']:.0f} MB"
-           f" ({s['kind']}, {s['index_bytes'] / 2**20:.0f} MB index);"
+           f" ({s['kind']}, {s['index_bytes'] / 2**20:.0f} MB index);{engine}"
            f" 1:N p50 {q['latency_ms']['p50']:.2f} ms p99 {q['latency_ms']['p99']:.2f} ms,"
            f" recall {q['recall']} of {q['planted_at_threshold']} planted duplicates at {threshold:.4f},"
            f" {q['false_duplicates_per_search']} false duplicates per search;"

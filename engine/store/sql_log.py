@@ -74,22 +74,19 @@ class TemplateLog:
     def template_changes(self, after: int, *, modality: str, limit: int = _PAGE) -> list[TemplateChange]:
         """Log rows after ``seq`` ``after``, oldest first, of every modality (so that a reader's
         position is the log's); an addition of ``modality`` carries its sealed template while
-        the template exists and its credential is active."""
+        the template exists and its credential is active. One range read of the log's key
+        (what a search pays when nothing is new), then one read of the additions' templates."""
         _one_of(modality, MODALITIES, "modality")
         rows = self._read(
-            "SELECT l.seq, l.op, l.template_id, l.credential_id, l.modality, c.card_number, t.ciphertext"
-            " FROM template_log l"
-            " LEFT JOIN templates t ON t.template_id = l.template_id AND l.op = 'add' AND l.modality = ?"
-            " LEFT JOIN credentials c ON c.credential_id = t.credential_id AND c.status = 'active'"
-            " WHERE l.seq > ? ORDER BY l.seq LIMIT ?",
-            (modality, int(after), int(limit)),
+            "SELECT seq, op, template_id, credential_id, modality FROM template_log"
+            " WHERE seq > ? ORDER BY seq LIMIT ?",
+            (int(after), int(limit)),
         )
+        adds = [r[2] for r in rows if r[1] == "add" and r[4] == modality]
+        sealed = {t.template_id: t for t in self.sealed_by_id(adds)} if adds else {}
         return [
-            TemplateChange(
-                seq=r[0], op=r[1], template_id=r[2], credential_id=r[3], modality=r[4],
-                sealed=None if r[5] is None or r[6] is None else SealedTemplate(
-                    template_id=r[2], credential_id=r[3], card_number=r[5], ciphertext=bytes(r[6])),
-            )
+            TemplateChange(seq=r[0], op=r[1], template_id=r[2], credential_id=r[3], modality=r[4],
+                           sealed=sealed.get(r[2]) if r[1] == "add" and r[4] == modality else None)
             for r in rows
         ]
 
