@@ -404,7 +404,7 @@ def _tool_parsers(sub) -> None:
     d.set_defaults(func=cmd_demo)
 
     # These hand every argument to their own parsers (see main); listed here for --help.
-    b = sub.add_parser("bench", help="benchmarks: accuracy, load, limit, challenge, fuzz, soak, idle, cluster, register")
+    b = sub.add_parser("bench", help="benchmarks: accuracy, load, limit, challenge, fuzz, soak, idle, cluster, register, index")
     b.add_argument("kind", choices=BENCHMARKS)
     sub.add_parser("calibrate", help="derive operating points from measured score distributions")
     sub.add_parser("top", help="live view of a running engine's metrics")
@@ -412,7 +412,7 @@ def _tool_parsers(sub) -> None:
 
 #: Commands whose own parsers take every argument after the command name.
 DELEGATED = {"calibrate": "engine.bench.calibrate", "top": "engine.ops.top"}
-BENCHMARKS = ("accuracy", "load", "limit", "challenge", "fuzz", "soak", "idle", "cluster", "register")
+BENCHMARKS = ("accuracy", "load", "limit", "challenge", "fuzz", "soak", "idle", "cluster", "register", "index")
 
 
 def _split_delegated(argv: list[str]) -> tuple[list[str], str, list[str]] | None:
