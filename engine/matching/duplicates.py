@@ -99,7 +99,7 @@ class FaissDuplicateSearch:
             else:
                 if loaded is not None:
                     log.warning("the face index in %s is not this store's: building it again", self.directory)
-                self._build(retrain=True)
+                self._build()
             if self.position != self.saved_at:
                 self.save()
             return len(self.index)
@@ -109,7 +109,7 @@ class FaissDuplicateSearch:
         written to disk. Returns the status after."""
         with self._lock:
             started = time.perf_counter()
-            self._build(retrain=True)
+            self._build()
             self.save()
             return {**self.status(), "rebuild_s": round(time.perf_counter() - started, 3)}
 
@@ -121,7 +121,7 @@ class FaissDuplicateSearch:
             vecs[i] = self.templates.open_face(r.ciphertext, r.card_number)
         return ids, vecs
 
-    def _build(self, *, retrain: bool) -> None:
+    def _build(self) -> None:
         """Every active face template, then the log from the position read first (the index
         ignores what it already holds, so the overlap of the two reads does no harm)."""
         position = self.store.log_position()
