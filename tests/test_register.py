@@ -5,6 +5,7 @@ retrained), the exact re-ranking at the duplicate threshold, and the bulk path."
 from __future__ import annotations
 
 import dataclasses
+import json
 import sqlite3
 from pathlib import Path
 
@@ -280,3 +281,22 @@ def test_a_version_1_postgresql_schema_is_migrated_with_its_templates_in_the_log
         assert len(store.store_id()) == 32
     finally:
         store.close()
+
+
+def test_netid_index_rebuild_and_status(tmp_path: Path, seed: int, capsys) -> None:
+    from engine.cli import main
+
+    data = tmp_path / "data"
+    sealer = TemplateSealer(TemplateCipher.load_or_create(data / "template.key"))
+    store = open_store(data / "engine.db")
+    fill(store, sealer, unit(np.random.default_rng(seed), 400))
+    store.close()
+    common = ["--data", str(data), "--dim", str(DIM)]
+    assert main(["index", "status", *common]) == 0  # no file yet: built as a node would, exact
+    assert json.loads(capsys.readouterr().out)["kind"] == "flat"
+    assert main(["index", "rebuild", *common, "--train-min", "300", "--nlist", "4", "--codes", "PQ16x4fs"]) == 0
+    built = json.loads(capsys.readouterr().out)
+    assert (built["kind"], built["templates"], built["nlist"]) == ("ivf", 400, 4)
+    assert main(["index", "status", *common]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert (status["kind"], status["rebuild_advised"], status["position"]) == ("ivf", False, built["position"])
