@@ -142,7 +142,7 @@ class IndexConfig:
     codes: str = "PQ64x4fs"
     nlist: int = 0
     probe_fraction: float = 1 / 4
-    candidates: int = 32
+    candidates: int = 128
     rerank_margin: float = 0.15
     #: Changes applied from the store's log since the index file was written, past which it
     #: is written again (so a restart replays at most this many).
