@@ -85,7 +85,8 @@ def build_engine(
 
         state, quotas = open_shared_state(config.state_url, config.store_location, cpu=metrics.layer_cpu)
     duplicates = (
-        FaissDuplicateSearch(store, templates, dim=extractors.face_dim, threshold=scores.threshold("face", DUPLICATE_FMR))
+        FaissDuplicateSearch(store, templates, dim=extractors.face_dim, threshold=scores.threshold("face", DUPLICATE_FMR),
+                             config=config.face_index, directory=config.index_dir)
         if config.duplicate_search
         else NoDuplicateSearch()
     )

@@ -15,7 +15,7 @@ from .errors import ConfigError
 from engine.inference.models import DEFAULT_MODELS_DIR
 from engine.wire.protocol import MAX_FRAME_BYTES
 
-__all__ = ["LimitsConfig", "ChallengeSettings", "EngineConfig"]
+__all__ = ["LimitsConfig", "ChallengeSettings", "EngineConfig", "IndexConfig"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,6 +126,41 @@ class ChallengeSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class IndexConfig:
+    """The face index of the 1:N duplicate search (docs/register.md has the measurements).
+
+    Below ``train_min`` face templates the index is exact (a flat inner-product index); from
+    it on, ``netid index rebuild`` (or the first start-up without an index file) trains an
+    IVF index of ``nlist`` lists (0: twice the square root of the templates) whose lists hold
+    ``codes`` (a FAISS code: ``PQ64x4fs`` is 32 bytes a template), searched in
+    ``probe_fraction`` of its lists. Every candidate whose approximate score is within
+    ``rerank_margin`` of the duplicate threshold, among the ``candidates`` nearest of each
+    probe face, is re-scored exactly on its stored template.
+    """
+
+    train_min: int = 50_000
+    codes: str = "PQ64x4fs"
+    nlist: int = 0
+    probe_fraction: float = 1 / 4
+    candidates: int = 128
+    rerank_margin: float = 0.15
+    #: Changes applied from the store's log since the index file was written, past which it
+    #: is written again (so a restart replays at most this many).
+    save_every: int = 10_000
+    #: Templates per training template past which ``netid index status`` advises a rebuild
+    #: (its lists were drawn for a register this many times smaller).
+    retrain_factor: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.train_min < 1 or self.nlist < 0 or self.candidates < 1 or self.save_every < 1:
+            raise ConfigError("train_min, candidates and save_every must be positive, nlist >= 0")
+        if not 0.0 < self.probe_fraction <= 1.0:
+            raise ConfigError("probe_fraction must be in (0, 1]")
+        if not 0.0 <= self.rerank_margin <= 2.0 or self.retrain_factor < 1.0:
+            raise ConfigError("rerank_margin must be in [0, 2] and retrain_factor at least 1")
+
+
+@dataclass(frozen=True, kw_only=True)
 class EngineConfig:
     data_dir: Path
     host: str = "127.0.0.1"
@@ -161,6 +196,8 @@ class EngineConfig:
     model_processes: int = 2
     store_threads: int = 4
     duplicate_search: bool = True
+    #: The duplicate search's face index, kept in ``DATA/index`` (docs/register.md).
+    face_index: IndexConfig = field(default_factory=IndexConfig)
     #: Where sessions, results and quotas live: None, this process (one node); or
     #: ``redis://HOST[:PORT]/DB[?prefix=NAME]`` for many nodes, which also keeps consumed
     #: sessions and undelivered results in the PostgreSQL store (docs/cluster.md).
@@ -194,6 +231,10 @@ class EngineConfig:
     @property
     def store_location(self) -> str:
         return self.store_url or f"sqlite:///{self.data_dir / 'engine.db'}"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.data_dir / "index"
 
     @property
     def template_key_file(self) -> Path:

@@ -23,7 +23,9 @@ import trio
 from engine import errors as E
 from engine.app import build_engine, run_engine
 from engine.wire.client import open_connection, open_holder, open_relying_party
-from engine.config import EngineConfig, LimitsConfig
+from engine.config import EngineConfig, IndexConfig, LimitsConfig
+from engine.matching import TemplateSealer
+from engine.store.bulk import BulkCredential, bulk_enroll
 from engine.cli.demo import DigitVoices
 from engine.ops.registry import import_registry, seal_card_template
 from engine.store import CardRecord
@@ -66,11 +68,33 @@ class Clock:
         return time.time() + self.offset
 
 
+#: The approximate face index (IVF, 4-bit product codes) forced at a register of a few hundred.
+SMALL_IVF = IndexConfig(train_min=300, nlist=8, probe_fraction=1.0)
+
+
+def prefill(engine, n: int, seed: int) -> None:
+    """``n`` credentials of random faces, bulk-enrolled: a register the index is trained on."""
+    rng = np.random.default_rng(seed)
+    faces = rng.standard_normal((n, 128)).astype(np.float32)
+    sealer = TemplateSealer(engine.cipher)
+    bulk_enroll(engine.store, [BulkCredential(card_number=f"BG{i:04d}", name="bg", device_key=(i + 1).to_bytes(32, "big"),
+                                              templates=[("face", sealer.seal_face(f, f"BG{i:04d}"))]) for i, f in enumerate(faces)],
+                actor="test", now=time.time())
+
+
 @pytest.fixture
 async def env(tmp_path, nursery, extractors, scores):
-    cfg = EngineConfig(data_dir=tmp_path / "data", port=0, limits=LimitsConfig(session_ttl=60.0))
+    running, rp = await start_env(tmp_path, nursery, extractors, scores)
+    yield running, rp
+    running.drain()
+
+
+async def start_env(tmp_path, nursery, extractors, scores, index: IndexConfig | None = None, background: int = 0):
+    cfg = EngineConfig(data_dir=tmp_path / "data", port=0, limits=LimitsConfig(session_ttl=60.0), face_index=index or IndexConfig())
     engine = build_engine(cfg, extractors=extractors, scores=scores)
     engine.clock = Clock()
+    if background:
+        prefill(engine, background, 23)
     reg = tmp_path / "cards.jsonl"
     reg.write_text(
         "".join(
@@ -82,8 +106,7 @@ async def env(tmp_path, nursery, extractors, scores):
     assert report.imported == 4, report.refused
     rp = make_rp(engine.store, "hotel")
     running = await nursery.start(run_engine, engine)
-    yield running, rp
-    running.drain()
+    return running, rp
 
 
 VOICES = DigitVoices(SAMPLES / "digits", range(0, 2))
@@ -205,8 +228,19 @@ async def test_bad_frames_do_not_hurt_other_connections(env):
         assert err["code"] == "frame_too_large"
 
 
-async def test_enrollment_refusals(env, seed):
-    running, _ = env
+@pytest.fixture(params=["exact", "approximate"])
+async def refusals_env(request, tmp_path, nursery, extractors, scores):
+    if request.param == "exact":
+        running, rp = await start_env(tmp_path, nursery, extractors, scores)
+    else:
+        running, rp = await start_env(tmp_path, nursery, extractors, scores, index=SMALL_IVF, background=400)
+    yield running, request.param
+    running.drain()
+
+
+async def test_enrollment_refusals(refusals_env, seed):
+    running, kind = refusals_env
+    assert running.engine.duplicates.index.kind == {"exact": "flat", "approximate": "ivf"}[kind]
     rng = random.Random(seed)
     face, spk = PEOPLE["alice"]
     key = nacl.signing.SigningKey.generate()
@@ -284,8 +318,7 @@ async def speech_env(tmp_path, nursery, extractors, scores):
     assert import_registry(reg, store=engine.store, cipher=engine.cipher, embed_faces=extractors.face_batch, now=time.time()).imported == 4
     rp = make_rp(engine.store, "hotel")
     running = await nursery.start(run_engine, engine)
-    yield running, rp
-    running.drain()
+    return running, rp
 
 
 async def test_another_persons_voice_fails(speech_env):

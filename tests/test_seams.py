@@ -150,10 +150,14 @@ def test_the_duplicate_search_loads_from_the_store_and_finds_the_face(enrolled) 
     alice, bob = _identity_vector("FACE", "alice", 128)[None, :], _identity_vector("FACE", "bob", 128)[None, :]
     assert search.search(alice) == {cred.credential_id}
     assert search.search(bob) == set()
-    search.add("other", [10_000], bob)
-    assert search.search(bob) == {"other"}
+    # the index follows the store: a credential issued there is found, one suspended is not
+    bob_cred, bob_rows, _ = store.issue_credential(
+        card_number="C2", device_key=bytes([1]) * 32, templates=[("face", sealer.seal_face(bob[0], "C2"))], actor="test", now=3.0)
+    search.add(bob_cred.credential_id, [r.template_id for r in bob_rows], bob)
+    assert search.search(bob) == {bob_cred.credential_id}
+    store.report_card_lost("C1", actor="test", now=4.0)
     search.remove_owner(cred.credential_id)
-    assert search.search(alice) == set()
+    assert search.search(alice) == set() and len(search) == 1
     assert NoDuplicateSearch().search(alice) == set()
 
 

@@ -364,6 +364,10 @@ def _operator_parsers(sub) -> None:
             d.add_argument("id")
             d.set_defaults(func=func)
 
+    from engine.cli.index import add_parser as index_parser
+
+    index_parser(sub, _common, _open_store)
+
     a = sub.add_parser("audit", help="show the audit log")
     _common(a)
     a.add_argument("--limit", type=int, default=100)
@@ -400,7 +404,7 @@ def _tool_parsers(sub) -> None:
     d.set_defaults(func=cmd_demo)
 
     # These hand every argument to their own parsers (see main); listed here for --help.
-    b = sub.add_parser("bench", help="benchmarks: accuracy, load, limit, challenge, fuzz, soak, idle, cluster")
+    b = sub.add_parser("bench", help="benchmarks: accuracy, load, limit, challenge, fuzz, soak, idle, cluster, register, index")
     b.add_argument("kind", choices=BENCHMARKS)
     sub.add_parser("calibrate", help="derive operating points from measured score distributions")
     sub.add_parser("top", help="live view of a running engine's metrics")
@@ -408,7 +412,7 @@ def _tool_parsers(sub) -> None:
 
 #: Commands whose own parsers take every argument after the command name.
 DELEGATED = {"calibrate": "engine.bench.calibrate", "top": "engine.ops.top"}
-BENCHMARKS = ("accuracy", "load", "limit", "challenge", "fuzz", "soak", "idle", "cluster")
+BENCHMARKS = ("accuracy", "load", "limit", "challenge", "fuzz", "soak", "idle", "cluster", "register", "index")
 
 
 def _split_delegated(argv: list[str]) -> tuple[list[str], str, list[str]] | None:

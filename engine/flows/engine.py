@@ -137,7 +137,12 @@ class Engine:
             await trio.sleep(PROBE_EVERY)
 
     def close(self) -> None:
-        """Release the store and, if the engine made them, the models' worker processes."""
+        """Write the duplicate search's index (if it moved), release the store and, if the
+        engine made them, the models' worker processes."""
+        try:
+            self.ctx.duplicates.flush()
+        except Exception:  # the next start-up replays the log instead
+            log.exception("the duplicate search's index could not be written")
         self.ctx.store.close()
         if self.owns_extractors:
             self.ctx.inference.close()

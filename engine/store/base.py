@@ -46,7 +46,9 @@ __all__ = [
     "CardRecord",
     "Credential",
     "RelyingParty",
+    "SealedTemplate",
     "Store",
+    "TemplateChange",
     "TemplateRow",
     "raise_unless_active",
     "raise_unless_card_valid",
@@ -92,6 +94,29 @@ class TemplateRow(msgspec.Struct, frozen=True, kw_only=True):
     credential_id: str
     modality: str  # one of MODALITIES
     ciphertext: bytes
+
+
+class SealedTemplate(msgspec.Struct, frozen=True, kw_only=True):
+    """A template of an active credential with the card number it is sealed to (what an
+    index needs to open it)."""
+
+    template_id: int
+    credential_id: str
+    card_number: str
+    ciphertext: bytes
+
+
+class TemplateChange(msgspec.Struct, frozen=True, kw_only=True):
+    """One row of the template change log: ``op`` is ``add`` or ``remove``. An addition
+    carries ``sealed`` while its template exists and its credential is active, else ``None``
+    (a later ``remove`` row follows in the log)."""
+
+    seq: int
+    op: str
+    template_id: int
+    credential_id: str
+    modality: str
+    sealed: SealedTemplate | None = None
 
 
 class RelyingParty(msgspec.Struct, frozen=True, kw_only=True):
@@ -207,6 +232,32 @@ class Store(Protocol):
         ...
 
     def count_credentials(self) -> dict[str, int]: ...
+
+    # -- the template change log (engine.store.sql_log) -----------------------------------
+    def store_id(self) -> str:
+        """This store's identity, made when its schema was created."""
+        ...
+
+    def log_position(self) -> int:
+        """The ``seq`` of the newest row of the template change log (0: none)."""
+        ...
+
+    def count_templates(self, modality: str) -> int:
+        """Templates of ``modality`` of active credentials."""
+        ...
+
+    def template_changes(self, after: int, *, modality: str, limit: int = 4096) -> list[TemplateChange]:
+        """Log rows after ``seq`` ``after`` (every modality), oldest first; additions of
+        ``modality`` carry their sealed template."""
+        ...
+
+    def sealed_templates(self, modality: str) -> Iterator[SealedTemplate]:
+        """Every template of ``modality`` of an active credential (streamed in pages)."""
+        ...
+
+    def sealed_by_id(self, template_ids: Sequence[int]) -> list[SealedTemplate]:
+        """The templates among ``template_ids`` whose credential is active."""
+        ...
 
     def enrollment_lock(self) -> AbstractContextManager[None]:
         """Held (from a worker thread) around an enrollment's duplicate search and its

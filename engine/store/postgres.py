@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from .postgres_db import PostgresDatabase, parse_url
-from .postgres_schema import SCHEMA_VERSION
+from .postgres_schema import SCHEMA_VERSION, advisory_key
 from .sql import SqlStore
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore", "parse_url"]
@@ -37,3 +37,8 @@ class PostgresStore(PostgresDatabase, SqlStore):
 
     def _template_page(self) -> int:
         return _TEMPLATE_PAGE
+
+    def _lock_log(self, conn: Any) -> None:
+        """The template change log's writers queue here until they commit, so that ``seq``
+        order is commit order (an identity value is drawn before its transaction commits)."""
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (advisory_key(self.schema, "template_log"),))

@@ -14,6 +14,7 @@ import psycopg
 from psycopg import sql
 
 from .. import errors
+from .sql_log import LOG_BACKFILL
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "advisory_key", "migrate"]
 
@@ -108,8 +109,26 @@ _V1 = [
         FOR EACH STATEMENT EXECUTE FUNCTION audit_append_only()""",
 ]
 
+# Migration 2: the template change log that node-local indexes follow
+# (engine.matching.duplicates), filled with an addition for every template of an active
+# credential, and the store's identity (an index file names the store it was built from).
+# Writers append to the log under a transaction advisory lock, so ``seq`` order is commit
+# order and a reader that has seen ``seq`` n has seen everything before it.
+_V2 = [
+    """CREATE TABLE template_log (
+        seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        template_id bigint NOT NULL,
+        credential_id text NOT NULL,
+        modality text NOT NULL CHECK (modality IN ('face', 'voice')),
+        op text NOT NULL CHECK (op IN ('add', 'remove'))
+    )""",
+    LOG_BACKFILL,
+    "CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL)",
+    "INSERT INTO meta(key, value) VALUES ('store_id', replace(gen_random_uuid()::text, '-', ''))",
+]
+
 #: (version, statements), in order; a new migration goes at the end and never edits an old one.
-MIGRATIONS: tuple[tuple[int, list[str]], ...] = ((1, _V1),)
+MIGRATIONS: tuple[tuple[int, list[str]], ...] = ((1, _V1), (2, _V2))
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 

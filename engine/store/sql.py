@@ -35,6 +35,7 @@ from .base import (
     raise_unless_active,
     raise_unless_card_valid,
 )
+from .sql_log import TemplateLog
 from .sql_rows import (
     AP_COLS,
     CRED_COLS,
@@ -52,7 +53,7 @@ __all__ = ["SqlStore"]
 _CRED_COLS_C = ", ".join(f"c.{col}" for col in CRED_COLS.split(", "))
 
 
-class SqlStore(SqlAudit):
+class SqlStore(TemplateLog, SqlAudit):
     """The ``Store`` protocol on an SQL database; a subclass supplies ``_write``, ``_read``,
     ``_audit``, ``enrollment_lock``, ``_template_page`` and the dialect hooks."""
 
@@ -76,6 +77,7 @@ class SqlStore(SqlAudit):
     ) -> int:
         ts = time.time() if now is None else now
         count = 0
+        suspended: list[tuple[int, str, str]] = []
         with self._write() as conn:
             for rec in records:
                 _text(rec.card_number, "card_number", limit=64)
@@ -99,8 +101,10 @@ class SqlStore(SqlAudit):
                      rec.updated_at or ts),
                 )
                 if rec.status == "lost" and old != "lost":
-                    self._suspend_card(conn, rec.card_number, actor=actor, now=ts)
+                    ids = self._suspend_card(conn, rec.card_number, actor=actor, now=ts, log=False)
+                    suspended += self._templates_of_credentials(conn, ids)
                 count += 1
+            self._log(conn, suspended, "remove")
             self._audit(conn, actor=actor, action="registry.import", subject="registry",
                         outcome="ok", detail={"cards": count}, now=ts)
         return count
@@ -140,11 +144,15 @@ class SqlStore(SqlAudit):
             self._audit(conn, actor=actor, action=action, subject=cid,
                         outcome="ok", detail={"reason": reason}, now=now)
 
-    def _suspend_card(self, conn: Any, card_number: str, *, actor: str, now: float) -> list[str]:
+    def _suspend_card(self, conn: Any, card_number: str, *, actor: str, now: float, log: bool = True) -> list[str]:
+        """Suspends the card's active credentials; with ``log``, their templates leave the
+        change log's active set here (else the caller logs them at the end of its transaction)."""
         ids = [r[0] for r in self._run(
             conn, "SELECT credential_id FROM credentials WHERE card_number = ? AND status = 'active'"
             f" ORDER BY version{self._FOR_UPDATE}", (card_number,))]
         self._set_status(conn, ids, "suspended", "card_lost", "credential.suspend", actor=actor, now=now)
+        if log:
+            self._log(conn, self._templates_of_credentials(conn, ids), "remove")
         return ids
 
     def report_card_lost(self, card_number: str, *, actor: str, now: float) -> list[str]:
@@ -188,6 +196,10 @@ class SqlStore(SqlAudit):
                 conn, "SELECT credential_id FROM credentials WHERE card_number = ? AND status <> 'voided'"
                 f" ORDER BY version{self._FOR_UPDATE}", (card_number,))]
             self._set_status(conn, voided, "voided", "reissued", "credential.void", actor=actor, now=now)
+            removed = [tuple(r) for r in self._run(
+                conn, "SELECT template_id, credential_id, modality FROM templates WHERE credential_id IN"
+                " (SELECT credential_id FROM credentials WHERE card_number = ?) ORDER BY template_id",
+                (card_number,))]
             self._run(conn, "DELETE FROM templates WHERE credential_id IN"
                       " (SELECT credential_id FROM credentials WHERE card_number = ?)", (card_number,))
             version = self._run(conn, "SELECT COALESCE(MAX(version), 0) + 1 FROM credentials"
@@ -206,6 +218,8 @@ class SqlStore(SqlAudit):
                     (cred.credential_id, modality, ciphertext), "template_id")
                 rows.append(TemplateRow(template_id=template_id, credential_id=cred.credential_id,
                                         modality=modality, ciphertext=ciphertext))
+            self._log(conn, removed, "remove")
+            self._log(conn, [(r.template_id, r.credential_id, r.modality) for r in rows], "add")
             self._audit(conn, actor=actor, action="credential.issue", subject=cred.credential_id,
                         outcome="ok", detail={"card": card_number, "version": version,
                                               "templates": len(rows), "voided": len(voided)},

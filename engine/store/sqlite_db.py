@@ -5,7 +5,8 @@ have ended are closed when the next one is opened (worker threads come and go),
 and ``close()`` closes the rest. ``synchronous=FULL``, foreign keys on, a
 ``busy_timeout`` for writers that queue behind one another; every write is one
 ``BEGIN IMMEDIATE … COMMIT``, which appends its audit rows itself (``_audit``).
-The schema is created on first use and versioned.
+The schema is created on first use and versioned: a database of an older version is
+migrated forward in one transaction (``_MIGRATIONS``); a newer one is refused.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .. import errors
+from .sql_log import LOG_BACKFILL
 from .base import AuditValue
 from .sql_rows import (  # the row layout, shared with the PostgreSQL store (re-exported)
     SqlAudit,
@@ -31,7 +33,7 @@ from .sql_rows import AP_COLS as AP_COLS, CRED_COLS as CRED_COLS, RP_COLS as RP_
 
 __all__ = ["SCHEMA_VERSION", "SqliteFile", "credential_of", "template_of", "relying_party_of", "acceptance_point_of"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -118,6 +120,25 @@ CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 """
+
+# Version 2: the template change log that node-local indexes follow (engine.matching.duplicates),
+# filled with an addition for every template of an active credential, and the store's
+# identity (an index file names the store it was built from).
+_V2 = [
+    """CREATE TABLE template_log (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        template_id INTEGER NOT NULL,
+        credential_id TEXT NOT NULL,
+        modality TEXT NOT NULL CHECK (modality IN ('face', 'voice')),
+        op TEXT NOT NULL CHECK (op IN ('add', 'remove'))
+    )""",
+    LOG_BACKFILL,
+    "INSERT INTO meta(key, value) VALUES ('store_id', lower(hex(randomblob(16))))",
+]
+
+#: (version, statements) applied in order to a database at the version before; never edited.
+_MIGRATIONS: tuple[tuple[int, list[str]], ...] = ((2, _V2),)
+
 
 class SqliteFile(SqlAudit):
     """One SQLite database file, used from any number of threads."""
@@ -221,13 +242,20 @@ class SqliteFile(SqlAudit):
                 for statement in _SCHEMA.split(";\n"):
                     if statement.strip():
                         conn.execute(statement)
-                conn.execute(
-                    "INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-                )
-            elif int(row[0]) != SCHEMA_VERSION:
+                conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', '1')")
+                found = 1
+            else:
+                found = int(row[0])
+            if found > SCHEMA_VERSION:
                 raise errors.StoreError(
-                    f"database schema version {row[0]} is not supported (this engine uses {SCHEMA_VERSION})"
+                    f"database schema version {found} is not supported (this engine uses {SCHEMA_VERSION})"
                 )
+            for version, statements in _MIGRATIONS:
+                if version > found:
+                    for statement in statements:
+                        conn.execute(statement)
+            if found != SCHEMA_VERSION:
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
     def healthy(self) -> bool:
         """A file in this process: healthy until closed."""
