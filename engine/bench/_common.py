@@ -317,8 +317,7 @@ def machine_busy_seconds() -> tuple[float, float]:
 class CpuClock:
     """Wall, own CPU, another process's CPU and the machine's busy CPU over an interval."""
 
-    other_pid: int | None = None
-    #: several other processes (the nodes of a cluster), counted together; replaces other_pid
+    #: the engine's processes (the nodes of a cluster), counted together with their workers
     other_pids: tuple[int, ...] = ()
     #: also count the CPU of these database servers (listening_pids; services_cpu_seconds)
     services: tuple[int, ...] = ()
@@ -326,10 +325,9 @@ class CpuClock:
     _services0: float = 0.0
 
     def _others(self) -> float | None:
-        pids = self.other_pids or ((self.other_pid,) if self.other_pid else ())
-        if not pids:
+        if not self.other_pids:
             return None
-        got = [proc_cpu_seconds(pid) for pid in pids]
+        got = [proc_cpu_seconds(pid) for pid in self.other_pids]
         return None if any(g is None for g in got) else sum(got)  # type: ignore[arg-type]
 
     @staticmethod

@@ -8,6 +8,8 @@ worker threads behind one ``CapacityLimiter``.
 
 from __future__ import annotations
 
+import functools
+
 import hmac
 import logging
 from collections.abc import Callable
@@ -61,8 +63,8 @@ class Context:
 
     # ---- the store, from worker threads ------------------------------------------------------
     async def db(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        call = self.metrics.layer_cpu.call
-        return await trio.to_thread.run_sync(lambda: call("store", lambda: fn(*args, **kwargs)), limiter=self.store_limiter)
+        return await trio.to_thread.run_sync(self.metrics.layer_cpu.call, "store", functools.partial(fn, *args, **kwargs),
+                                             limiter=self.store_limiter)
 
     async def audit(self, **kw: Any) -> None:
         await self.db(self.store.audit, now=self.clock(), **kw)

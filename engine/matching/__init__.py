@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .duplicates import DUPLICATE_FMR, DuplicateSearch, FaissDuplicateSearch, NoDuplicateSearch
-from .index import TemplateIndex, normalise
+from .index import normalise
 from .one_to_one import Enrolled, Match, Matcher, StoreMatcher
 from .templates import TemplateSealer
 
@@ -16,7 +16,6 @@ __all__ = [
     "Matcher",
     "NoDuplicateSearch",
     "StoreMatcher",
-    "TemplateIndex",
     "TemplateSealer",
     "normalise",
 ]

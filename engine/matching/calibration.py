@@ -9,7 +9,7 @@ module loads them and turns scores into decisions.
 Scores
 ------
 * **face**: cosine similarity of SFace embeddings; against an enrollment of several
-  images, the best over them (as :class:`engine.matching.index.TemplateIndex` compares).
+  images, the best over them (as :class:`engine.matching.one_to_one.StoreMatcher` compares).
   The face thresholds are calibrated on such scores: enrollments of ``face_enroll``
   images against single probe images.
 * **voice**: channel-aware. Every recording carries its detected band
