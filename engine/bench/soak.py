@@ -10,9 +10,10 @@ with the fuzzing and idle clients already going (``--capacity-alone``: before th
 80 % is of what the engine can do in the soak's own conditions.
 
 Then, for ``--minutes``, arrivals at ``--load`` (0.8) x capacity in windows of ``--window``
-minutes (5), while ``--fuzz-connections`` connections run ``netid bench fuzz``'s generator and
-``--idle`` clients connect, ping once and stay silent (the engine closes them after its idle
-timeout; they connect again). Per window, one JSON line: arrivals, answered, unanswered,
+minutes (5), while the side load (``engine.bench.side_load``, a process of its own so that it
+never delays the loop that times the verifications) runs ``netid bench fuzz``'s generator on
+``--fuzz-connections`` connections and ``--idle`` clients that connect, ping once and stay
+silent (the engine closes them after its idle timeout; they connect again). Per window, one JSON line: arrivals, answered, unanswered,
 errors, p50/p99 (from each arrival's scheduled time to the holder's reply), the engine's RSS
 (and with its workers), fuzz frames and idle reconnections. Then a summary line with the
 checks (0 unanswered, p99 <= 1 s in every window, RSS of the last window within 10 % of the
@@ -24,53 +25,23 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import signal
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import nacl.signing
 import trio
 
 from ._common import data_root, emit, load_people, screen_people, stderr
 from ._engine import EngineProcess
-from .fuzz import Stats, fuzz, rss_kib
+from .fuzz import rss_kib
+from .side_load import read_stats
 from .load import DEFAULT_MIX, Generator, Step, _connect_all, _route_pushes, enroll_all, measure_limit, prepare_data, run_step
 
 __all__ = ["main"]
-
-
-async def idle_clients(port: int, count: int, counters: dict[str, int]) -> None:
-    """``count`` clients that connect, ping once and stay silent; reconnect when closed."""
-    import struct
-
-    import msgspec
-
-    ping = msgspec.msgpack.encode({"type": "ping", "id": 1})
-
-    async def one(k: int) -> None:
-        await trio.sleep(k * 0.01)
-        while True:
-            try:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-            except OSError:
-                counters["connect_failed"] += 1
-                await trio.sleep(1.0)
-                continue
-            counters["connects"] += 1
-            try:
-                await stream.send_all(struct.pack(">I", len(ping)) + ping)
-                while await stream.receive_some(4096):
-                    pass  # hello, pong, then the engine's idle_timeout error and its close
-            except (trio.BrokenResourceError, OSError):
-                pass
-            finally:
-                await trio.aclose_forcefully(stream)
-
-    async with trio.open_nursery() as n:
-        for k in range(count):
-            n.start_soon(one, k)
 
 
 async def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -85,7 +56,6 @@ async def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from ._engine import netid
 
     netid("rp", "add", "--id", "soak-fuzz", "--name", "Fuzz", "--quota", "1000000", "--keys-out", str(keys), "--data", str(data_dir))
-    fuzz_key = nacl.signing.SigningKey((keys / "soak-fuzz.sign.key").read_bytes())
     serve_args = [] if args.challenge_check else ["--no-challenge-check"]
     gen.engine = EngineProcess(data_dir, serve_args=serve_args, overrides=args.engine_set, log_path=work / "engine.log").start()
     gen.port, gen.metrics_url = gen.engine.port, gen.engine.metrics_url
@@ -104,15 +74,14 @@ async def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 routers.start_soon(_route_pushes, gen, rp)
             if capacity is None and args.capacity_alone:
                 capacity = await _saturate(gen, args, out)
-            st = Stats()
-            idle: dict[str, int] = {"connects": 0, "connect_failed": 0}
+            stats_file = work / "side-load.json"
+            side = subprocess.Popen([
+                sys.executable, "-m", "engine.bench.side_load", "--port", str(gen.port),
+                "--seconds", str(args.minutes * 60 + args.find_seconds + 600), "--seed", str(args.seed),
+                "--fuzz-connections", str(args.fuzz_connections), "--idle", str(args.idle), "--rp-id", "soak-fuzz",
+                "--rp-key", str(keys / "soak-fuzz.sign.key"), "--stats", str(stats_file)])
             log0 = (work / "engine.log").stat().st_size
-            async with trio.open_nursery() as side:
-                if args.fuzz_connections:
-                    side.start_soon(lambda: fuzz(gen.port, args.minutes * 60 + args.find_seconds + 120, args.seed, connections=args.fuzz_connections,
-                                                 rp_id="soak-fuzz", rp_key=fuzz_key, max_frame=8 * 1024 * 1024, st=st))
-                if args.idle:
-                    side.start_soon(idle_clients, gen.port, args.idle, idle)
+            try:
                 if capacity is None:  # capacity as the soak will find the engine: with the fuzzing and idle clients
                     await trio.sleep(5.0)
                     capacity = await _saturate(gen, args, out)
@@ -121,18 +90,28 @@ async def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 stderr(f"  capacity {capacity:.2f}/s; soaking at {rate:.2f}/s for {args.minutes} min, windows of {args.window} min")
                 windows = max(1, round(args.minutes / args.window))
                 for w in range(windows):
-                    sent0, conn0 = st.sent, idle["connects"]
+                    before = read_stats(stats_file)
                     row = await run_step(gen, Step(f"window {w + 1}", rate, args.window * 60), args.seed + 100 + w)
+                    after = read_stats(stats_file)
                     row.update(rss_mib=round(rss_kib(pid) / 1024, 1), rss_tree_mib=round(rss_kib(pid, tree=True) / 1024, 1),
-                               fuzz_frames=st.sent - sent0, fuzz_closed_without_error=st.closed_without_error, fuzz_internal=st.internal,
-                               idle_reconnects=idle["connects"] - conn0, log_bytes=(work / "engine.log").stat().st_size - log0)
+                               fuzz_frames=after.get("sent", 0) - before.get("sent", 0),
+                               fuzz_closed_without_error=after.get("closed_without_error", 0), fuzz_internal=after.get("internal", 0),
+                               idle_reconnects=after.get("idle", {}).get("connects", 0) - before.get("idle", {}).get("connects", 0),
+                               log_bytes=(work / "engine.log").stat().st_size - log0)
                     row.pop("outcomes", None)
                     emit({"soak_window": row})
                     stderr(f"  window {w + 1}/{windows}: {row['arrivals']} arrivals, p99 {row['p99_ms']} ms, unanswered {row['unanswered']}, "
                            f"errors {row['errors']}, RSS {row['rss_mib']} MiB (with workers {row['rss_tree_mib']}), fuzz frames {row['fuzz_frames']}")
                     out["windows"].append(row)
-                side.cancel_scope.cancel()
-            out["fuzz"] = {k: v for k, v in st.as_dict().items() if k not in ("kinds", "samples")}
+            finally:
+                side.send_signal(signal.SIGINT)
+                try:
+                    await trio.to_thread.run_sync(side.wait, 30)
+                except subprocess.TimeoutExpired:
+                    side.kill()
+            final = read_stats(stats_file)
+            idle = final.pop("idle", {"connects": 0, "connect_failed": 0})
+            out["fuzz"] = {"sent": 0, "closed_without_error": 0, "internal": 0, **final}
             out["idle"] = idle
             await gen.connections.aclose()
             routers.cancel_scope.cancel()
