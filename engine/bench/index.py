@@ -10,12 +10,22 @@ planted duplicates at the duplicate threshold, a candidate counting as found whe
 the ``candidates`` nearest and within ``rerank_margin`` of the threshold (what the engine
 re-scores exactly). Then the growth study: the default code trained on the first 1/1, 1/4 and
 1/8 of the register and filled with all of it. One JSON line per result, a summary on stderr.
+
+``--scale`` measures the engine's default index alone at national scale (:func:`scale`): the
+register is drawn ``--chunk`` credentials at a time and only the training sample and the
+chunk being added are held as floats; the index is trained and filled as ``netid index
+rebuild`` does (the first ``FaceIndex.training_size`` templates, then the rest in order), and
+each probe face is searched alone, as a node searches, at every probe fraction, thread count
+and number of candidates asked for.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
+import resource
 import time
 
 import numpy as np
@@ -25,6 +35,9 @@ from engine.bench._common import REPO, data_root, emit, stderr
 __all__ = ["main"]
 
 CODES = ("SQ8", "PQ32", "PQ32x4fs", "PQ64x4fs")
+#: FAISS fast-scan search implementations that share one query's lists among the threads
+#: (heap for up to 20 results, reservoir beyond); the default (0) gives a query one thread.
+OVER_LISTS = (14, 15)
 
 
 def _register(args):
@@ -58,6 +71,125 @@ def _measure(index, vectors, probes, owner, exact, threshold, config, fractions)
     return out
 
 
+def _scale_register(args, synth, enrolled, where, config, templates):
+    """The register ``--chunk`` credentials at a time (template ids ``2 * credential`` and
+    ``2 * credential + 1``, the planted persons at ``where``), trained on its first
+    ``FaceIndex.training_size`` templates and filled in order. Returns the index and timings."""
+    from engine.matching.face_index import FaceIndex
+
+    want = FaceIndex.training_size(templates, config)
+    index, pending = None, []
+    spent = {"generate_s": 0.0, "train_s": 0.0, "add_s": 0.0}
+    for start in range(0, args.credentials, args.chunk):
+        t0 = time.perf_counter()
+        size = min(args.chunk, args.credentials - start)
+        faces = synth.identities(size, 2)
+        inside = (where >= start) & (where < start + size)
+        faces[where[inside] - start] = enrolled[inside]
+        pending.append((np.arange(2 * start, 2 * (start + size), dtype=np.int64), faces.reshape(2 * size, -1)))
+        t1 = time.perf_counter()
+        spent["generate_s"] += t1 - t0
+        if index is None:
+            if sum(len(ids) for ids, _ in pending) < want and start + size < args.credentials:
+                continue
+            index = FaceIndex.trained(np.concatenate([v for _, v in pending])[:want], expected=templates, config=config)
+            spent["train_s"] = time.perf_counter() - t1
+            t1 = time.perf_counter()
+        for ids, vectors in pending:
+            index.add(ids, vectors)
+        pending = []
+        spent["add_s"] += time.perf_counter() - t1
+        stderr(f"{start + size:,}/{args.credentials:,} credentials indexed ({spent['generate_s']:.0f} s drawing, "
+               f"{spent['train_s']:.0f} s training, {spent['add_s']:.0f} s adding)")
+    return index, spent
+
+
+def _one_at_a_time(index, queries, k, threads):
+    """Each query searched alone: (seconds, scores, ids) in the order of ``queries``. With more
+    than one thread, one query's lists are shared among them (see :data:`OVER_LISTS`)."""
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    inner = faiss.downcast_index(index.index)
+    if isinstance(inner, faiss.IndexIVFFastScan):
+        inner.implem = OVER_LISTS[k > 20] if threads > 1 else 0
+    else:
+        faiss.extract_index_ivf(inner).parallel_mode = 1 if threads > 1 else 0
+    for q in queries[:20]:  # warm-up
+        index.search(q[None], k)
+    took = np.empty(len(queries))
+    scores = np.empty((len(queries), k), np.float32)
+    ids = np.empty((len(queries), k), np.int64)
+    for i, q in enumerate(queries):
+        t0 = time.perf_counter()
+        s, found = index.search(q[None], k)
+        took[i] = time.perf_counter() - t0
+        scores[i], ids[i] = s[0], found[0]
+    return took, scores, ids
+
+
+def scale(args, threshold: float) -> int:
+    """``--scale``: the engine's default face index at ``--credentials`` (see the module doc)."""
+    import faiss
+
+    from engine.bench.synthetic import Synthesizer, load_real_faces, planted
+    from engine.config import IndexConfig
+    from engine.matching.face_index import FaceIndex
+
+    config = IndexConfig(train_min=1, nlist=args.nlist)
+    templates = 2 * args.credentials
+    if not FaceIndex.training_size(templates, config):
+        raise SystemExit("--scale: the register is too small to train an index")
+    real = load_real_faces(data_root(args.data), REPO / "benchmarks" / "out" / "cache")
+    synth = Synthesizer(real, args.seed)
+    enrolled, probes, _ = planted(real, args.planted, args.seed)
+    where = np.random.default_rng(args.seed).choice(args.credentials, len(probes), replace=False)
+    exact = np.einsum("ij,ikj->ik", probes, enrolled).max(axis=1)
+    due = exact >= threshold
+    build_threads = os.cpu_count() or 1
+    faiss.omp_set_num_threads(build_threads)
+    index, spent = _scale_register(args, synth, enrolled, where, config, templates)
+    nbytes = index.nbytes()
+    fresh = synth.identities(args.fresh, 1)[:, 0]  # faces not in the register
+    queries = np.concatenate([probes, fresh]).astype(np.float32)
+    order = np.random.default_rng(args.seed).permutation(len(queries))  # planted and fresh interleaved
+    emit({"figure": "index_scale_build", "codes": config.codes, "credentials": args.credentials, "templates": len(index),
+          "nlist": index.nlist, "nlist_default": round(2 * templates ** 0.5),
+          "trained_on": index.trained_on, "index_bytes": nbytes, "bytes_per_template": round(nbytes / len(index), 1),
+          **{k: round(v, 1) for k, v in spent.items()}, "build_threads": build_threads,
+          "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+          "planted": len(probes), "planted_at_threshold": int(due.sum()), "fresh": len(fresh), "threshold": round(threshold, 4)})
+    stderr(f"{config.codes}, {len(index):,} templates, nlist {index.nlist}: {nbytes / 2**20:,.0f} MiB "
+           f"({nbytes / len(index):.1f} B a template); train {spent['train_s']:.0f} s, add {spent['add_s']:.0f} s")
+    owner = where * 2
+    floor = threshold - config.rerank_margin
+    ivf = faiss.extract_index_ivf(index.index)
+    for fraction in (float(f) for f in args.fractions.split(",")):
+        ivf.nprobe = max(1, math.ceil(index.nlist * fraction))  # as FaceIndex sets it
+        for threads in (int(t) for t in args.threads.split(",")):
+            for k in (int(c) for c in args.candidates.split(",")):
+                took, scores, ids = _one_at_a_time(index, queries[order], k, threads)
+                back = np.argsort(order)
+                scores, ids = scores[back], ids[back]
+                mine = (ids[:len(probes)] == owner[:, None]) | (ids[:len(probes)] == owner[:, None] + 1)
+                found = (mine & (scores[:len(probes)] >= floor)).any(axis=1)
+                near = ((ids >= 0) & (scores >= floor)).sum(axis=1)
+                over = ((ids[len(probes):] >= 0) & (scores[len(probes):] >= threshold)).sum(axis=1)
+                ms = np.quantile(took, [0.5, 0.99]) * 1000
+                row = {"figure": "index_scale_search", "credentials": args.credentials, "nlist": index.nlist,
+                       "probe_fraction": fraction, "nprobe": int(ivf.nprobe), "threads": threads, "candidates": k,
+                       "recall": round(float(found[due].mean()), 5), "found": int(found[due].sum()),
+                       "planted_at_threshold": int(due.sum()), "searches": len(queries),
+                       "p50_ms": round(float(ms[0]), 3), "p99_ms": round(float(ms[1]), 3),
+                       "within_margin_mean": round(float(near.mean()), 1), "within_margin_p99": float(np.quantile(near, 0.99)),
+                       "fresh_over_threshold_mean": round(float(over.mean()), 2)}
+                emit(row)
+                stderr(f"1/{round(1 / fraction)} of the lists, {threads} thread(s), {k} candidates: recall {row['recall']} "
+                       f"({row['found']}/{row['planted_at_threshold']}), p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, "
+                       f"{row['within_margin_mean']} within the margin")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="netid bench index", description=__doc__.split("\n\n")[0])
     p.add_argument("--credentials", type=int, default=100_000)
@@ -66,6 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fractions", default="0.0625,0.125,0.25")
     p.add_argument("--data", default=None)
     p.add_argument("--seed", type=int, default=23)
+    p.add_argument("--scale", action="store_true", help="the default index alone, drawn in chunks, each probe searched alone")
+    p.add_argument("--chunk", type=int, default=200_000, help="--scale: credentials drawn at a time")
+    p.add_argument("--nlist", type=int, default=0, help="--scale: lists of the index (0: the engine's, 2 sqrt(templates))")
+    p.add_argument("--candidates", default="128,256,512,1024", help="--scale: nearest asked for per probe face")
+    p.add_argument("--threads", default="1,2", help="--scale: FAISS threads per search")
+    p.add_argument("--fresh", type=int, default=1000, help="--scale: searches of faces not in the register")
     args = p.parse_args(argv)
     import faiss
 
@@ -75,8 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     from engine.matching.calibration import ScoreModel
     from engine.matching.face_index import FaceIndex
 
-    faiss.omp_set_num_threads(1)
     threshold = ScoreModel.load(DEFAULT_MODELS_DIR).threshold("face", DUPLICATE_FMR)
+    if args.scale:
+        return scale(args, threshold)
+    faiss.omp_set_num_threads(1)
     vectors, probes, owner, exact = _register(args)
     ids = np.arange(len(vectors), dtype=np.int64)
     fractions = [float(f) for f in args.fractions.split(",")]
