@@ -548,3 +548,18 @@ def test_harness_on_a_tiny_real_subset(tmp_path):
     # the accuracy run found every embedding in the cache the calibration run filled
     t = next(d for d in lines if d["figure"] == "timing")
     assert t["face_embedded"] == 0 and t["voice_embedded"] == 0
+
+
+def test_the_policy_over_every_genuine_pair_counts_each_face_with_each_voice():
+    from engine.bench.fusion import cross_genuine_policy
+
+    face = np.array([0.9, 0.8, 0.2, 0.7])  # one face below a floor of 0.5
+    voice = np.array([5.0, 1.0, 6.0])  # one voice below a floor of 2.0
+
+    def accept(f, v):
+        return (f >= 0.5) & (v >= 2.0)
+
+    out = cross_genuine_policy(face, voice, accept, replicates=500, seed=3)
+    assert out["n"] == 12 and (out["n_face"], out["n_voice"]) == (4, 3)
+    assert out["rate"] == 1 - (3 * 2) / 12  # 3 faces x 2 voices pass
+    assert 0 <= out["low"] <= out["rate"] <= out["high"] <= 1

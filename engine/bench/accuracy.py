@@ -53,8 +53,7 @@ def choose_points(meas: Measurements, points_dir: Path | None) -> tuple[Operatin
                 reason = "shipped operating points used another split"
             elif (shipped.face_enroll, shipped.voice_enroll) != (meas.config.face_enroll, meas.config.voice_enroll):
                 reason = "shipped operating points were calibrated for another enrollment"
-            elif {b.band: b.centre for b in shipped.voice_bands} != \
-                    {b: tuple(float(x) for x in c) for b, c in meas.centres.items()}:
+            elif not _same_centres({b.band: b.centre for b in shipped.voice_bands}, meas.centres):
                 reason = "shipped voice band centres differ from this run's"
             else:
                 return shipped, f"shipped `{_shown(points_dir / 'operating_points.json')}`"
@@ -62,6 +61,17 @@ def choose_points(meas: Measurements, points_dir: Path | None) -> tuple[Operatin
         reason = "subset run"
     points = calibrate(meas)
     return points, f"calibrated in memory on part A ({reason or 'no points directory'})"
+
+
+#: Largest difference of a voice band centre's coordinates that is still the same centre:
+#: embeddings recomputed with other thread counts differ by about 1e-8.
+CENTRE_TOLERANCE = 1e-6
+
+
+def _same_centres(shipped: dict, measured: dict) -> bool:
+    return shipped.keys() == measured.keys() and all(
+        len(shipped[b]) == len(measured[b]) and max(abs(float(x) - float(y)) for x, y in zip(shipped[b], measured[b])) <= CENTRE_TOLERANCE
+        for b in shipped)
 
 
 def main(argv: list[str] | None = None) -> int:

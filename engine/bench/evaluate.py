@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.bench.fusion import CrossFused
+from engine.bench.fusion import CrossFused, cross_genuine_policy
 from engine.bench.measure import Measurements
 from engine.bench.stats import (
     ExactScores,
@@ -309,11 +309,13 @@ def _policy(ev: Evaluation, meas: Measurements, points: OperatingPoints, model: 
     face_attack = _cross(meas, points, "B", floors=(ff, fv), voice=ch.voice[g])  # impostor face, genuine voice
     voice_attack = _cross(meas, points, "B", floors=(ff, fv), face=ExactScores(ch.face[g]), voice=vi)
     face_imp = meas.face_enrolled["B"].impostor
+    voice_gen, _ = meas.voice_bands[("B", pair)].scores(True)
+    fnmr_cross = cross_genuine_policy(meas.face_enrolled["B"].genuine.sorted, voice_gen, model.accept_mask)
     ev.add(
         "policy", part="B", pair=pair, target_fmr=model.target_fmr, face_floor_fmr=points.face_floor_fmr,
         voice_floor_fmr=points.voice_floor_fmr,
         face_floor=ff, voice_floor=fv, fused_threshold=ft, persons=len(ch.persons),
-        fnmr=rate(rate_interval(rejected, n_gen)), reasons=reasons,
+        fnmr=rate(rate_interval(rejected, n_gen)), reasons=reasons, fnmr_cross=fnmr_cross,
         frr_with_fta=rate(rate_interval(rejected + ch.genuine_attempts_failed, n_gen + ch.genuine_attempts_failed)),
         genuine_attempts_failed_to_acquire=ch.genuine_attempts_failed,
         fmr_direct=rate(rate_interval(int(accept[~g].sum()), int((~g).sum()))),
