@@ -82,8 +82,19 @@ class LimitsConfig:
     #: Seconds spent, after the last frame, discarding what the peer still sends before
     #: closing, so that the close is not a reset that loses that frame.
     linger: float = 1.0
+    #: Error replies a connection may provoke per second (a bucket of ``error_burst``)
+    #: before the engine reads its next frame only once the bucket has room again: a client
+    #: that sends malformed or unauthorised requests as fast as it can gets them answered at
+    #: this pace and no faster, so it cannot take the event loop from everyone else. Replies
+    #: about the engine's state or the protocol's normal course (``overloaded``,
+    #: ``rate_limited``, ``result_pending``...: ``engine.server.connection.UNPACED``) are not
+    #: counted. 0 turns the pacing off.
+    error_rate: float = 20.0
+    error_burst: int = 100
 
     def __post_init__(self) -> None:
+        if self.error_rate < 0 or self.error_burst < 1:
+            raise ConfigError("error_rate cannot be negative and error_burst must be positive")
         if self.max_frame < 1024:
             raise ConfigError("max_frame must be at least 1024 bytes")
         if self.max_in_flight < 1 or self.outbox < 1:

@@ -22,6 +22,7 @@ from engine.inference.extractors import _identity_vector, fake_extractors
 from engine.wire.framing import encode_frame
 from engine.ops.registry import seal_card_template
 from engine.server.listener import Server
+from engine.server.connection import UNPACED
 from engine.store import CardRecord
 
 from .conftest import Clock, FixedScores, face, make_rp, voice
@@ -431,3 +432,29 @@ async def test_a_client_that_waits_is_kept_alive_by_its_pings(tmp_path, nursery,
     await conn.ping()
     assert engine.metrics.connections_closed.labels(reason="idle_timeout")._value.get() == 0
     assert engine.metrics.requests.labels(type="ping", outcome="ok")._value.get() >= 10
+
+
+async def test_a_client_provoking_errors_fast_is_answered_at_the_error_pace(tmp_path, nursery, autojump_clock):
+    engine = _engine(tmp_path, error_rate=10.0, error_burst=20)
+    server = Server(engine)
+    client = await _serve_one(server, nursery)
+    t0 = trio.current_time()
+    await client.send_all(_frame(b"\x92\x01\x02") * 60 + _frame(msgspec.msgpack.encode({"type": "ping", "id": 7})))
+    data = b""
+
+    def complete(buf: bytes) -> int:
+        n = 0
+        while len(buf) >= 4 and len(buf) >= 4 + struct.unpack(">I", buf[:4])[0]:
+            buf = buf[4 + struct.unpack(">I", buf[:4])[0] :]
+            n += 1
+        return n
+
+    while complete(data) < 62:  # hello, 60 errors, pong
+        data += await client.receive_some()
+    msgs = _split(data)
+    assert all(m["code"] == "invalid_message" for m in msgs[1:61]) and msgs[61]["type"] == "pong"
+    # 20 at once (the burst), the other 40 and the ping at 10 a second; the connection lives on
+    assert 3.5 <= trio.current_time() - t0 < 5.0
+    assert engine.metrics.paced_seconds._value.get() > 3.5
+    # replies about the engine's state or the protocol's course are not counted
+    assert "result_pending" in UNPACED and "overloaded" in UNPACED

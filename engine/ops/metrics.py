@@ -106,6 +106,11 @@ class Metrics:
             "netid_log_lines_suppressed", "Log lines about client mistakes or internal errors held back by the log pacing.",
             registry=r,
         )
+        self.paced_seconds = Counter(
+            "netid_error_pacing_seconds", "Seconds connections waited before their next frame was read, having provoked "
+            "errors faster than LimitsConfig.error_rate.",
+            registry=r,
+        )
         self.results_not_pushed = Counter(
             "netid_results_not_pushed", "Results not pushed to a relying-party stream, by why (outbox_full, no_stream); "
             "each is kept for fetch_result.",

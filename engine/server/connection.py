@@ -55,6 +55,14 @@ def _kind(req: msgspec.Struct) -> str:
     return type(req).__struct_config__.tag  # type: ignore[attr-defined]
 
 
+#: Error codes that say something about the engine's state or the protocol's normal course,
+#: not about a client's mistake: they never slow a connection down (LimitsConfig.error_rate).
+UNPACED = frozenset({
+    "overloaded", "rate_limited", "deadline_exceeded", "unavailable", "internal", "too_many_in_flight",
+    "result_pending", "session_expired", "session_used",
+})
+
+
 class Connection:
     def __init__(self, engine: Engine, stream: trio.abc.Stream, server: Server) -> None:
         self.engine = engine
@@ -73,6 +81,8 @@ class Connection:
         self._reading: trio.CancelScope | None = None
         self._room = trio.lowlevel.ParkingLot()  # the reader waits here for in-flight bodies to finish
         self._logged = False
+        self._error_room = float(lim.error_burst)  # errors it may still provoke at once
+        self._error_at = trio.current_time()
 
     # ---- for the connection table ----------------------------------------------------------------
     def quiet_since(self) -> float:
@@ -176,10 +186,31 @@ class Connection:
         while self.body_bytes and self.body_bytes + length > self.limits.max_connection_bytes:
             await self._room.park()
 
+    def _error_bucket(self) -> float:
+        now = trio.current_time()
+        lim = self.limits
+        self._error_room = min(float(lim.error_burst), self._error_room + (now - self._error_at) * lim.error_rate)
+        self._error_at = now
+        return self._error_room
+
+    def _provoked(self, code: str) -> None:
+        """Count an error reply against the connection's pace (LimitsConfig.error_rate)."""
+        if self.limits.error_rate > 0 and code not in UNPACED:
+            self._error_bucket()
+            self._error_room -= 1.0
+
+    async def _pace(self) -> None:
+        """Before reading the next frame: wait while the connection is past its error pace."""
+        if self.limits.error_rate > 0 and self._error_bucket() < 0:
+            wait = -self._error_room / self.limits.error_rate
+            self.metrics.paced_seconds.inc(wait)
+            await trio.sleep(wait)
+
     async def _reader(self, requests: trio.Nursery) -> EngineError | None:
         """Read and dispatch until the peer's end of stream (None) or a fatal error (returned)."""
         first = True
         while True:
+            await self._pace()
             try:
                 body = await self.frames.read(idle_timeout=self._idle_timeout(first), admit=self._admit)
             except IdleTimeout as exc:
@@ -214,6 +245,7 @@ class Connection:
 
     async def _refuse(self, body: bytes, exc: EngineError) -> None:
         self.metrics.requests.labels(type="invalid", outcome=exc.code).inc()
+        self._provoked(exc.code)
         self._note(exc)
         await self.send.send(_error(P.peek_id(body), exc))
 
@@ -254,6 +286,8 @@ class Connection:
             self._room.unpark_all()
             self.metrics.in_flight.dec()
         self.metrics.requests.labels(type=kind, outcome=outcome).inc()
+        if outcome != "ok":
+            self._provoked(outcome)
         self.metrics.latency.labels(type=kind).observe(time.perf_counter() - start)
         if outcome == "overloaded":
             self.metrics.overloaded.labels(where=kind).inc()
