@@ -90,7 +90,7 @@ class LimitsConfig:
     #: ``rate_limited``, ``result_pending``...: ``engine.server.connection.UNPACED``) are not
     #: counted. 0 turns the pacing off.
     error_rate: float = 20.0
-    error_burst: int = 100
+    error_burst: int = 10
 
     def __post_init__(self) -> None:
         if self.error_rate < 0 or self.error_burst < 1:
