@@ -50,6 +50,9 @@ def test_scale_draws_in_chunks_and_searches_one_probe_at_a_time(fake_faces, monk
     for r in searches:
         assert r["searches"] == 100 and 0 < r["p50_ms"] <= r["p99_ms"]
         assert 0 <= r["within_margin_mean"] <= r["candidates"]
+        assert [n["rerank_margin"] for n in r["narrower"]] == [0.1, 0.05]
+        assert r["within_margin_mean"] >= r["narrower"][0]["within_margin_mean"] >= r["narrower"][1]["within_margin_mean"]
+        assert r["recall"] >= r["narrower"][0]["recall"] >= r["narrower"][1]["recall"]
     everything = [r for r in searches if r["probe_fraction"] == 1.0]
     assert all(r["recall"] == 1.0 for r in everything)  # every list probed: only the codes can lose one
     one, two = (next(r for r in everything if r["threads"] == t and r["candidates"] == 64) for t in (1, 2))
