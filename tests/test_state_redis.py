@@ -223,6 +223,23 @@ async def test_a_consumed_session_stays_consumed_when_redis_forgets_it(shared) -
         await b.claim("s1", NONCE, 102.0)
 
 
+async def test_a_claim_postgresql_could_not_record_is_undone_in_redis(shared, monkeypatch) -> None:
+    a, b, _clock = shared
+    await a.open(session(), now=100.0, max_open=10)
+
+    def down(*args, **kwargs):
+        raise E.Unavailable("the database is unreachable (test)", retry_after_ms=500)
+
+    with monkeypatch.context() as m:
+        m.setattr(a.durable, "consume", down)
+        with pytest.raises(E.Unavailable):
+            await a.claim("s1", NONCE, 101.0)
+    got = await b.claim("s1", NONCE, 102.0)  # back when PostgreSQL is: the holder may retry
+    assert got.session_id == "s1"
+    with pytest.raises(E.SessionUsed):
+        await a.claim("s1", NONCE, 103.0)
+
+
 async def test_a_result_expires_after_its_retention(shared) -> None:
     a, b, clock = shared
     s = session()

@@ -215,20 +215,29 @@ class RedisSessionState:
         return msgspec.msgpack.decode(blob, type=Session)
 
     async def claim(self, session_id: str, nonce: bytes, now: float) -> Session:
-        digest = hashlib.sha256(nonce).digest()
-        key = self._key(session_id)
-        got = await self.r.script("claim", [key], [digest, repr(now), _ms(CLAIMED_GRACE)])
-        if got[0] != 1:
-            raise {0: UnknownSession, 2: SessionUsed, 3: SessionExpired}[got[0]]()
-        session = msgspec.msgpack.decode(got[1], type=Session)
-        try:  # PostgreSQL decides for good
-            won = await self._durable(self.durable.consume, session_id, digest, now=now, expires_at=session.expires_at)
-        except Unavailable:
-            await self._unclaim_quietly(key)
-            raise
-        if not won:
-            raise SessionUsed()
+        # one worker-thread job for both services: the claim is on the hot path
+        code, session = await self.r.run(self._claim_both, session_id, hashlib.sha256(nonce).digest(), now)
+        if session is None:
+            raise {0: UnknownSession, 2: SessionUsed, 3: SessionExpired}[code]()
         return session
+
+    def _claim_both(self, session_id: str, digest: bytes, now: float) -> tuple[int, Session | None]:
+        """In a worker thread: the claim in Redis, then the single use in PostgreSQL, which
+        decides for good; a claim PostgreSQL could not record is undone in Redis."""
+        key = self._key(session_id)
+        got = self.r.scripts["claim"](keys=[key], args=[digest, repr(now), _ms(CLAIMED_GRACE)])
+        if got[0] != 1:
+            return got[0], None
+        session = msgspec.msgpack.decode(got[1], type=Session)
+        try:
+            won = self.durable.consume(session_id, digest, now=now, expires_at=session.expires_at)
+        except Unavailable:
+            try:
+                self.r.scripts["unclaim"](keys=[key], args=[])
+            except _DOWN:
+                log.warning("a session's claim could not be undone in Redis; it expires unused")
+            raise
+        return (1, session) if won else (2, None)
 
     async def _unclaim_quietly(self, key: str) -> None:
         try:
@@ -259,18 +268,27 @@ class RedisSessionState:
     # ---- results ---------------------------------------------------------------------------------
     async def finish(self, session: Session, sealed: bytes, *, retain_until: float) -> Delivery:
         sid, rp_id = session.session_id, session.rp_id
-        await self._durable(self.durable.keep_result, sid, rp_id, sealed, now=self._clock(), expires=retain_until)
+        receivers = await self._durable(self._keep_and_publish, sid, rp_id, sealed, self._clock(), retain_until)
         local = self._push(rp_id, sid, sealed)
-        try:
-            pipe = self.r.client.pipeline(transaction=False)
-            pipe.hset(self._key(sid), "done", "1")
-            pipe.publish(self.channel(rp_id), msgspec.msgpack.encode((self.node, sid, sealed)))
-            _done, receivers = await self.r.run(pipe.execute)
-        except Unavailable:
+        if receivers is None:
             log.warning("a result could not be published (Redis unreachable); it is kept and re-sent when Redis returns")
             return local
         remote = max(0, receivers - (1 if self.channel(rp_id) in self._channels else 0))
         return Delivery(local.delivered + remote, local.full)
+
+    def _keep_and_publish(self, sid: str, rp_id: str, sealed: bytes, now: float, retain_until: float) -> int | None:
+        """In a worker thread (one job for both services: the hot path): keep the result in
+        PostgreSQL, then mark it done and publish it in Redis. The subscribers reached, or
+        ``None`` if Redis could not be reached (the result is kept and re-sent later)."""
+        self.durable.keep_result(sid, rp_id, sealed, now=now, expires=retain_until)
+        try:
+            pipe = self.r.client.pipeline(transaction=False)
+            pipe.hset(self._key(sid), "done", "1")
+            pipe.publish(self.channel(rp_id), msgspec.msgpack.encode((self.node, sid, sealed)))
+            _done, receivers = pipe.execute()
+        except _DOWN:
+            return None
+        return int(receivers)
 
     def _push(self, rp_id: str, session_id: str, sealed: bytes, outbox: Any = None) -> Delivery:
         """Push to this node's streams of the relying party (or one ``outbox``); remember to mark it."""
