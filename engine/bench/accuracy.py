@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from engine.bench.calibrate import DEFAULT_OUT, calibrate, common_arguments, measure_config
 from engine.bench.evaluate import evaluate
 from engine.bench.measure import Measurements, measure
@@ -70,7 +72,7 @@ CENTRE_TOLERANCE = 1e-6
 
 def _same_centres(shipped: dict, measured: dict) -> bool:
     return shipped.keys() == measured.keys() and all(
-        len(shipped[b]) == len(measured[b]) and max(abs(float(x) - float(y)) for x, y in zip(shipped[b], measured[b])) <= CENTRE_TOLERANCE
+        np.shape(shipped[b]) == np.shape(measured[b]) and np.allclose(shipped[b], measured[b], rtol=0.0, atol=CENTRE_TOLERANCE)
         for b in shipped)
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import resource
 import time
@@ -53,20 +52,17 @@ def _register(args):
 
 
 def _measure(index, vectors, probes, owner, exact, threshold, config, fractions):
-    import faiss
-
-    ivf = faiss.extract_index_ivf(index.index)
     due = exact >= threshold
     out = []
     for fraction in fractions:
-        ivf.nprobe = max(1, round(ivf.nlist * fraction))
+        nprobe = index.probe(fraction)
         started = time.perf_counter()
         scores, ids = index.search(probes, config.candidates)
         ms = (time.perf_counter() - started) / len(probes) * 1000
         mine = (ids == owner[:, None]) | (ids == owner[:, None] + 1)
         found = (mine & (scores >= threshold - config.rerank_margin)).any(axis=1)
         err = np.abs(scores - np.einsum("ij,ikj->ik", probes, vectors[np.maximum(ids, 0)]))[ids >= 0]
-        out.append({"probe_fraction": fraction, "nprobe": int(ivf.nprobe), "recall": round(float(found[due].mean()), 5),
+        out.append({"probe_fraction": fraction, "nprobe": nprobe, "recall": round(float(found[due].mean()), 5),
                     "ms_per_search": round(ms, 3), "error_p50": round(float(np.quantile(err, 0.5)), 4),
                     "error_p99": round(float(np.quantile(err, 0.99)), 4)})
     return out
@@ -170,9 +166,8 @@ def scale(args, threshold: float) -> int:
            f"({nbytes / len(index):.1f} B a template); train {spent['train_s']:.0f} s, add {spent['add_s']:.0f} s")
     owner = where * 2
     margins = [float(m) for m in args.margins.split(",") if m and float(m) < config.rerank_margin]
-    ivf = faiss.extract_index_ivf(index.index)
     for fraction in (float(f) for f in args.fractions.split(",")):
-        ivf.nprobe = max(1, math.ceil(index.nlist * fraction))  # as FaceIndex sets it
+        nprobe = index.probe(fraction)
         for threads in (int(t) for t in args.threads.split(",")):
             for k in (int(c) for c in args.candidates.split(",")):
                 took, scores, ids = _one_at_a_time(index, queries[order], k, threads)
@@ -184,7 +179,7 @@ def scale(args, threshold: float) -> int:
                 narrower = [(m, *_within(mine, scores, ids, threshold - m)) for m in margins]
                 ms = np.quantile(took, [0.5, 0.99]) * 1000
                 row = {"figure": "index_scale_search", "credentials": args.credentials, "nlist": index.nlist,
-                       "probe_fraction": fraction, "nprobe": int(ivf.nprobe), "threads": threads, "candidates": k,
+                       "probe_fraction": fraction, "nprobe": nprobe, "threads": threads, "candidates": k,
                        "recall": round(float(found[due].mean()), 5), "found": int(found[due].sum()),
                        "planted_at_threshold": int(due.sum()), "searches": len(queries),
                        "p50_ms": round(float(ms[0]), 3), "p99_ms": round(float(ms[1]), 3),

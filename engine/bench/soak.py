@@ -13,9 +13,10 @@ Then, for ``--minutes``, arrivals at ``--load`` (0.8) x capacity in windows of `
 minutes (5), while the side load (``engine.bench.side_load``, a process of its own so that it
 never delays the loop that times the verifications) runs ``netid bench fuzz``'s generator on
 ``--fuzz-connections`` connections and ``--idle`` clients that connect, ping once and stay
-silent (the engine closes them after its idle timeout; they connect again). Per window, one JSON line: arrivals, answered, unanswered,
-errors, p50/p99 (from each arrival's scheduled time to the holder's reply), the engine's RSS
-(and with its workers), fuzz frames and idle reconnections. Then a summary line with the
+silent (the engine closes them after its idle timeout; they connect again). Per window, one
+JSON line: arrivals, answered, unanswered, errors, p50/p99 (from each arrival's scheduled
+time to the holder's reply), the engine's RSS (and with its workers), fuzz frames and idle
+reconnections. Then a summary line with the
 checks (0 unanswered, p99 <= 1 s in every window, RSS of the last window within 10 % of the
 second) and a human summary.
 """

@@ -9,7 +9,6 @@ worker threads behind one ``CapacityLimiter``.
 from __future__ import annotations
 
 import functools
-
 import hmac
 import logging
 from collections.abc import Callable

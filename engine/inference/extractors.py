@@ -13,6 +13,7 @@ Every ``*_batch`` call returns one entry per input, in order: a result, or the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -234,15 +235,20 @@ def _pass_in_worker(p: Any) -> Any:
     return out
 
 
-def _trim_heap() -> None:
-    """glibc's ``malloc_trim(0)``: give the heap's free pages back (nothing elsewhere)."""
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim`` from the process's own symbols, looked up once; ``None``
+    where the C library has none."""
     import ctypes
-    import ctypes.util
 
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    return getattr(ctypes.CDLL(None), "malloc_trim", None)
+
+
+def _trim_heap() -> None:
+    """Give the heap's free pages back to the system (glibc only; nothing elsewhere)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class ChallengePool(_WorkerPool):

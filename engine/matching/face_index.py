@@ -101,7 +101,13 @@ class FaceIndex:
         self.nlist = int(faiss.extract_index_ivf(index).nlist) if kind == "ivf" else 0
         self._lock = threading.Lock()
         if kind == "ivf":
-            faiss.extract_index_ivf(index).nprobe = max(1, math.ceil(self.nlist * config.probe_fraction))
+            self.probe(config.probe_fraction)
+
+    def probe(self, fraction: float) -> int:
+        """Search ``fraction`` of an IVF index's lists (at least one); returns how many."""
+        ivf = faiss.extract_index_ivf(self.index)
+        ivf.nprobe = max(1, math.ceil(self.nlist * fraction))
+        return int(ivf.nprobe)
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod

@@ -222,28 +222,33 @@ class RedisSessionState:
         return session
 
     def _claim_both(self, session_id: str, digest: bytes, now: float) -> tuple[int, Session | None]:
-        """In a worker thread: the claim in Redis, then the single use in PostgreSQL, which
-        decides for good; a claim PostgreSQL could not record is undone in Redis."""
+        """In a worker thread: the claim in Redis, then the single use in PostgreSQL."""
         key = self._key(session_id)
         got = self.r.scripts["claim"](keys=[key], args=[digest, repr(now), _ms(CLAIMED_GRACE)])
         if got[0] != 1:
             return got[0], None
         session = msgspec.msgpack.decode(got[1], type=Session)
-        try:
-            won = self.durable.consume(session_id, digest, now=now, expires_at=session.expires_at)
-        except Unavailable:
-            try:
-                self.r.scripts["unclaim"](keys=[key], args=[])
-            except _DOWN:
-                log.warning("a session's claim could not be undone in Redis; it expires unused")
-            raise
+        won = self._consume_or_unclaim(key, session_id, digest, now, session.expires_at)
         return (1, session) if won else (2, None)
 
-    async def _unclaim_quietly(self, key: str) -> None:
+    def _consume_or_unclaim(self, key: str, session_id: str, digest: bytes, now: float, expires_at: float) -> bool:
+        """In a worker thread, after a claim in Redis: the single use in PostgreSQL, which
+        decides for good; a claim PostgreSQL could not record is undone in Redis."""
         try:
-            await self.r.script("unclaim", [key], [])
+            return self.durable.consume(session_id, digest, now=now, expires_at=expires_at)
         except Unavailable:
+            self._unclaim_now(key)
+            raise
+
+    def _unclaim_now(self, key: str) -> None:
+        """In a worker thread: undo a claim in Redis, or say it stays (it expires unused)."""
+        try:
+            self.r.scripts["unclaim"](keys=[key], args=[])
+        except _DOWN:
             log.warning("a session's claim could not be undone in Redis; it expires unused")
+
+    async def _unclaim_quietly(self, key: str) -> None:
+        await self.r.run(self._unclaim_now, key)
 
     async def release(self, session_id: str) -> None:
         """Best effort: if either service is down the session stays consumed (refused, never reused twice)."""
@@ -255,15 +260,16 @@ class RedisSessionState:
         await self._unclaim_quietly(self._key(session_id))
 
     async def count_failure(self, session_id: str, now: float, *, limit: int) -> bool:
+        return await self.r.run(self._fail_both, session_id, now, limit)
+
+    def _fail_both(self, session_id: str, now: float, limit: int) -> bool:
+        """In a worker thread: count the failure in Redis; the one that reaches ``limit``
+        claims the session there, then records its single use in PostgreSQL."""
         key = self._key(session_id)
-        got = await self.r.script("fail", [key], [repr(now), limit, _ms(CLAIMED_GRACE)])
+        got = self.r.scripts["fail"](keys=[key], args=[repr(now), limit, _ms(CLAIMED_GRACE)])
         if got[0] != 1:
             return False
-        try:
-            return bool(await self._durable(self.durable.consume, session_id, got[1], now=now, expires_at=float(got[2])))
-        except Unavailable:
-            await self._unclaim_quietly(key)
-            raise
+        return bool(self._consume_or_unclaim(key, session_id, got[1], now, float(got[2])))
 
     # ---- results ---------------------------------------------------------------------------------
     async def finish(self, session: Session, sealed: bytes, *, retain_until: float) -> Delivery:
