@@ -38,13 +38,15 @@ def test_scale_draws_in_chunks_and_searches_one_probe_at_a_time(fake_faces, monk
     assert bench_index.main(["--scale", "--credentials", "3000", "--chunk", "1000", "--planted", "60", "--fresh", "40",
                              "--fractions", "0.25,1", "--candidates", "32,64", "--threads", "1,2"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    build, searches = rows[0], rows[1:]
+    build, codes, searches = rows[0], rows[1], rows[2:]
     assert added == [2000, 2000, 2000]  # never more than a chunk at a time
     assert build["figure"] == "index_scale_build" and build["templates"] == 6000 and build["codes"] == "PQ64x4fs"
     assert build["trained_on"] == FaceIndex.training_size(6000, IndexConfig(train_min=1))
     assert build["nlist"] == min(build["nlist_default"], build["trained_on"] // 39)
     assert 30 < build["bytes_per_template"] < 200 and build["index_bytes"] > 6000 * 32
     assert build["planted"] == 60 and build["planted_at_threshold"] > 40
+    assert codes["figure"] == "index_scale_codes" and codes["planted_at_threshold"] == build["planted_at_threshold"]
+    assert 0 <= codes["code_error_p50"] <= codes["code_error_p99"] < 0.5
     assert [(r["probe_fraction"], r["threads"], r["candidates"]) for r in searches] == [
         (f, t, k) for f in (0.25, 1.0) for t in (1, 2) for k in (32, 64)]
     for r in searches:
@@ -53,6 +55,7 @@ def test_scale_draws_in_chunks_and_searches_one_probe_at_a_time(fake_faces, monk
         assert [n["rerank_margin"] for n in r["narrower"]] == [0.1, 0.05]
         assert r["within_margin_mean"] >= r["narrower"][0]["within_margin_mean"] >= r["narrower"][1]["within_margin_mean"]
         assert r["recall"] >= r["narrower"][0]["recall"] >= r["narrower"][1]["recall"]
+        assert sum(r["misses"].values()) == r["planted_at_threshold"] - r["found"]
     everything = [r for r in searches if r["probe_fraction"] == 1.0]
     assert all(r["recall"] == 1.0 for r in everything)  # every list probed: only the codes can lose one
     one, two = (next(r for r in everything if r["threads"] == t and r["candidates"] == 64) for t in (1, 2))
@@ -66,6 +69,25 @@ def test_scale_is_reproducible_and_honours_nlist(fake_faces, capsys):
     for _ in range(2):
         bench_index.main(args)
         runs.append([json.loads(line) for line in capsys.readouterr().out.splitlines()])
-    assert runs[0][0]["nlist"] == 16 and runs[0][1]["nprobe"] == 8
-    keep = ("index_bytes", "planted_at_threshold", "recall", "within_margin_mean", "fresh_over_threshold_mean")
+    assert runs[0][0]["nlist"] == 16 and runs[0][2]["nprobe"] == 8
+    keep = ("index_bytes", "planted_at_threshold", "recall", "within_margin_mean", "fresh_over_threshold_mean", "misses", "code_error_p99")
     assert [{k: r[k] for k in keep if k in r} for r in runs[0]] == [{k: r[k] for k in keep if k in r} for r in runs[1]]
+
+
+def test_a_miss_is_given_its_cause():
+    import faiss
+
+    x = _faces(persons=200, per=5).vectors
+    index = FaceIndex.trained(x, expected=len(x), config=IndexConfig(train_min=1, nlist=16))
+    index.add(np.arange(len(x)), x)
+    index.probe(1 / 16)  # one list: the probe's own
+    _, home = faiss.extract_index_ivf(index.index).quantizer.search(x, 1)
+    elsewhere = next(i for i in range(len(x)) if home[i, 0] != home[0, 0])
+    probes, best = x[:2], np.stack([x[elsewhere], x[1]])
+    decoded, missed = np.array([0.9, 0.9]), np.array([True, True])
+    scores, ids = np.full((2, 4), 0.95, np.float32), np.ones((2, 4), np.int64)
+    assert bench_index._misses(index, probes, best, decoded, missed, scores, ids, 0.5, 4) == {
+        "list": 1, "code": 0, "crowded": 1, "scan": 0}
+    assert bench_index._misses(index, probes, best, decoded, np.array([False, True]), scores, ids, 0.95, 4)["code"] == 1
+    ids[1, 2:] = -1  # fewer than asked for came back: not crowded out
+    assert bench_index._misses(index, probes, best, decoded, np.array([False, True]), scores, ids, 0.5, 4)["scan"] == 1

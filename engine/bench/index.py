@@ -17,7 +17,8 @@ chunk being added are held as floats; the index is trained and filled as ``netid
 rebuild`` does (the first ``FaceIndex.training_size`` templates, then the rest in order), and
 each probe face is searched alone, as a node searches, at every probe fraction, thread count
 and number of candidates asked for; recall and candidates within the margin are also counted
-at narrower re-rank margins (``--margins``) from the same searches.
+at narrower re-rank margins (``--margins``) from the same searches, and each planted
+duplicate missed is given its cause (:func:`_misses`).
 """
 
 from __future__ import annotations
@@ -131,6 +132,33 @@ def _within(mine, scores, ids, floor):
     return (mine & (scores[:len(mine)] >= floor)).any(axis=1), ((ids >= 0) & (scores >= floor)).sum(axis=1)
 
 
+def _misses(index, probes, best, decoded, missed, scores, ids, floor, k):
+    """Why each planted duplicate at the threshold was not found, judged on its owner's
+    best-scoring enrolled template: ``list`` (its list is not among those probed), ``code``
+    (its product-quantised score, decoded without the fast scan's 8-bit tables, is below
+    ``floor``), ``crowded`` (the ``k`` candidates returned all score above its decoded score)
+    and ``scan`` (none of these: the fast scan's quantised tables scored it below ``floor``)."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(index.index)
+    causes = {"list": 0, "code": 0, "crowded": 0, "scan": 0}
+    rows = np.flatnonzero(missed)
+    if not len(rows):
+        return causes
+    _, home = ivf.quantizer.search(np.ascontiguousarray(best[rows]), 1)
+    _, probed = ivf.quantizer.search(np.ascontiguousarray(probes[rows]), ivf.nprobe)
+    for j, i in enumerate(rows):
+        if home[j, 0] not in probed[j]:
+            causes["list"] += 1
+        elif decoded[i] < floor:
+            causes["code"] += 1
+        elif (ids[i] >= 0).sum() == k and scores[i, -1] >= decoded[i]:
+            causes["crowded"] += 1
+        else:
+            causes["scan"] += 1
+    return causes
+
+
 def scale(args, threshold: float) -> int:
     """``--scale``: the engine's default face index at ``--credentials`` (see the module doc)."""
     import faiss
@@ -165,6 +193,14 @@ def scale(args, threshold: float) -> int:
     stderr(f"{config.codes}, {len(index):,} templates, nlist {index.nlist}: {nbytes / 2**20:,.0f} MiB "
            f"({nbytes / len(index):.1f} B a template); train {spent['train_s']:.0f} s, add {spent['add_s']:.0f} s")
     owner = where * 2
+    pair = np.einsum("ij,ikj->ik", probes, enrolled)
+    best = enrolled[np.arange(len(probes)), pair.argmax(axis=1)].astype(np.float32)
+    decoded = np.einsum("ij,ij->i", index.index.sa_decode(index.index.sa_encode(best)), probes)
+    low = (pair.max(axis=1) - decoded)[due]
+    emit({"figure": "index_scale_codes", "credentials": args.credentials, "planted_at_threshold": int(due.sum()),
+          "code_error_p50": round(float(np.quantile(np.abs(low), 0.5)), 4),
+          "code_error_p99": round(float(np.quantile(np.abs(low), 0.99)), 4),
+          "below_by_more_than_margin": int((low > config.rerank_margin).sum())})
     margins = [float(m) for m in args.margins.split(",") if m and float(m) < config.rerank_margin]
     for fraction in (float(f) for f in args.fractions.split(",")):
         nprobe = index.probe(fraction)
@@ -176,6 +212,8 @@ def scale(args, threshold: float) -> int:
                 mine = (ids[:len(probes)] == owner[:, None]) | (ids[:len(probes)] == owner[:, None] + 1)
                 found, near = _within(mine, scores, ids, threshold - config.rerank_margin)
                 over = ((ids[len(probes):] >= 0) & (scores[len(probes):] >= threshold)).sum(axis=1)
+                causes = _misses(index, probes, best, decoded, due & ~found, scores, ids,
+                                 threshold - config.rerank_margin, k)
                 narrower = [(m, *_within(mine, scores, ids, threshold - m)) for m in margins]
                 ms = np.quantile(took, [0.5, 0.99]) * 1000
                 row = {"figure": "index_scale_search", "credentials": args.credentials, "nlist": index.nlist,
@@ -183,7 +221,7 @@ def scale(args, threshold: float) -> int:
                        "recall": round(float(found[due].mean()), 5), "found": int(found[due].sum()),
                        "planted_at_threshold": int(due.sum()), "searches": len(queries),
                        "p50_ms": round(float(ms[0]), 3), "p99_ms": round(float(ms[1]), 3),
-                       "within_margin_mean": round(float(near.mean()), 1), "within_margin_p99": float(np.quantile(near, 0.99)),
+                       "within_margin_mean": round(float(near.mean()), 1), "misses": causes, "within_margin_p99": float(np.quantile(near, 0.99)),
                        "within_margin_fresh_mean": round(float(near[len(probes):].mean()), 1),
                        "fresh_over_threshold_mean": round(float(over.mean()), 2),
                        "narrower": [{"rerank_margin": m, "recall": round(float(f[due].mean()), 5), "within_margin_mean": round(float(n.mean()), 1)}
@@ -192,7 +230,7 @@ def scale(args, threshold: float) -> int:
                 emit(row)
                 stderr(f"1/{round(1 / fraction)} of the lists, {threads} thread(s), {k} candidates: recall {row['recall']} "
                        f"({row['found']}/{row['planted_at_threshold']}), p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, "
-                       f"{row['within_margin_mean']} within the margin")
+                       f"{row['within_margin_mean']} within the margin; misses {causes}")
     return 0
 
 
