@@ -139,3 +139,12 @@ def test_a_comparisons_capacity_is_the_mean_of_its_alternating_saturation_steps(
     assert s["engine_cpu_ms_per_verification"] == 165.0
     assert s["store_state_cpu_ms_per_verification"] == 4.5 and s["checks"]["store_state_cpu_le_5ms"]["pass"]
     assert s["checks"]["overload_at_2x"]["goodput_vs_capacity"] == round(11.3 / 11.5, 3)
+
+
+def test_the_queue_model_is_the_service_time_when_nothing_waits_and_grows_with_the_load():
+    from engine.bench.load_report import queue_p99_ms
+
+    assert queue_p99_ms(0.01, 150.0, 2, arrivals=5_000) == 150.0  # one in a hundred seconds: no queue
+    light, busy = (queue_p99_ms(r, 150.0, 2, arrivals=20_000) for r in (5.0, 12.0))
+    assert 150.0 < light < busy
+    assert queue_p99_ms(12.0, 150.0, 4, arrivals=20_000) < busy  # more servers, less waiting
