@@ -142,9 +142,9 @@ class IndexConfig:
 
     Below ``train_min`` face templates the index is exact (a flat inner-product index); from
     it on, ``netid index rebuild`` (or the first start-up without an index file) trains an
-    IVF index of ``nlist`` lists (0: twice the square root of the templates) whose lists hold
+    IVF index of ``nlist`` lists (0: half the square root of the templates) whose lists hold
     ``codes`` (a FAISS code: ``PQ64x4fs`` is 32 bytes a template), searched in
-    ``probe_fraction`` of its lists. Every candidate whose approximate score is within
+    ``probe_fraction`` of its lists, ``min_probe`` at the least. Every candidate whose approximate score is within
     ``rerank_margin`` of the duplicate threshold, among the ``candidates`` nearest of each
     probe face, is re-scored exactly on its stored template.
     """
@@ -152,9 +152,11 @@ class IndexConfig:
     train_min: int = 50_000
     codes: str = "PQ64x4fs"
     nlist: int = 0
-    probe_fraction: float = 1 / 4
-    candidates: int = 128
-    rerank_margin: float = 0.15
+    probe_fraction: float = 1 / 8
+    #: Lists searched at the least, whatever the fraction (all of them in a smaller index).
+    min_probe: int = 160
+    candidates: int = 512
+    rerank_margin: float = 0.1
     #: Changes applied from the store's log since the index file was written, past which it
     #: is written again (so a restart replays at most this many).
     save_every: int = 10_000
@@ -163,8 +165,8 @@ class IndexConfig:
     retrain_factor: float = 4.0
 
     def __post_init__(self) -> None:
-        if self.train_min < 1 or self.nlist < 0 or self.candidates < 1 or self.save_every < 1:
-            raise ConfigError("train_min, candidates and save_every must be positive, nlist >= 0")
+        if self.train_min < 1 or self.nlist < 0 or self.candidates < 1 or self.save_every < 1 or self.min_probe < 1:
+            raise ConfigError("train_min, min_probe, candidates and save_every must be positive, nlist >= 0")
         if not 0.0 < self.probe_fraction <= 1.0:
             raise ConfigError("probe_fraction must be in (0, 1]")
         if not 0.0 <= self.rerank_margin <= 2.0 or self.retrain_factor < 1.0:

@@ -52,7 +52,7 @@ def test_scale_draws_in_chunks_and_searches_one_probe_at_a_time(fake_faces, monk
     for r in searches:
         assert r["searches"] == 100 and 0 < r["p50_ms"] <= r["p99_ms"]
         assert 0 <= r["within_margin_mean"] <= r["candidates"]
-        assert [n["rerank_margin"] for n in r["narrower"]] == [0.1, 0.05]
+        assert [n["rerank_margin"] for n in r["narrower"]] == [0.05, 0.025]
         assert r["within_margin_mean"] >= r["narrower"][0]["within_margin_mean"] >= r["narrower"][1]["within_margin_mean"]
         assert r["recall"] >= r["narrower"][0]["recall"] >= r["narrower"][1]["recall"]
         assert sum(r["misses"].values()) == r["planted_at_threshold"] - r["found"]
@@ -78,7 +78,7 @@ def test_a_miss_is_given_its_cause():
     import faiss
 
     x = _faces(persons=200, per=5).vectors
-    index = FaceIndex.trained(x, expected=len(x), config=IndexConfig(train_min=1, nlist=16))
+    index = FaceIndex.trained(x, expected=len(x), config=IndexConfig(train_min=1, nlist=16, min_probe=1))
     index.add(np.arange(len(x)), x)
     index.probe(1 / 16)  # one list: the probe's own
     _, home = faiss.extract_index_ivf(index.index).quantizer.search(x, 1)

@@ -260,6 +260,14 @@ def test_the_id_set_adds_and_removes_once(seed: int) -> None:
     assert IdSet(ids.words).count == 4
 
 
+def test_a_search_probes_its_fraction_of_the_lists_and_never_fewer_than_min_probe(seed: int) -> None:
+    faces = unit(np.random.default_rng(seed), 2000)
+    for min_probe, eighth, half in ((10, 10, 20), (1, 5, 20), (100, 40, 40)):
+        config = IndexConfig(train_min=1, nlist=40, codes="PQ16x4fs", min_probe=min_probe)
+        index = FaceIndex.trained(faces, expected=len(faces), config=config)
+        assert (index.probe(1 / 8), index.probe(1 / 2)) == (eighth, half)  # 5 and 20 of the 40 asked for
+
+
 def test_a_version_1_postgresql_schema_is_migrated_with_its_templates_in_the_log(postgres_url: str, sealer, seed: int,
                                                                                  monkeypatch) -> None:
     from engine.store import postgres_schema

@@ -165,9 +165,9 @@ def scale(args, threshold: float) -> int:
 
     from engine.bench.synthetic import Synthesizer, load_real_faces, planted
     from engine.config import IndexConfig
-    from engine.matching.face_index import FaceIndex
+    from engine.matching.face_index import FaceIndex, default_nlist
 
-    config = IndexConfig(train_min=1, nlist=args.nlist)
+    config = IndexConfig(train_min=1, nlist=args.nlist, min_probe=1)  # the fractions asked for, exactly
     templates = 2 * args.credentials
     if not FaceIndex.training_size(templates, config):
         raise SystemExit("--scale: the register is too small to train an index")
@@ -185,7 +185,7 @@ def scale(args, threshold: float) -> int:
     queries = np.concatenate([probes, fresh]).astype(np.float32)
     order = np.random.default_rng(args.seed).permutation(len(queries))  # planted and fresh interleaved
     emit({"figure": "index_scale_build", "codes": config.codes, "credentials": args.credentials, "templates": len(index),
-          "nlist": index.nlist, "nlist_default": round(2 * templates ** 0.5),
+          "nlist": index.nlist, "nlist_default": default_nlist(templates),
           "trained_on": index.trained_on, "index_bytes": nbytes, "bytes_per_template": round(nbytes / len(index), 1),
           **{k: round(v, 1) for k, v in spent.items()}, "build_threads": build_threads,
           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
@@ -244,11 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=23)
     p.add_argument("--scale", action="store_true", help="the default index alone, drawn in chunks, each probe searched alone")
     p.add_argument("--chunk", type=int, default=200_000, help="--scale: credentials drawn at a time")
-    p.add_argument("--nlist", type=int, default=0, help="--scale: lists of the index (0: the engine's, 2 sqrt(templates))")
+    p.add_argument("--nlist", type=int, default=0, help="--scale: lists of the index (0: the engine's, sqrt(templates) / 2)")
     p.add_argument("--candidates", default="128,256,512,1024", help="--scale: nearest asked for per probe face")
     p.add_argument("--threads", default="1,2", help="--scale: FAISS threads per search")
     p.add_argument("--fresh", type=int, default=1000, help="--scale: searches of faces not in the register")
-    p.add_argument("--margins", default="0.1,0.05", help="--scale: narrower re-rank margins also counted (same searches)")
+    p.add_argument("--margins", default="0.05,0.025", help="--scale: narrower re-rank margins also counted (same searches)")
     args = p.parse_args(argv)
     import faiss
 
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     vectors, probes, owner, exact = _register(args)
     ids = np.arange(len(vectors), dtype=np.int64)
     fractions = [float(f) for f in args.fractions.split(",")]
-    base = IndexConfig(train_min=1)
+    base = IndexConfig(train_min=1, min_probe=1)
 
     def build(config: IndexConfig, first: int) -> tuple[FaceIndex, float, float]:
         t0 = time.perf_counter()

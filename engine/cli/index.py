@@ -56,6 +56,6 @@ def add_parser(sub, common: Callable, open_store: Callable) -> None:
     i.add_argument("--threads", type=int, default=2, help="FAISS threads while training and adding")
     i.add_argument("--dim", type=int, default=128, help="face template dimension (SFace: 128)")
     i.add_argument("--train-min", type=int, default=None, help="face templates from which the index is trained (IVF)")
-    i.add_argument("--nlist", type=int, default=None, help="IVF lists (default: twice the square root of the templates)")
+    i.add_argument("--nlist", type=int, default=None, help="IVF lists (default: half the square root of the templates)")
     i.add_argument("--codes", default=None, help="FAISS code of the IVF lists (default PQ64x4fs)")
     i.set_defaults(func=functools.partial(cmd_index, open_store=open_store))
