@@ -144,9 +144,9 @@ class IndexConfig:
     it on, ``netid index rebuild`` (or the first start-up without an index file) trains an
     IVF index of ``nlist`` lists (0: half the square root of the templates) whose lists hold
     ``codes`` (a FAISS code: ``PQ64x4fs`` is 32 bytes a template), searched in
-    ``probe_fraction`` of its lists, ``min_probe`` at the least. Every candidate whose approximate score is within
-    ``rerank_margin`` of the duplicate threshold, among the ``candidates`` nearest of each
-    probe face, is re-scored exactly on its stored template.
+    ``probe_fraction`` of its lists and ``min_probe`` at the least. Every candidate whose
+    approximate score is within ``rerank_margin`` of the duplicate threshold, among the
+    ``candidates`` nearest of each probe face, is re-scored exactly on its stored template.
     """
 
     train_min: int = 50_000

@@ -83,11 +83,11 @@ def test_a_miss_is_given_its_cause():
     index.probe(1 / 16)  # one list: the probe's own
     _, home = faiss.extract_index_ivf(index.index).quantizer.search(x, 1)
     elsewhere = next(i for i in range(len(x)) if home[i, 0] != home[0, 0])
-    probes, best = x[:2], np.stack([x[elsewhere], x[1]])
+    probes, home = x[:2], home[[elsewhere, 1], 0]
     decoded, missed = np.array([0.9, 0.9]), np.array([True, True])
     scores, ids = np.full((2, 4), 0.95, np.float32), np.ones((2, 4), np.int64)
-    assert bench_index._misses(index, probes, best, decoded, missed, scores, ids, 0.5, 4) == {
+    assert bench_index._misses(index, probes, home, decoded, missed, scores, ids, 0.5, 4) == {
         "list": 1, "code": 0, "crowded": 1, "scan": 0}
-    assert bench_index._misses(index, probes, best, decoded, np.array([False, True]), scores, ids, 0.95, 4)["code"] == 1
+    assert bench_index._misses(index, probes, home, decoded, np.array([False, True]), scores, ids, 0.95, 4)["code"] == 1
     ids[1, 2:] = -1  # fewer than asked for came back: not crowded out
-    assert bench_index._misses(index, probes, best, decoded, np.array([False, True]), scores, ids, 0.5, 4)["scan"] == 1
+    assert bench_index._misses(index, probes, home, decoded, np.array([False, True]), scores, ids, 0.5, 4)["scan"] == 1

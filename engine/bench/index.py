@@ -132,9 +132,10 @@ def _within(mine, scores, ids, floor):
     return (mine & (scores[:len(mine)] >= floor)).any(axis=1), ((ids >= 0) & (scores >= floor)).sum(axis=1)
 
 
-def _misses(index, probes, best, decoded, missed, scores, ids, floor, k):
+def _misses(index, probes, home, decoded, missed, scores, ids, floor, k):
     """Why each planted duplicate at the threshold was not found, judged on its owner's
-    best-scoring enrolled template: ``list`` (its list is not among those probed), ``code``
+    best-scoring enrolled template, which sits in list ``home``: ``list`` (that list is not
+    among those probed), ``code``
     (its product-quantised score, decoded without the fast scan's 8-bit tables, is below
     ``floor``), ``crowded`` (the ``k`` candidates returned all score above its decoded score)
     and ``scan`` (none of these: the fast scan's quantised tables scored it below ``floor``)."""
@@ -145,10 +146,9 @@ def _misses(index, probes, best, decoded, missed, scores, ids, floor, k):
     rows = np.flatnonzero(missed)
     if not len(rows):
         return causes
-    _, home = ivf.quantizer.search(np.ascontiguousarray(best[rows]), 1)
     _, probed = ivf.quantizer.search(np.ascontiguousarray(probes[rows]), ivf.nprobe)
     for j, i in enumerate(rows):
-        if home[j, 0] not in probed[j]:
+        if home[i] not in probed[j]:
             causes["list"] += 1
         elif decoded[i] < floor:
             causes["code"] += 1
@@ -175,7 +175,8 @@ def scale(args, threshold: float) -> int:
     synth = Synthesizer(real, args.seed)
     enrolled, probes, _ = planted(real, args.planted, args.seed)
     where = np.random.default_rng(args.seed).choice(args.credentials, len(probes), replace=False)
-    exact = np.einsum("ij,ikj->ik", probes, enrolled).max(axis=1)
+    pair = np.einsum("ij,ikj->ik", probes, enrolled)  # each probe against its owner's two
+    exact = pair.max(axis=1)
     due = exact >= threshold
     build_threads = os.cpu_count() or 1
     faiss.omp_set_num_threads(build_threads)
@@ -193,10 +194,10 @@ def scale(args, threshold: float) -> int:
     stderr(f"{config.codes}, {len(index):,} templates, nlist {index.nlist}: {nbytes / 2**20:,.0f} MiB "
            f"({nbytes / len(index):.1f} B a template); train {spent['train_s']:.0f} s, add {spent['add_s']:.0f} s")
     owner = where * 2
-    pair = np.einsum("ij,ikj->ik", probes, enrolled)
     best = enrolled[np.arange(len(probes)), pair.argmax(axis=1)].astype(np.float32)
     decoded = np.einsum("ij,ij->i", index.index.sa_decode(index.index.sa_encode(best)), probes)
-    low = (pair.max(axis=1) - decoded)[due]
+    home = faiss.extract_index_ivf(index.index).quantizer.search(best, 1)[1][:, 0]  # the list of each
+    low = (exact - decoded)[due]
     emit({"figure": "index_scale_codes", "credentials": args.credentials, "planted_at_threshold": int(due.sum()),
           "code_error_p50": round(float(np.quantile(np.abs(low), 0.5)), 4),
           "code_error_p99": round(float(np.quantile(np.abs(low), 0.99)), 4),
@@ -212,7 +213,7 @@ def scale(args, threshold: float) -> int:
                 mine = (ids[:len(probes)] == owner[:, None]) | (ids[:len(probes)] == owner[:, None] + 1)
                 found, near = _within(mine, scores, ids, threshold - config.rerank_margin)
                 over = ((ids[len(probes):] >= 0) & (scores[len(probes):] >= threshold)).sum(axis=1)
-                causes = _misses(index, probes, best, decoded, due & ~found, scores, ids,
+                causes = _misses(index, probes, home, decoded, due & ~found, scores, ids,
                                  threshold - config.rerank_margin, k)
                 narrower = [(m, *_within(mine, scores, ids, threshold - m)) for m in margins]
                 ms = np.quantile(took, [0.5, 0.99]) * 1000

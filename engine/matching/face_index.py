@@ -89,9 +89,8 @@ def _nlist_for(templates: int, config: IndexConfig) -> int:
 def default_nlist(templates: int) -> int:
     """Half the square root of the templates: lists of ``2 * sqrt(templates)`` codes. Fewer,
     longer lists than the usual ``4 to 16 sqrt`` because a duplicate at the threshold is far
-    from its probe (cosine 0.57): with four times as many lists, probed at the same fraction,
-    13 of 829 planted duplicates sat in lists not probed at three million credentials
-    against 2 to 3 (docs/register.md)."""
+    from its probe (cosine 0.57), and the finer the partition, the more of them sit in lists
+    the probe does not search (docs/register.md, "How many lists")."""
     return max(1, int(round(0.5 * math.sqrt(templates))))
 
 
