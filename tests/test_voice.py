@@ -78,21 +78,70 @@ def test_fbank_shape_and_mean() -> None:
     assert fbank(np.zeros(300, np.float32)).shape == (0, 80)
 
 
-def test_pure_tone_lands_in_its_mel_bins() -> None:
-    """Before the mean is taken off, a 1 kHz tone's energy sits in the bins around 1 kHz;
-    a tone twice as loud only shifts every log energy by the same amount."""
-    from engine.inference.voice import _OPTS
-
+def _kaldi_native(wav: np.ndarray) -> np.ndarray:
+    """kaldi-native-fbank with the options CAM++ was exported against (models/build_campplus.py),
+    minus the mean over time: the reference :func:`fbank` is held to."""
     import kaldi_native_fbank as knf
 
-    def raw(w):
-        f = knf.OnlineFbank(_OPTS)
-        f.accept_waveform(SAMPLE_RATE, w)
-        f.input_finished()
-        return np.stack([np.asarray(f.get_frame(i)) for i in range(f.num_frames_ready)])
+    opts = knf.FbankOptions()
+    fo = opts.frame_opts
+    fo.samp_freq, fo.frame_length_ms, fo.frame_shift_ms, fo.dither = SAMPLE_RATE, 25.0, 10.0, 0.0
+    fo.preemph_coeff, fo.remove_dc_offset, fo.window_type = 0.97, True, "povey"
+    fo.snip_edges, fo.round_to_power_of_two = True, True
+    opts.mel_opts.num_bins, opts.mel_opts.low_freq, opts.mel_opts.high_freq = 80, 20.0, 0.0
+    opts.use_energy, opts.use_power, opts.use_log_fbank = False, True, True
+    f = knf.OnlineFbank(opts)
+    f.accept_waveform(SAMPLE_RATE, np.asarray(wav, dtype=np.float32))
+    f.input_finished()
+    raw = np.stack([np.asarray(f.get_frame(i), dtype=np.float32) for i in range(f.num_frames_ready)])
+    return raw - raw.mean(axis=0, keepdims=True)
 
-    low, high = raw(tone(500.0, 0.5)).mean(axis=0), raw(tone(3000.0, 0.5)).mean(axis=0)
-    assert int(np.argmax(low)) < int(np.argmax(high))
+
+def test_fbank_is_kaldis() -> None:
+    """The numpy filterbank gives kaldi-native-fbank's features (tones, a chirp, noise,
+    quiet noise, 16-bit audio) to within the tolerances models/build_campplus.py holds
+    kaldi-native-fbank to: 1e-3 where a channel is within 15 nats of its frame's loudest,
+    1e-2 anywhere (far below it, float32 rounding of tiny energies shows)."""
+    rng = np.random.default_rng(SEED)
+    t = np.arange(3 * SAMPLE_RATE) / SAMPLE_RATE
+    signals = [
+        tone(440.0, 3.0) + 0.05,
+        (0.3 * np.sin(2 * np.pi * (50 * t + 7850 / 6 * t**2))).astype(np.float32),
+        (0.1 * rng.standard_normal(len(t))).astype(np.float32),
+        (1e-3 * rng.standard_normal(len(t))).astype(np.float32),
+        (np.round(rng.uniform(-0.5, 0.5, 12345) * 32767) / 32768).astype(np.float32),
+    ]
+    for wav in signals:
+        ours, theirs = fbank(wav), _kaldi_native(wav)
+        assert ours.shape == theirs.shape
+        diff = np.abs(ours - theirs)
+        loud = theirs >= theirs.max(axis=1, keepdims=True) - 15.0
+        assert diff[loud].max() < 1e-3 and diff.max() < 1e-2
+
+
+@needs_speech
+@needs_model
+def test_fbank_gives_kaldis_embeddings(extractor: VoiceExtractor) -> None:
+    """On real recordings the model's embedding from either filterbank is the same."""
+    for path in [utterances(s)[0] for s in speakers()[:4]]:
+        wav = decode_audio(path.read_bytes())
+        ours, theirs = fbank(wav), _kaldi_native(wav)
+        assert np.abs(ours - theirs).max() < 1e-2
+        run = lambda x: extractor._session.run(None, {extractor._input: x[None]})[0][0]  # noqa: E731
+        a, b = run(ours), run(theirs)
+        assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99999
+
+
+def test_pure_tone_lands_in_its_mel_bins() -> None:
+    """A 500 Hz tone's energy sits in lower mel bins than a 3 kHz tone's; a tone twice as
+    loud only shifts every log energy by the same amount (which the mean removes)."""
+    from engine.inference.voice import _MEL_WEIGHTS
+
+    def energy(w: np.ndarray) -> np.ndarray:
+        spectrum = np.abs(np.fft.rfft(w[:400] * np.hanning(400), n=512)[:256]) ** 2
+        return spectrum.astype(np.float32) @ _MEL_WEIGHTS
+
+    assert int(np.argmax(energy(tone(500.0, 0.5)))) < int(np.argmax(energy(tone(3000.0, 0.5))))
     assert np.allclose(fbank(tone(500.0, 0.5, amp=0.2)), fbank(tone(500.0, 0.5, amp=0.4)), atol=1e-3)
 
 
