@@ -75,6 +75,7 @@ def build_engine(
             challenge_processes=config.challenge_batch.workers,
             challenge_kind=config.challenge.kind,
             model_processes=config.model_processes,
+            shared_processes=config.shared_processes,
         )
     scores = scores if scores is not None else ScoreModel.load(config.models_dir)
     metrics = metrics or Metrics()

@@ -207,6 +207,12 @@ class EngineConfig:
     #: the engine's process, next to the event loop). At 7 verifications/s a verification
     #: cost 258 CPU ms with them, 267 without (benchmarks/TUNING.md, section 6 h).
     model_processes: int = 2
+    #: The challenge recogniser in the model workers too (with ``model_processes`` > 0),
+    #: instead of ``challenge_batch.workers`` processes of its own: two processes on two
+    #: cores take a verification's jobs first come, first served, where four shared the
+    #: cores among whatever ran; at the same load p99 fell by a quarter or more
+    #: (benchmarks/TUNING.md, section 6).
+    shared_processes: bool = True
     store_threads: int = 4
     duplicate_search: bool = True
     #: The duplicate search's face index, kept in ``DATA/index`` (docs/register.md).

@@ -162,7 +162,9 @@ def _ready() -> int:
     return os.getpid()
 
 
-def _init_model_worker(models_dir: Path, intra_op_threads: int) -> None:
+def _init_model_worker(models_dir: Path, intra_op_threads: int, challenge: tuple[Any, str] | None = None) -> None:
+    """Load the face and voice models and, with ``challenge`` (the checker's configuration
+    and the kind of challenge), the spoken-challenge recogniser too."""
     global _models
     from engine.inference.face import FaceExtractor
     from engine.inference.voice import VoiceExtractor
@@ -172,6 +174,8 @@ def _init_model_worker(models_dir: Path, intra_op_threads: int) -> None:
     face.warmup()
     voice.warmup()
     _models = (face, voice)
+    if challenge is not None:
+        _init_challenge_worker(*challenge)
 
 
 def _loaded() -> tuple[Any, Any]:
@@ -197,14 +201,15 @@ class ModelPool(_WorkerPool):
     so the two face batcher threads and the voice batcher use the processes side by side.
     """
 
-    def __init__(self, models_dir: Path, *, intra_op_threads: int, processes: int) -> None:
+    def __init__(self, models_dir: Path, *, intra_op_threads: int, processes: int,
+                 challenge: tuple[Any, str] | None = None) -> None:
         from engine.inference.models import load_manifest
 
         for name in ("yunet", "sface", "campplus"):  # a missing model is an error now, not in a worker
             manifest = load_manifest(models_dir, name)
             if not (Path(models_dir) / manifest.file).is_file():
                 raise ModelMissing(f"model file {Path(models_dir) / manifest.file} not found")
-        super().__init__(processes, _init_model_worker, (Path(models_dir), intra_op_threads))
+        super().__init__(processes, _init_model_worker, (Path(models_dir), intra_op_threads, challenge))
 
     def face_batch(self, images: list) -> list:
         return self.run(_face_in_worker, [list(images)])[0]
@@ -275,6 +280,17 @@ class ChallengePool(_WorkerPool):
         return self.run(_pass_in_worker, passes)
 
 
+class _SharedChallenge:
+    """A checker whose decoding passes run in the model workers' pool (``shared_processes``)."""
+
+    def __init__(self, checker: Any, pool: ModelPool) -> None:
+        self.checker = checker
+        self._pool = pool
+
+    def check_batch(self, items: list) -> list:
+        return self.checker.check_batch(items, run_passes=lambda passes: self._pool.run(_pass_in_worker, passes))
+
+
 def onnx_extractors(
     models_dir: Path,
     *,
@@ -283,6 +299,7 @@ def onnx_extractors(
     challenge_processes: int = 2,
     challenge_kind: str = "digits",
     model_processes: int = 0,
+    shared_processes: bool = False,
 ) -> Extractors:
     """The real models, loaded and digest-checked from ``models_dir``: the face and voice
     models in this process (``model_processes=0``) or in that many worker processes, the
@@ -305,8 +322,10 @@ def onnx_extractors(
     warmers: list[Callable[[], None]] = []
     face_batch: Callable[[list], list]
     voice_batch: Callable[[list], list]
+    shared = shared_processes and model_processes > 0 and checker is not None
     if model_processes > 0:
-        models = ModelPool(models_dir, intra_op_threads=intra_op_threads, processes=model_processes)
+        models = ModelPool(models_dir, intra_op_threads=intra_op_threads, processes=model_processes,
+                           challenge=(checker.config, challenge_kind) if shared else None)
         face_batch, voice_batch = models.face_batch, models.voice_batch
         closers.append(models.close)
         warmers.append(models.warmup)
@@ -315,7 +334,9 @@ def onnx_extractors(
         voice = VoiceExtractor(models_dir, intra_op_threads=intra_op_threads)
         face_batch, voice_batch = face.embed_batch, voice.embed_pcm_batch
         warmers += [face.warmup, voice.warmup]
-    if checker is not None:
+    if shared:
+        challenge_batch = _SharedChallenge(checker, models).check_batch
+    elif checker is not None:
         pool = ChallengePool(checker, challenge_processes, kind=challenge_kind)
         challenge_batch = pool.check_batch
         closers.append(pool.close)
