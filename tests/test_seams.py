@@ -44,9 +44,10 @@ async def state(request):
 
 async def test_a_session_is_claimed_once_and_a_release_reopens_it(state) -> None:
     await state.open(session(), now=100.0, max_open=10)
-    assert (await state.check("s1", b"n" * 16, 101.0)).challenge == "123456"
     with pytest.raises(E.UnknownSession):
-        await state.check("s1", b"x" * 16, 101.0)
+        await state.claim("s1", b"x" * 16, 101.0)  # a wrong nonce claims nothing
+    with pytest.raises(E.UnknownSession):
+        await state.claim("nope", b"n" * 16, 101.0)
     claims = []
 
     async def claim() -> None:
@@ -58,12 +59,12 @@ async def test_a_session_is_claimed_once_and_a_release_reopens_it(state) -> None
     async with trio.open_nursery() as n:
         for _ in range(5):
             n.start_soon(claim)
-    assert len(claims) == 1
+    assert len(claims) == 1 and claims[0].challenge == "123456"
     await state.release("s1")
     await state.claim("s1", b"n" * 16, 102.0)
     await state.open(session("s2"), now=100.0, max_open=10)
     with pytest.raises(E.SessionExpired):
-        await state.check("s2", b"n" * 16, 160.0)
+        await state.claim("s2", b"n" * 16, 160.0)
 
 
 async def test_open_sessions_are_bounded(state) -> None:
@@ -74,10 +75,16 @@ async def test_open_sessions_are_bounded(state) -> None:
 
 async def test_failures_close_the_session_at_the_limit(state) -> None:
     await state.open(session(), now=100.0, max_open=10)
-    assert [await state.count_failure("s1", 101.0, limit=3) for _ in range(3)] == [False, False, True]
-    assert not await state.count_failure("s1", 101.0, limit=3)  # closed: counted no more
+    with pytest.raises(E.UnknownSession):
+        await state.count_failure("s1", b"x" * 16, 101.0, limit=3)  # another nonce: not this session
+    assert [await state.count_failure("s1", b"n" * 16, 101.0, limit=3) for _ in range(3)] == [None, None, session()]
+    with pytest.raises(E.SessionUsed):  # closed: counted no more
+        await state.count_failure("s1", b"n" * 16, 101.0, limit=3)
     with pytest.raises(E.SessionUsed):
         await state.claim("s1", b"n" * 16, 101.0)
+    await state.open(session("s2"), now=100.0, max_open=10)
+    with pytest.raises(E.SessionExpired):
+        await state.count_failure("s2", b"n" * 16, 160.0, limit=3)
 
 
 async def test_a_result_is_kept_and_pushed_to_its_relying_party_only(state) -> None:

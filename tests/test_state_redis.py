@@ -88,9 +88,6 @@ async def nodes(request, nursery) -> AsyncIterator[tuple]:
 async def test_a_session_opened_on_one_node_is_claimed_once_across_both(nodes) -> None:
     a, b, *_ = nodes
     await a.open(session(), now=100.0, max_open=10)
-    assert (await b.check("s1", NONCE, 101.0)).challenge == "123456"
-    with pytest.raises(E.UnknownSession):
-        await b.check("s1", b"x" * 16, 101.0)
     with pytest.raises(E.UnknownSession):
         await b.claim("s1", b"x" * 16, 101.0)  # a wrong nonce claims nothing
     won: list[Session] = []
@@ -107,7 +104,7 @@ async def test_a_session_opened_on_one_node_is_claimed_once_across_both(nodes) -
                 n.start_soon(claim, (a, b)[i % 2])
     assert len(won) == 1 and won[0] == session()
     with pytest.raises(E.SessionUsed):
-        await a.check("s1", NONCE, 101.0)
+        await a.claim("s1", NONCE, 101.0)
     await b.release("s1")  # ended before any result: usable again, on any node
     await a.claim("s1", NONCE, 102.0)
     await a.open(session("s2"), now=100.0, max_open=10)
@@ -125,8 +122,11 @@ async def test_open_sessions_are_bounded_across_nodes(nodes) -> None:
 async def test_failures_on_both_nodes_close_the_session_at_the_limit(nodes) -> None:
     a, b, *_ = nodes
     await a.open(session(), now=100.0, max_open=10)
-    assert [await (a, b)[i % 2].count_failure("s1", 101.0, limit=3) for i in range(3)] == [False, False, True]
-    assert not await b.count_failure("s1", 101.0, limit=3)
+    with pytest.raises(E.UnknownSession):
+        await b.count_failure("s1", b"x" * 16, 101.0, limit=3)
+    assert [await (a, b)[i % 2].count_failure("s1", NONCE, 101.0, limit=3) for i in range(3)] == [None, None, session()]
+    with pytest.raises(E.SessionUsed):
+        await b.count_failure("s1", NONCE, 101.0, limit=3)
     with pytest.raises(E.SessionUsed):
         await a.claim("s1", NONCE, 101.0)
 
@@ -217,7 +217,8 @@ async def test_a_consumed_session_stays_consumed_when_redis_forgets_it(shared) -
     await b.open(s, now=100.0, max_open=10)
     with pytest.raises(E.SessionUsed):
         await b.claim("s1", NONCE, 102.0)
-    assert not await a.count_failure("s1", 102.0, limit=1)
+    with pytest.raises(E.SessionUsed):  # nor closed a second time by failed attempts
+        await a.count_failure("s1", NONCE, 102.0, limit=1)
     await a.r.run(a.r.client.delete, a._key("s1"))  # Redis lost everything: the session is unknown
     with pytest.raises(E.UnknownSession):
         await b.claim("s1", NONCE, 102.0)

@@ -40,22 +40,22 @@ REASONS = (
 
 
 async def handle_verify(ctx: Context, conn: Conn, req: P.Verify) -> P.Verified:
-    opened = await ctx.state.check(req.session_id, req.nonce, ctx.clock())
     try:
         tbs = P.verify_message(req.session_id, req.nonce, req.credential_id, sha256(req.face), sha256(req.voice))
         verify_signature(req.device_key, tbs, req.sig)
         cred = await ctx.active_credential(req.credential_id, req.device_key)
     except (BadSignature, CredentialError) as exc:
         # Not signed by the key bound to an active credential (a stranger who saw the QR
-        # code, an old phone, a voided credential): answered to its sender only; the
-        # session stays open for its holder, up to max_failed_attempts.
-        await _failed_attempt(ctx, opened, exc)
+        # code, an old phone, a voided credential): answered to its sender only, with the
+        # session's own error if it is not open; the session stays open for its holder, up
+        # to max_failed_attempts.
+        await _failed_attempt(ctx, req, exc)
         raise
     device_box = device_box_key(req.device_key)
-    await ctx.relying_party(opened.rp_id)  # disabled since opening?
     session = await ctx.state.claim(req.session_id, req.nonce, ctx.clock())  # single use from here on
     delivered = False
     try:
+        await ctx.relying_party(session.rp_id)  # disabled since opening?
         result, outcome, detail = await _verify_claimed(ctx, session, cred, req)
         delivered = True
     except _Answered as answered:
@@ -113,17 +113,19 @@ async def _verify_claimed(ctx: Context, session: Session, cred: Credential, req:
     return result, outcome, detail
 
 
-async def _failed_attempt(ctx: Context, session: Session, exc: EngineError) -> None:
-    """Count a verify that did not count; the one that reaches the limit closes the
-    session with a ``fail`` (``too_many_attempts``) to the relying party."""
+async def _failed_attempt(ctx: Context, req: P.Verify, exc: EngineError) -> None:
+    """Count a verify that did not count (``UnknownSession``, ``SessionUsed`` or
+    ``SessionExpired`` instead if the session is not open with the request's nonce); the
+    one that reaches the limit closes the session with a ``fail`` (``too_many_attempts``)
+    to the relying party."""
+    closed = await ctx.state.count_failure(req.session_id, req.nonce, ctx.clock(), limit=ctx.config.limits.max_failed_attempts)
     ctx.metrics.failed_attempts.labels(code=exc.code).inc()
-    closed = await ctx.state.count_failure(session.session_id, ctx.clock(), limit=ctx.config.limits.max_failed_attempts)
-    if not closed:
+    if closed is None:
         return
     ctx.metrics.failed_attempts.labels(code="too_many_attempts").inc()
     with trio.CancelScope(shield=True):
-        await ctx.deliver(session, ctx.signed_result(session, None, "fail", "too_many_attempts"))
-        await ctx.audit(actor=session.rp_id, action="verify", subject=session.session_id, outcome="fail", detail={"reason": "too_many_attempts"})
+        await ctx.deliver(closed, ctx.signed_result(closed, None, "fail", "too_many_attempts"))
+        await ctx.audit(actor=closed.rp_id, action="verify", subject=closed.session_id, outcome="fail", detail={"reason": "too_many_attempts"})
 
 
 def _reason_for(exc: EngineError) -> str:

@@ -46,13 +46,10 @@ class SessionState(Protocol):
         """Keep a new session; ``Overloaded`` when ``max_open`` sessions are open."""
         ...
 
-    async def check(self, session_id: str, nonce: bytes, now: float) -> Session:
-        """The session if it exists with this nonce, unused and unexpired; else
-        ``UnknownSession``, ``SessionUsed`` or ``SessionExpired``."""
-        ...
-
     async def claim(self, session_id: str, nonce: bytes, now: float) -> Session:
-        """``check`` and consume in one step: of callers racing, exactly one wins."""
+        """Consume the session if it exists with this nonce, unused and unexpired (else
+        ``UnknownSession``, ``SessionUsed`` or ``SessionExpired``): of callers racing,
+        exactly one wins."""
         ...
 
     async def release(self, session_id: str) -> None:
@@ -60,10 +57,11 @@ class SessionState(Protocol):
         holder's): the session can be used again until it expires."""
         ...
 
-    async def count_failure(self, session_id: str, now: float, *, limit: int) -> bool:
-        """Count a verify on the session that did not count. ``True`` for the one that
-        reaches ``limit``: the session is then claimed for its caller, who closes it
-        with a result. ``False`` otherwise (also once used, gone or expired)."""
+    async def count_failure(self, session_id: str, nonce: bytes, now: float, *, limit: int) -> Session | None:
+        """Count a verify on the session that did not count; the errors of ``claim`` if
+        the session is not open with this nonce. The session for the failure that
+        reaches ``limit``: it is then claimed for its caller, who closes it with a
+        result. ``None`` for the others."""
         ...
 
     async def finish(self, session: Session, sealed: bytes, *, retain_until: float) -> Delivery:

@@ -61,9 +61,6 @@ class MemorySessionState:
             raise SessionExpired()
         return e
 
-    async def check(self, session_id: str, nonce: bytes, now: float) -> Session:
-        return self._checked(session_id, nonce, now).session
-
     async def claim(self, session_id: str, nonce: bytes, now: float) -> Session:
         e = self._checked(session_id, nonce, now)
         e.used = True
@@ -74,15 +71,13 @@ class MemorySessionState:
         if e is not None and e.result is None:
             e.used = False
 
-    async def count_failure(self, session_id: str, now: float, *, limit: int) -> bool:
-        e = self._entries.get(session_id)
-        if e is None or e.used:
-            return False
+    async def count_failure(self, session_id: str, nonce: bytes, now: float, *, limit: int) -> Session | None:
+        e = self._checked(session_id, nonce, now)
         e.failed_attempts += 1
-        if e.failed_attempts < limit or now >= e.session.expires_at:
-            return False
+        if e.failed_attempts < limit:
+            return None
         e.used = True
-        return True
+        return e.session
 
     async def finish(self, session: Session, sealed: bytes, *, retain_until: float) -> Delivery:
         e = self._entries.get(session.session_id)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import hmac
 import logging
 import secrets
 import threading
@@ -93,15 +92,18 @@ _UNCLAIM = """
 if redis.call('HGET', KEYS[1], 'done') == '0' then redis.call('HSET', KEYS[1], 'used', '0') end
 return 0
 """
-# -> {1, digest, expires} for the failure that reaches the limit (the session is then claimed), else {0}
+# -> as _CLAIM for a session not open with this nonce; {4} a failure counted; {1, session,
+# expires} for the failure that reaches the limit (the session is then claimed)
 _FAIL = """
-local v = redis.call('HMGET', KEYS[1], 'used', 'expires', 'digest')
-if not v[1] or v[1] ~= '0' then return {0} end
+local v = redis.call('HMGET', KEYS[1], 'session', 'digest', 'used', 'expires')
+if not v[1] or v[2] ~= ARGV[1] then return {0} end
+if v[3] ~= '0' then return {2} end
+if tonumber(ARGV[2]) >= tonumber(v[4]) then return {3} end
 local n = redis.call('HINCRBY', KEYS[1], 'fails', 1)
-if n < tonumber(ARGV[2]) or tonumber(ARGV[1]) >= tonumber(v[2]) then return {0} end
+if n < tonumber(ARGV[3]) then return {4} end
 redis.call('HSET', KEYS[1], 'used', '1')
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return {1, v[3], v[2]}
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return {1, v[1], v[4]}
 """
 # a token bucket holding a minute's worth; -> 0 taken, else milliseconds until one is back
 _TAKE = """
@@ -118,6 +120,9 @@ redis.call('HSET', KEYS[1], 't', string.format('%.6f', tokens), 'last', string.f
 redis.call('PEXPIRE', KEYS[1], 61000)
 return wait
 """
+
+#: what a claim or a counted failure answers for a session not open with the nonce given
+_REFUSED: dict[int, type[EngineError]] = {0: UnknownSession, 2: SessionUsed, 3: SessionExpired}
 
 _DOWN = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError, OSError)
 
@@ -204,21 +209,11 @@ class RedisSessionState:
         if not ok:
             raise Overloaded("too many open sessions", retry_after_ms=1000)
 
-    async def check(self, session_id: str, nonce: bytes, now: float) -> Session:
-        blob, digest, used, expires = await self.r.run(self.r.client.hmget, self._key(session_id), "session", "digest", "used", "expires")
-        if blob is None or not hmac.compare_digest(digest, hashlib.sha256(nonce).digest()):
-            raise UnknownSession()
-        if used != b"0":
-            raise SessionUsed()
-        if now >= float(expires):
-            raise SessionExpired()
-        return msgspec.msgpack.decode(blob, type=Session)
-
     async def claim(self, session_id: str, nonce: bytes, now: float) -> Session:
         # one worker-thread job for both services: the claim is on the hot path
         code, session = await self.r.run(self._claim_both, session_id, hashlib.sha256(nonce).digest(), now)
         if session is None:
-            raise {0: UnknownSession, 2: SessionUsed, 3: SessionExpired}[code]()
+            raise _REFUSED[code]()
         return session
 
     def _claim_both(self, session_id: str, digest: bytes, now: float) -> tuple[int, Session | None]:
@@ -259,17 +254,22 @@ class RedisSessionState:
             return
         await self._unclaim_quietly(self._key(session_id))
 
-    async def count_failure(self, session_id: str, now: float, *, limit: int) -> bool:
-        return await self.r.run(self._fail_both, session_id, now, limit)
+    async def count_failure(self, session_id: str, nonce: bytes, now: float, *, limit: int) -> Session | None:
+        code, session = await self.r.run(self._fail_both, session_id, hashlib.sha256(nonce).digest(), now, limit)
+        if code in _REFUSED:
+            raise _REFUSED[code]()
+        return session
 
-    def _fail_both(self, session_id: str, now: float, limit: int) -> bool:
+    def _fail_both(self, session_id: str, digest: bytes, now: float, limit: int) -> tuple[int, Session | None]:
         """In a worker thread: count the failure in Redis; the one that reaches ``limit``
         claims the session there, then records its single use in PostgreSQL."""
         key = self._key(session_id)
-        got = self.r.scripts["fail"](keys=[key], args=[repr(now), limit, _ms(CLAIMED_GRACE)])
+        got = self.r.scripts["fail"](keys=[key], args=[digest, repr(now), limit, _ms(CLAIMED_GRACE)])
         if got[0] != 1:
-            return False
-        return bool(self._consume_or_unclaim(key, session_id, got[1], now, float(got[2])))
+            return got[0], None
+        session = msgspec.msgpack.decode(got[1], type=Session)
+        won = self._consume_or_unclaim(key, session_id, digest, now, session.expires_at)
+        return (1, session) if won else (4, None)  # another node's verify took it meanwhile
 
     # ---- results ---------------------------------------------------------------------------------
     async def finish(self, session: Session, sealed: bytes, *, retain_until: float) -> Delivery:
