@@ -461,3 +461,39 @@ async def test_stopping_refuses_queued_and_new_jobs(autojump_clock: Any, inline_
     assert out[1][0] == 2
     assert isinstance(out[2][0].exc, Overloaded)
     assert [items for _, items in fn.batches] == [[1]]
+
+
+async def test_batchers_sharing_processes_take_turns_first_come(autojump_clock: Any, inline_model: InlineModel) -> None:
+    """Two batchers on one shared worker: never two batches at once, batches in the order
+    they were formed, each batch's time its own (1 s, not the wait), and the queued work of
+    both counted."""
+    inline_model.model_time = 1.0
+    shared = trio.CapacityLimiter(1)
+    face_fn, voice_fn = FakeFn(), FakeFn()
+    cfg = BatcherConfig(max_batch=1, max_wait=0.0, workers=2)
+    face = Batcher("face", face_fn, cfg, shared=shared)
+    voice = Batcher("voice", voice_fn, cfg, shared=shared)
+    out: dict[int, Any] = {}
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(face.run)
+            await nursery.start(voice.run)
+            async with trio.open_nursery() as callers:
+                await submit_all(callers, face, [1], out)
+                await trio.sleep(0.1)
+                await submit_all(callers, voice, [10], out)
+                await trio.sleep(0.1)
+                await submit_all(callers, face, [2], out)
+                await trio.sleep(0.1)
+                await submit_all(callers, voice, [20], out)
+                await trio.sleep(0.1)
+                await submit_all(callers, voice, [30], out)
+                await trio.sleep(2.1)
+                # at 2.5 s: face 2 computing, voice 20 and 30 formed and waiting for the worker
+                assert face.queued_work() == 0.0 and voice.queued_work() == pytest.approx(2.0)
+            nursery.cancel_scope.cancel()
+    starts = sorted((t, x) for fn in (face_fn, voice_fn) for t, items in fn.batches for x in items)
+    assert [x for _, x in starts] == [1, 10, 2, 20, 30]
+    assert [t for t, _ in starts] == pytest.approx([0.0, 1.0, 2.0, 3.0, 4.0])
+    assert face.batch_time() == pytest.approx(1.0) and voice.batch_time() == pytest.approx(1.0)
+    assert {x: v for x, (v, _) in out.items()} == {1: 2, 2: 4, 10: 20, 20: 40, 30: 60}

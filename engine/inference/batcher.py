@@ -17,7 +17,12 @@ How a batch is formed:
   up to ``max_batch`` ("batch by backlog");
 * only if the batch is still not full does it wait for more, until the oldest
   job of the batch has waited ``max_wait``. Under load the oldest job has
-  already waited that long, so the batch leaves at once.
+  already waited that long, so the batch leaves at once;
+* batchers whose models share worker processes (``shared``, one limiter with
+  a slot per process) then wait for a free process, in the order their
+  batches were formed, and top the batch up from the queue: the processes
+  serve the models first come, first served, and a batch's time is its
+  model's alone.
 
 Every buffer is bounded: when ``queue_size`` jobs are waiting, ``submit``
 raises :class:`~engine.errors.Overloaded` at once, with a retry hint estimated
@@ -149,6 +154,7 @@ class Batcher(Generic[In, Out]):
         config: BatcherConfig,
         *,
         metrics: Metrics | None = None,
+        shared: trio.CapacityLimiter | None = None,
     ) -> None:
         if not isinstance(config, BatcherConfig):
             raise ConfigError("Batcher needs a BatcherConfig")
@@ -162,6 +168,10 @@ class Batcher(Generic[In, Out]):
         # A slot is held from the moment a batch starts forming until its
         # computation ends, so a batch is only formed when a worker is free.
         self._slots = trio.CapacityLimiter(config.workers)
+        #: Worker processes this batcher shares with others: a formed batch also waits
+        #: for one of them, and only then is computed (its time is then the model's alone).
+        self.shared = shared
+        self._formed = 0  # batches formed and waiting for a shared slot
         self._batch_time: float | None = None
         self._started = False
         self._metrics = metrics
@@ -231,6 +241,13 @@ class Batcher(Generic[In, Out]):
             return 0.0
         return self._drain_time(math.ceil(depth / self._config.max_batch), self._batch_time)
 
+    def queued_work(self) -> float:
+        """Estimated seconds of model time queued here: the batches still to form and
+        those formed and waiting for a shared slot, times the batch time."""
+        if self._batch_time is None:
+            return 0.0
+        return (math.ceil(self.depth() / self._config.max_batch) + self._formed) * self._batch_time
+
     def retry_after_ms(self) -> int:
         """Estimated wait before the queue has room: batch time x batches queued (at least one)."""
         cfg = self._config
@@ -265,6 +282,8 @@ class Batcher(Generic[In, Out]):
                     await self._slots.acquire_on_behalf_of(slot)
                     try:
                         jobs = await self._form_batch()
+                        if jobs and self.shared is not None:
+                            jobs = await self._wait_for_shared(jobs, slot)
                     except BaseException:
                         self._slots.release_on_behalf_of(slot)
                         raise
@@ -297,6 +316,28 @@ class Batcher(Generic[In, Out]):
         live: list[_Job[In, Out]] = []
         for job in jobs:
             self._take(job, live)
+        return live
+
+    async def _wait_for_shared(self, jobs: list[_Job[In, Out]], slot: object) -> list[_Job[In, Out]]:
+        """Hold a formed batch until a shared worker is free, then top it up from the
+        queue; the jobs still live (none: the shared slot is given back)."""
+        assert self.shared is not None
+        self._formed += 1
+        try:
+            await self.shared.acquire_on_behalf_of(slot)
+        except BaseException:
+            for job in jobs:
+                job.reply.close()
+            raise
+        finally:
+            self._formed -= 1
+        self._take_backlog(jobs)
+        self._record_depth()
+        live: list[_Job[In, Out]] = []
+        for job in jobs:
+            self._take(job, live)
+        if not live:
+            self.shared.release_on_behalf_of(slot)
         return live
 
     async def _receive(self) -> _Job[In, Out]:
@@ -363,6 +404,8 @@ class Batcher(Generic[In, Out]):
                     job.reply.send(output, None)
         finally:
             self._slots.release_on_behalf_of(slot)
+            if self.shared is not None:
+                self.shared.release_on_behalf_of(slot)
             for job in jobs:
                 job.reply.close()  # no-op once answered
 

@@ -40,11 +40,16 @@ class Inference:
         metrics: Metrics | None = None,
         warmup: Callable[[], None] = lambda: None,
         close: Callable[[], None] = lambda: None,
+        pool_slots: int = 0,
+        pooled: frozenset[str] = frozenset(),
     ) -> None:
         face_cfg, voice_cfg, challenge_cfg = batching
-        self.face_batcher = Batcher("face", face, face_cfg, metrics=metrics)
-        self.voice_batcher = Batcher("voice", voice, voice_cfg, metrics=metrics)
-        self.challenge_batcher = Batcher("challenge", challenge, challenge_cfg, metrics=metrics)
+        # the batchers whose models share worker processes take turns for them
+        self._pool = trio.CapacityLimiter(pool_slots) if pool_slots > 0 and pooled else None
+        shared = lambda name: self._pool if name in pooled else None  # noqa: E731
+        self.face_batcher = Batcher("face", face, face_cfg, metrics=metrics, shared=shared("face"))
+        self.voice_batcher = Batcher("voice", voice, voice_cfg, metrics=metrics, shared=shared("voice"))
+        self.challenge_batcher = Batcher("challenge", challenge, challenge_cfg, metrics=metrics, shared=shared("challenge"))
         self._decode = decode_audio
         self._decode_limiter = trio.CapacityLimiter(DECODE_THREADS)
         self._warmup = warmup
@@ -65,8 +70,14 @@ class Inference:
         return await self.challenge_batcher.submit((pcm, expected))
 
     def queue_wait(self) -> float:
-        """Estimated seconds a new job would wait in the slowest model queue."""
-        return max(b.queue_wait() for b in (self.face_batcher, self.voice_batcher, self.challenge_batcher))
+        """Estimated seconds a new job would wait in the slowest model queue; for the
+        batchers that share worker processes, the work queued in all of them over the
+        processes."""
+        batchers = (self.face_batcher, self.voice_batcher, self.challenge_batcher)
+        waits = [b.queue_wait() for b in batchers if b.shared is None]
+        if self._pool is not None:
+            waits.append(sum(b.queued_work() for b in batchers if b.shared is not None) / self._pool.total_tokens)
+        return max(waits, default=0.0)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Warm the models, start the batchers; runs until cancelled."""
@@ -89,4 +100,6 @@ def local_inference(extractors: Extractors, batching: tuple[BatcherConfig, Batch
         metrics=metrics,
         warmup=extractors.warmup,
         close=extractors.close,
+        pool_slots=extractors.pool_slots,
+        pooled=extractors.pooled,
     )
