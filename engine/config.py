@@ -32,11 +32,12 @@ class LimitsConfig:
     #: one more is answered ``overloaded`` at once instead of queueing.
     max_biometric: int = 32
     #: Refuse new biometric requests while the model queues' backlog is estimated to take
-    #: longer than this (seconds), once at least ``min_admitted`` are in progress. 0.5 s is
-    #: about four verifications of queued work on 2 cores with the challenge check on; it
-    #: answered as many per second at saturation as 0.75 s, with a lower p50 and p99
-    #: (benchmarks/TUNING.md section 6 i).
-    admission_wait: float = 0.5
+    #: longer than this (seconds), once at least ``min_admitted`` are in progress. With the
+    #: models sharing their worker processes the estimate is all the work queued ahead of
+    #: a new verification; at 80 % of capacity 0.5 s refused 4 % of the verifications
+    #: (p99 of the rest 688-783 ms), 1.0 s under 1 % (p99 979-1,006 ms; benchmarks/TUNING.md
+    #: section 6).
+    admission_wait: float = 1.0
     min_admitted: int = 4
     request_deadline: float = 10.0  # seconds for any one request, set at the boundary
     #: Verify attempts on one session that do not count (not signed by the key bound to an

@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 
-from engine.inference.batcher import Batcher, BatcherConfig
+from engine.inference.batcher import Batcher, BatcherConfig, SharedSlots
 from engine.errors import ConfigError, DeadlineExceeded, EngineError, ModelError, NoFace, Overloaded
 from engine.ops.metrics import Metrics
 
@@ -463,12 +463,12 @@ async def test_stopping_refuses_queued_and_new_jobs(autojump_clock: Any, inline_
     assert [items for _, items in fn.batches] == [[1]]
 
 
-async def test_batchers_sharing_processes_take_turns_first_come(autojump_clock: Any, inline_model: InlineModel) -> None:
-    """Two batchers on one shared worker: never two batches at once, batches in the order
-    they were formed, each batch's time its own (1 s, not the wait), and the queued work of
-    both counted."""
+async def test_batchers_sharing_processes_take_turns_oldest_first(autojump_clock: Any, inline_model: InlineModel) -> None:
+    """Two batchers on one shared worker: never two batches at once, the oldest job's batch
+    first, each batch's time its own (1 s, not the wait), and the queued work of both
+    counted."""
     inline_model.model_time = 1.0
-    shared = trio.CapacityLimiter(1)
+    shared = SharedSlots(1)
     face_fn, voice_fn = FakeFn(), FakeFn()
     cfg = BatcherConfig(max_batch=1, max_wait=0.0, workers=2)
     face = Batcher("face", face_fn, cfg, shared=shared)
@@ -497,3 +497,26 @@ async def test_batchers_sharing_processes_take_turns_first_come(autojump_clock: 
     assert [t for t, _ in starts] == pytest.approx([0.0, 1.0, 2.0, 3.0, 4.0])
     assert face.batch_time() == pytest.approx(1.0) and voice.batch_time() == pytest.approx(1.0)
     assert {x: v for x, (v, _) in out.items()} == {1: 2, 2: 4, 10: 20, 20: 40, 30: 60}
+
+
+async def test_shared_slots_go_to_the_oldest_waiter(autojump_clock: Any) -> None:
+    slots = SharedSlots(1)
+    granted: list[float] = []
+
+    async def take(key: float) -> None:
+        await slots.acquire(key)
+        granted.append(key)
+        await trio.sleep(1.0)
+        slots.release()
+
+    await slots.acquire(0.0)  # held while the others queue, out of order
+    async with trio.open_nursery() as nursery:
+        for key in (0.3, 0.1, 0.2):
+            nursery.start_soon(take, key)
+            await trio.sleep(0.01)
+        with trio.move_on_after(0.01) as gone:  # a waiter that leaves is skipped
+            await slots.acquire(0.05)
+        assert gone.cancelled_caught
+        slots.release()
+    assert granted == [0.1, 0.2, 0.3]
+    await slots.acquire(9.0)  # all released: free again at once

@@ -18,11 +18,11 @@ How a batch is formed:
 * only if the batch is still not full does it wait for more, until the oldest
   job of the batch has waited ``max_wait``. Under load the oldest job has
   already waited that long, so the batch leaves at once;
-* batchers whose models share worker processes (``shared``, one limiter with
-  a slot per process) then wait for a free process, in the order their
-  batches were formed, and top the batch up from the queue: the processes
-  serve the models first come, first served, and a batch's time is its
-  model's alone.
+* batchers whose models share worker processes (``shared``, a
+  :class:`SharedSlots`) then wait for a free process, the batch whose oldest job
+  has waited longest first, and top the batch up from the queue: the processes
+  serve the oldest verification's jobs first, whatever their model, and a
+  batch's time is its model's alone.
 
 Every buffer is bounded: when ``queue_size`` jobs are waiting, ``submit``
 raises :class:`~engine.errors.Overloaded` at once, with a retry hint estimated
@@ -37,6 +37,8 @@ otherwise serves exactly the jobs that are about to expire.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import math
 import secrets
@@ -52,7 +54,7 @@ from .backend import InferenceBackend, LocalBackend
 if TYPE_CHECKING:
     from engine.ops.metrics import Metrics
 
-__all__ = ["BatcherConfig", "Batcher"]
+__all__ = ["SharedSlots", "BatcherConfig", "Batcher"]
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +139,47 @@ class _Job(Generic[In, Out]):
     gone: bool = field(default=False)
 
 
+class SharedSlots:
+    """Slots of worker processes that several batchers share, granted to the batch whose
+    oldest job has waited longest (not to the batch formed first): a verification's face,
+    voice and challenge jobs arrive together, and it is answered when the last of them is
+    done, so the oldest verification's jobs go first whichever model they are for."""
+
+    def __init__(self, total: int) -> None:
+        if total < 1:
+            raise ConfigError("shared slots must be at least 1")
+        self.total = total
+        self._free = total
+        self._waiting: list[list] = []  # heap of [enqueued, seq, event, state]
+        self._seq = itertools.count()
+
+    async def acquire(self, enqueued: float) -> None:
+        """Wait for a slot; ``enqueued`` is the trio time the batch's oldest job was queued."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+            return
+        entry = [enqueued, next(self._seq), trio.Event(), "waiting"]
+        heapq.heappush(self._waiting, entry)
+        try:
+            await entry[2].wait()
+        except BaseException:
+            if entry[3] == "granted":  # granted as it was cancelled: pass it on
+                self.release()
+            else:
+                entry[3] = "gone"
+            raise
+
+    def release(self) -> None:
+        while self._waiting:
+            entry = heapq.heappop(self._waiting)
+            if entry[3] == "waiting":
+                entry[3] = "granted"
+                entry[2].set()
+                return
+        self._free += 1
+
+
 class Batcher(Generic[In, Out]):
     """Runs ``fn`` on batches of submitted items; see the module docstring.
 
@@ -154,7 +197,7 @@ class Batcher(Generic[In, Out]):
         config: BatcherConfig,
         *,
         metrics: Metrics | None = None,
-        shared: trio.CapacityLimiter | None = None,
+        shared: SharedSlots | None = None,
     ) -> None:
         if not isinstance(config, BatcherConfig):
             raise ConfigError("Batcher needs a BatcherConfig")
@@ -283,7 +326,7 @@ class Batcher(Generic[In, Out]):
                     try:
                         jobs = await self._form_batch()
                         if jobs and self.shared is not None:
-                            jobs = await self._wait_for_shared(jobs, slot)
+                            jobs = await self._wait_for_shared(jobs)
                     except BaseException:
                         self._slots.release_on_behalf_of(slot)
                         raise
@@ -318,13 +361,13 @@ class Batcher(Generic[In, Out]):
             self._take(job, live)
         return live
 
-    async def _wait_for_shared(self, jobs: list[_Job[In, Out]], slot: object) -> list[_Job[In, Out]]:
+    async def _wait_for_shared(self, jobs: list[_Job[In, Out]]) -> list[_Job[In, Out]]:
         """Hold a formed batch until a shared worker is free, then top it up from the
         queue; the jobs still live (none: the shared slot is given back)."""
         assert self.shared is not None
         self._formed += 1
         try:
-            await self.shared.acquire_on_behalf_of(slot)
+            await self.shared.acquire(min(job.enqueued for job in jobs))
         except BaseException:
             for job in jobs:
                 job.reply.close()
@@ -337,7 +380,7 @@ class Batcher(Generic[In, Out]):
         for job in jobs:
             self._take(job, live)
         if not live:
-            self.shared.release_on_behalf_of(slot)
+            self.shared.release()
         return live
 
     async def _receive(self) -> _Job[In, Out]:
@@ -405,7 +448,7 @@ class Batcher(Generic[In, Out]):
         finally:
             self._slots.release_on_behalf_of(slot)
             if self.shared is not None:
-                self.shared.release_on_behalf_of(slot)
+                self.shared.release()
             for job in jobs:
                 job.reply.close()  # no-op once answered
 

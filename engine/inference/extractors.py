@@ -55,12 +55,9 @@ class Extractors:
     challenge_batch: Callable[[list[tuple[Pcm, str]]], list]
     warmup: Callable[[], None] = lambda: None
     close: Callable[[], None] = lambda: None
-    #: Batches the batch functions named in ``pooled`` ("face", "voice", "challenge") may
-    #: have in their shared worker processes at once: their batchers take turns for that
-    #: many slots, so that a batch waits in its batcher's queue, where admission sees it,
-    #: not in the pool's; one more than the processes, so that a process that finishes a
-    #: batch finds the next one queued (0: nothing shared).
-    pool_slots: int = 0
+    #: Worker processes the batch functions named in ``pooled`` ("face", "voice",
+    #: "challenge") share (0: none shared).
+    pool_processes: int = 0
     pooled: frozenset[str] = frozenset()
 
 
@@ -371,7 +368,7 @@ def onnx_extractors(
         challenge_batch=challenge_batch,
         warmup=warmup,
         close=close,
-        pool_slots=model_processes + 1 if model_processes > 0 else 0,
+        pool_processes=model_processes,
         pooled=frozenset(("face", "voice", "challenge") if shared else ("face", "voice")) if model_processes > 0 else frozenset(),
     )
 

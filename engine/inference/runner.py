@@ -9,13 +9,14 @@ extractors (:mod:`engine.inference.extractors`): the real ONNX models or the uni
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import trio
 
 from .backend import InferenceBackend, LocalBackend
-from .batcher import Batcher, BatcherConfig
+from .batcher import Batcher, BatcherConfig, SharedSlots
 
 if TYPE_CHECKING:
     from engine.inference.extractors import Extractors
@@ -40,12 +41,16 @@ class Inference:
         metrics: Metrics | None = None,
         warmup: Callable[[], None] = lambda: None,
         close: Callable[[], None] = lambda: None,
-        pool_slots: int = 0,
+        pool_processes: int = 0,
         pooled: frozenset[str] = frozenset(),
     ) -> None:
         face_cfg, voice_cfg, challenge_cfg = batching
-        # the batchers whose models share worker processes take turns for them
-        self._pool = trio.CapacityLimiter(pool_slots) if pool_slots > 0 and pooled else None
+        # The batchers whose models share worker processes take turns for them, the oldest
+        # job first, so that a batch waits in its batcher's queue, where admission sees it,
+        # and not in the pool's; one batch more than the processes, so that a process that
+        # finishes a batch finds the next one already handed over.
+        self._processes = pool_processes
+        self._pool = SharedSlots(pool_processes + 1) if pool_processes > 0 and pooled else None
         shared = lambda name: self._pool if name in pooled else None  # noqa: E731
         self.face_batcher = Batcher("face", face, face_cfg, metrics=metrics, shared=shared("face"))
         self.voice_batcher = Batcher("voice", voice, voice_cfg, metrics=metrics, shared=shared("voice"))
@@ -76,7 +81,7 @@ class Inference:
         batchers = (self.face_batcher, self.voice_batcher, self.challenge_batcher)
         waits = [b.queue_wait() for b in batchers if b.shared is None]
         if self._pool is not None:
-            waits.append(sum(b.queued_work() for b in batchers if b.shared is not None) / self._pool.total_tokens)
+            waits.append(sum(b.queued_work() for b in batchers if b.shared is not None) / self._processes)
         return max(waits, default=0.0)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -89,7 +94,14 @@ class Inference:
 
 
 def local_inference(extractors: Extractors, batching: tuple[BatcherConfig, BatcherConfig, BatcherConfig], *, metrics: Metrics | None = None) -> Inference:
-    """The local extractors, each batch function in as many threads as its batcher has workers."""
+    """The local extractors, each batch function in as many threads as its batcher has
+    workers; a batcher whose model shares the worker processes gets at least a worker per
+    shared slot, so that its batches can wait for any of them."""
+    if extractors.pool_processes > 0:
+        slots = extractors.pool_processes + 1
+        names = ("face", "voice", "challenge")
+        batching = tuple(replace(cfg, workers=max(cfg.workers, slots)) if name in extractors.pooled else cfg
+                         for name, cfg in zip(names, batching, strict=True))  # type: ignore[assignment]
     face_cfg, voice_cfg, challenge_cfg = batching
     return Inference(
         face=LocalBackend(extractors.face_batch, threads=face_cfg.workers),
@@ -100,6 +112,6 @@ def local_inference(extractors: Extractors, batching: tuple[BatcherConfig, Batch
         metrics=metrics,
         warmup=extractors.warmup,
         close=extractors.close,
-        pool_slots=extractors.pool_slots,
+        pool_processes=extractors.pool_processes,
         pooled=extractors.pooled,
     )
