@@ -197,12 +197,14 @@ def _voice_in_worker(wavs: list) -> list:
 
 
 class ModelPool(_WorkerPool):
-    """The face and voice models in worker processes (called from the batchers' threads).
+    """The face and voice models, and with ``challenge`` the recogniser too, in worker
+    processes (called from the batchers' threads).
 
     In the engine's own process the models run from several batcher threads next to the
     event loop; in processes a verification cost 258 CPU ms against 267 at 7 arrivals/s
-    (benchmarks/TUNING.md section 6 h). Each worker loads both models; a batch is one task,
-    so the two face batcher threads and the voice batcher use the processes side by side.
+    (benchmarks/TUNING.md section 6). Each worker loads every model; a batch (or a
+    recogniser's pass) is one task. The batchers take turns for the processes
+    (:class:`~engine.inference.batcher.SharedSlots`), so tasks rarely queue in the pool.
     """
 
     def __init__(self, models_dir: Path, *, intra_op_threads: int, processes: int,
