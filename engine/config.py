@@ -210,9 +210,9 @@ class EngineConfig:
     model_processes: int = 2
     #: The challenge recogniser in the model workers too (with ``model_processes`` > 0),
     #: instead of ``challenge_batch.workers`` processes of its own: two processes on two
-    #: cores take a verification's jobs first come, first served, where four shared the
-    #: cores among whatever ran; at the same load p99 fell by a quarter or more
-    #: (benchmarks/TUNING.md, section 6).
+    #: cores take a verification's jobs in turn, oldest first, where four shared the cores
+    #: among whatever ran; at the same load and CPU per verification p99 fell from
+    #: 1,094/1,285 to 780/827 ms and from 551/950 to 535/815 ms (benchmarks/TUNING.md, section 6).
     shared_processes: bool = True
     store_threads: int = 4
     duplicate_search: bool = True

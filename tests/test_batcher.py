@@ -468,7 +468,7 @@ async def test_batchers_sharing_processes_take_turns_oldest_first(autojump_clock
     first, each batch's time its own (1 s, not the wait), and the queued work of both
     counted."""
     inline_model.model_time = 1.0
-    shared = SharedSlots(1)
+    shared = SharedSlots(1, ahead=0)
     face_fn, voice_fn = FakeFn(), FakeFn()
     cfg = BatcherConfig(max_batch=1, max_wait=0.0, workers=2)
     face = Batcher("face", face_fn, cfg, shared=shared)
@@ -500,7 +500,7 @@ async def test_batchers_sharing_processes_take_turns_oldest_first(autojump_clock
 
 
 async def test_shared_slots_go_to_the_oldest_waiter(autojump_clock: Any) -> None:
-    slots = SharedSlots(1)
+    slots = SharedSlots(1, ahead=0)
     granted: list[float] = []
 
     async def take(key: float) -> None:

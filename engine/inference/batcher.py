@@ -145,11 +145,14 @@ class SharedSlots:
     voice and challenge jobs arrive together, and it is answered when the last of them is
     done, so the oldest verification's jobs go first whichever model they are for."""
 
-    def __init__(self, total: int) -> None:
-        if total < 1:
-            raise ConfigError("shared slots must be at least 1")
-        self.total = total
-        self._free = total
+    def __init__(self, processes: int, *, ahead: int = 1) -> None:
+        """Slots for ``processes`` and ``ahead`` more, so that a process that finishes a
+        batch finds the next one already handed to it."""
+        if processes < 1 or ahead < 0:
+            raise ConfigError("shared slots need at least one process")
+        self.processes = processes
+        self.total = processes + ahead
+        self._free = self.total
         self._waiting: list[list] = []  # heap of [enqueued, seq, event, state]
         self._seq = itertools.count()
 
@@ -277,12 +280,9 @@ class Batcher(Generic[In, Out]):
         return per_batch * batches / self._config.workers
 
     def queue_wait(self) -> float:
-        """Estimated seconds a job queued now would wait: batches queued x batch time / workers
-        (0 while the queue is empty or no batch has run yet)."""
-        depth = self.depth()
-        if not depth or self._batch_time is None:
-            return 0.0
-        return self._drain_time(math.ceil(depth / self._config.max_batch), self._batch_time)
+        """Estimated seconds a job queued now would wait: :meth:`queued_work` over the
+        workers (0 while nothing is queued or no batch has run yet)."""
+        return self.queued_work() / self._config.workers
 
     def queued_work(self) -> float:
         """Estimated seconds of model time queued here: the batches still to form and

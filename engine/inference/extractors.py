@@ -280,21 +280,13 @@ class ChallengePool(_WorkerPool):
 
     def check_batch(self, items: list) -> list:
         """Check a batch: the recordings are checked here, their passes decoded in the pool."""
-        return self.checker.check_batch(items, run_passes=self._run_passes)
-
-    def _run_passes(self, passes: list) -> list:
-        return self.run(_pass_in_worker, passes)
+        return _check_in(self.checker, self, items)
 
 
-class _SharedChallenge:
-    """A checker whose decoding passes run in the model workers' pool (``shared_processes``)."""
-
-    def __init__(self, checker: Any, pool: ModelPool) -> None:
-        self.checker = checker
-        self._pool = pool
-
-    def check_batch(self, items: list) -> list:
-        return self.checker.check_batch(items, run_passes=lambda passes: self._pool.run(_pass_in_worker, passes))
+def _check_in(checker: Any, pool: _WorkerPool, items: list) -> list:
+    """``checker.check_batch(items)`` with its decoding passes run in ``pool``'s workers
+    (a :class:`ChallengePool`'s own, or the model workers' with ``shared_processes``)."""
+    return checker.check_batch(items, run_passes=functools.partial(pool.run, _pass_in_worker))
 
 
 def onnx_extractors(
@@ -341,7 +333,7 @@ def onnx_extractors(
         face_batch, voice_batch = face.embed_batch, voice.embed_pcm_batch
         warmers += [face.warmup, voice.warmup]
     if shared:
-        challenge_batch = _SharedChallenge(checker, models).check_batch
+        challenge_batch = functools.partial(_check_in, checker, models)
     elif checker is not None:
         pool = ChallengePool(checker, challenge_processes, kind=challenge_kind)
         challenge_batch = pool.check_batch

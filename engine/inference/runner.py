@@ -41,20 +41,18 @@ class Inference:
         metrics: Metrics | None = None,
         warmup: Callable[[], None] = lambda: None,
         close: Callable[[], None] = lambda: None,
-        pool_processes: int = 0,
+        shared: SharedSlots | None = None,
         pooled: frozenset[str] = frozenset(),
     ) -> None:
         face_cfg, voice_cfg, challenge_cfg = batching
-        # The batchers whose models share worker processes take turns for them, the oldest
-        # job first, so that a batch waits in its batcher's queue, where admission sees it,
-        # and not in the pool's; one batch more than the processes, so that a process that
-        # finishes a batch finds the next one already handed over.
-        self._processes = pool_processes
-        self._pool = SharedSlots(pool_processes + 1) if pool_processes > 0 and pooled else None
-        shared = lambda name: self._pool if name in pooled else None  # noqa: E731
-        self.face_batcher = Batcher("face", face, face_cfg, metrics=metrics, shared=shared("face"))
-        self.voice_batcher = Batcher("voice", voice, voice_cfg, metrics=metrics, shared=shared("voice"))
-        self.challenge_batcher = Batcher("challenge", challenge, challenge_cfg, metrics=metrics, shared=shared("challenge"))
+        # The batchers whose models share worker processes (``pooled``) take turns for them,
+        # the oldest job first, so that a batch waits in its batcher's queue, where admission
+        # sees it, and not in the pool's.
+        self._shared = shared if pooled else None
+        slots = lambda name: self._shared if name in pooled else None  # noqa: E731
+        self.face_batcher = Batcher("face", face, face_cfg, metrics=metrics, shared=slots("face"))
+        self.voice_batcher = Batcher("voice", voice, voice_cfg, metrics=metrics, shared=slots("voice"))
+        self.challenge_batcher = Batcher("challenge", challenge, challenge_cfg, metrics=metrics, shared=slots("challenge"))
         self._decode = decode_audio
         self._decode_limiter = trio.CapacityLimiter(DECODE_THREADS)
         self._warmup = warmup
@@ -80,8 +78,8 @@ class Inference:
         processes."""
         batchers = (self.face_batcher, self.voice_batcher, self.challenge_batcher)
         waits = [b.queue_wait() for b in batchers if b.shared is None]
-        if self._pool is not None:
-            waits.append(sum(b.queued_work() for b in batchers if b.shared is not None) / self._processes)
+        if self._shared is not None:
+            waits.append(sum(b.queued_work() for b in batchers if b.shared is not None) / self._shared.processes)
         return max(waits, default=0.0)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -97,10 +95,10 @@ def local_inference(extractors: Extractors, batching: tuple[BatcherConfig, Batch
     """The local extractors, each batch function in as many threads as its batcher has
     workers; a batcher whose model shares the worker processes gets at least a worker per
     shared slot, so that its batches can wait for any of them."""
-    if extractors.pool_processes > 0:
-        slots = extractors.pool_processes + 1
+    shared = SharedSlots(extractors.pool_processes) if extractors.pool_processes > 0 else None
+    if shared is not None:
         names = ("face", "voice", "challenge")
-        batching = tuple(replace(cfg, workers=max(cfg.workers, slots)) if name in extractors.pooled else cfg
+        batching = tuple(replace(cfg, workers=max(cfg.workers, shared.total)) if name in extractors.pooled else cfg
                          for name, cfg in zip(names, batching, strict=True))  # type: ignore[assignment]
     face_cfg, voice_cfg, challenge_cfg = batching
     return Inference(
@@ -112,6 +110,6 @@ def local_inference(extractors: Extractors, batching: tuple[BatcherConfig, Batch
         metrics=metrics,
         warmup=extractors.warmup,
         close=extractors.close,
-        pool_processes=extractors.pool_processes,
+        shared=shared,
         pooled=extractors.pooled,
     )

@@ -78,12 +78,16 @@ redis.call('PEXPIRE', KEYS[1], ARGV[8])
 redis.call('ZADD', KEYS[2], ARGV[6], ARGV[3])
 return 1
 """
-# -> {0} unknown or another nonce, {2} used, {3} expired, {1, session, expires} claimed
-_CLAIM = """
+# the session open with this nonce (ARGV[1] its digest, ARGV[2] now), read into v; else
+# {0} unknown or another nonce, {2} used, {3} expired: the start of _CLAIM and _FAIL
+_OPEN_WITH_NONCE = """
 local v = redis.call('HMGET', KEYS[1], 'session', 'digest', 'used', 'expires')
 if not v[1] or v[2] ~= ARGV[1] then return {0} end
 if v[3] ~= '0' then return {2} end
 if tonumber(ARGV[2]) >= tonumber(v[4]) then return {3} end
+"""
+# -> {1, session, expires} claimed
+_CLAIM = _OPEN_WITH_NONCE + """
 redis.call('HSET', KEYS[1], 'used', '1')
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {1, v[1], v[4]}
@@ -92,13 +96,9 @@ _UNCLAIM = """
 if redis.call('HGET', KEYS[1], 'done') == '0' then redis.call('HSET', KEYS[1], 'used', '0') end
 return 0
 """
-# -> as _CLAIM for a session not open with this nonce; {4} a failure counted; {1, session,
-# expires} for the failure that reaches the limit (the session is then claimed)
-_FAIL = """
-local v = redis.call('HMGET', KEYS[1], 'session', 'digest', 'used', 'expires')
-if not v[1] or v[2] ~= ARGV[1] then return {0} end
-if v[3] ~= '0' then return {2} end
-if tonumber(ARGV[2]) >= tonumber(v[4]) then return {3} end
+# -> {4} a failure counted; {1, session, expires} for the failure that reaches the limit
+# ARGV[3] (the session is then claimed)
+_FAIL = _OPEN_WITH_NONCE + """
 local n = redis.call('HINCRBY', KEYS[1], 'fails', 1)
 if n < tonumber(ARGV[3]) then return {4} end
 redis.call('HSET', KEYS[1], 'used', '1')
