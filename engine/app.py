@@ -80,7 +80,8 @@ def build_engine(
     scores = scores if scores is not None else ScoreModel.load(config.models_dir)
     metrics = metrics or Metrics()
     if config.state_url is None:
-        state, quotas = MemorySessionState(), MemoryQuotas()
+        quotas = MemoryQuotas()
+        state = MemorySessionState(quotas)
     else:
         from .state.redis import open_shared_state
 
@@ -96,7 +97,8 @@ def build_engine(
         store=store,
         state=state,
         quotas=quotas,
-        matcher=StoreMatcher(store, templates, scores, face_dim=extractors.face_dim, voice_dim=extractors.voice_dim),
+        matcher=StoreMatcher(store, templates, scores, face_dim=extractors.face_dim, voice_dim=extractors.voice_dim,
+                             cpu=metrics.layer_cpu),
         duplicates=duplicates,
         inference=local_inference(extractors, (config.face_batch, config.voice_batcher, config.challenge_batch), metrics=metrics),
         keys=EngineKeys.load_or_create(config.data_dir),

@@ -38,6 +38,22 @@ def test_layer_cpu_counts_the_calling_threads_cpu_per_layer():
     assert got["state"] < 0.02
 
 
+def test_a_call_inside_another_counts_for_its_own_layer_only():
+    meter = LayerCpu()
+
+    def match() -> None:
+        _spin(0.03)
+        meter.call("store", lambda: _spin(0.06))
+
+    meter.call("match", match)
+    got = meter.seconds()
+    assert 0.055 <= got["store"] < 0.5
+    assert 0.025 <= got["match"] < 0.055  # its own 0.03 s, not the store's 0.06 s as well
+    assert got["state"] == 0.0
+    meter.call("store", lambda: _spin(0.01))  # a later top-level call in the same thread
+    assert meter.seconds()["match"] == got["match"]
+
+
 def test_layer_cpu_is_exported_and_counts_a_failed_call():
     metrics = Metrics()
     with pytest.raises(ZeroDivisionError):
@@ -130,13 +146,15 @@ def test_a_comparisons_capacity_is_the_mean_of_its_alternating_saturation_steps(
                 "engine_cpu_ms_per_verification": cpu_ms, **extra}
 
     rows = [row("saturation-1", 11.0, 160.0), row("saturation-2", 12.0, 170.0), row("50%", 5.7, 160.0),
-            row("80%", 9.2, 165.0, layer_cpu_ms_per_verification={"state": 1.5, "store": 1.0}, services_cpu_ms_per_verification=2.0),
+            row("80%", 9.2, 165.0, layer_cpu_ms_per_verification={"match": 0.5, "state": 1.5, "store": 1.0},
+                services_cpu_ms_per_verification=2.0),
             row("200%", 11.3, 166.0)]
     gen = argparse.Namespace(residents=[1, 2], rps=[1])
     limit = {"limit_rps": 12.5, "best": {"batch": 2, "threads": 2, "intra": 1, "processes": 1, "cpu_ms_per_verification": 150.0, "cpu_share": 0.95}}
     s = run_summary(rows, limit, gen, True, argparse.Namespace())
     assert s["throughput_rps"] == 11.5 and s["saturation_rounds"] == [11.0, 12.0] and s["ratio"] == round(11.5 / 12.5, 3)
     assert s["engine_cpu_ms_per_verification"] == 165.0
+    # the matcher's opening and scoring of the templates is the same on every store: not counted
     assert s["store_state_cpu_ms_per_verification"] == 4.5 and s["checks"]["store_state_cpu_le_5ms"]["pass"]
     assert s["checks"]["overload_at_2x"]["goodput_vs_capacity"] == round(11.3 / 11.5, 3)
 

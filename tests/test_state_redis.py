@@ -73,7 +73,8 @@ async def nodes(request, nursery) -> AsyncIterator[tuple]:
     """(state A, state B, quotas A, quotas B, clock): two nodes, running."""
     clock = Clock()
     if request.param == "memory":
-        state, quotas = MemorySessionState(), MemoryQuotas()
+        quotas = MemoryQuotas()
+        state = MemorySessionState(quotas)
         pair = [(state, quotas), (state, quotas)]
     else:
         prefix = request.getfixturevalue("redis_prefix")
@@ -117,6 +118,23 @@ async def test_open_sessions_are_bounded_across_nodes(nodes) -> None:
     await a.open(session("x"), now=100.0, max_open=1)
     with pytest.raises(E.Overloaded):
         await b.open(session("y"), now=100.0, max_open=1)
+
+
+async def test_an_open_takes_its_relying_partys_quota_in_the_same_step(nodes) -> None:
+    a, b, qa, _qb, _clock = nodes
+    for i, node in enumerate((a, b, a)):
+        await node.open(session(f"q{i}"), now=100.0, max_open=10, quota=3)
+    with pytest.raises(E.RateLimited) as info:
+        await b.open(session("q3"), now=100.0, max_open=10, quota=3)
+    assert 0 < info.value.retry_after_ms <= 20_001
+    with pytest.raises(E.UnknownSession):
+        await a.claim("q3", NONCE, 101.0)  # refused: nothing kept
+    with pytest.raises(E.RateLimited):
+        await qa.take("hotel", "open", 3, 100.0)  # the Quotas' own bucket
+    await qa.take("hotel", "fetch", 3, 100.0)  # another bucket
+    await b.open(session("c1", "courier"), now=100.0, max_open=10, quota=3)  # another relying party
+    await a.open(session("q4"), now=120.0, max_open=10, quota=3)  # one back after 60/3 s
+    await b.open(session("q5"), now=120.0, max_open=10)  # no quota given: none taken
 
 
 async def test_failures_on_both_nodes_close_the_session_at_the_limit(nodes) -> None:
@@ -172,7 +190,9 @@ async def test_a_result_nobody_was_connected_for_is_fetched_and_sent_on_reconnec
     back, inbox = trio.open_memory_channel(8)
     b.subscribe("hotel", back)  # the relying party reconnects, to the other node
     assert await receive(inbox) == P.ResultMsg(session_id="s1", sealed=b"sealed")
-    await trio.sleep(1.0)  # marked delivered
+    from engine.state.redis import MARK_EVERY
+
+    await trio.sleep(MARK_EVERY + 0.5)  # marked delivered
     again, inbox2 = trio.open_memory_channel(8)
     a.subscribe("hotel", again)
     await trio.sleep(1.0)

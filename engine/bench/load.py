@@ -58,6 +58,7 @@ import trio
 
 from ._common import DEFAULT_MIX, data_root, emit, load_people, screen_people, stderr
 from ._engine import EngineProcess
+from .load_steps import measure_idle
 from .services import RunServices
 
 # the load generator and the report live beside this module; netid bench soak and the tests
@@ -262,6 +263,8 @@ async def _run_steps(gen: Generator, args: argparse.Namespace, limit_rps: float 
         await _connect_all(gen)
         for rp in gen.rps:
             routers.start_soon(_route_pushes, gen, rp)
+        if gen.services:
+            await measure_idle(gen)
         if steps:
             for k, st in enumerate(steps):
                 rows.append(await _do_step(gen, st, args.seed + k))

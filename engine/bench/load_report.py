@@ -76,7 +76,11 @@ def run_summary(rows: list[dict[str, Any]], limit: dict[str, Any] | None, gen: G
         # measured at 80 %: no refused work in it, every request carried to its result
         out["layer_cpu_ms_per_verification"] = layers
         out["services_cpu_ms_per_verification"] = at80.get("services_cpu_ms_per_verification")
-        out["store_state_cpu_ms_per_verification"] = round(sum(layers.values()) + (at80.get("services_cpu_ms_per_verification") or 0.0), 2)
+        for key in ("services_cpu_raw_ms_per_verification", "services_idle_cpu_ms_per_s",
+                    "layer_cpu_raw_ms_per_verification", "layer_idle_cpu_ms_per_s"):
+            if at80.get(key) is not None:
+                out[key] = at80[key]
+        out["store_state_cpu_ms_per_verification"] = round(sum(v for k, v in layers.items() if k in ("store", "state")) + (at80.get("services_cpu_ms_per_verification") or 0.0), 2)
     if "saturation" in named and limit_rps:
         out["checks"] = {
             "saturation_ratio_ge_0.90": {
@@ -190,6 +194,10 @@ def human_summary(s: dict[str, Any]) -> None:
             f"(engine threads {s['layer_cpu_ms_per_verification']}"
             f"{f', PostgreSQL and Redis processes {services}' if services is not None else ''})"
         )
+        if s.get("services_idle_cpu_ms_per_s") is not None:
+            print(f"    what the verifications added to the idle rates (processes {s['services_idle_cpu_ms_per_s']} ms/s, "
+                  f"engine threads {s.get('layer_idle_cpu_ms_per_s')} ms/s); with the idle work: processes "
+                  f"{s['services_cpu_raw_ms_per_verification']} ms, engine threads {s.get('layer_cpu_raw_ms_per_verification')} ms")
     base = s.get("baseline")
     if base:
         print(

@@ -107,7 +107,8 @@ class Context:
     async def match(self, credential_id: str, face: np.ndarray, voice: SpeakerEmbedding) -> Match:
         """1:1 against the credential's templates as they are now; its status error if it
         is no longer active (card lost, re-applied for while the models ran)."""
-        m: Match = await self.db(self.matcher.match, credential_id, face, voice)
+        m: Match = await trio.to_thread.run_sync(self.metrics.layer_cpu.call, "match",
+                                                 functools.partial(self.matcher.match, credential_id, face, voice), limiter=self.store_limiter)
         self.metrics.voice_bands.labels(enrolled=m.enrolled_band, probe=voice.band).inc()
         return m
 

@@ -37,28 +37,17 @@ async def handle_auth(ctx: Context, conn: Conn, req: P.Auth) -> P.Authenticated:
     return P.Authenticated(id=req.id, rp_id=rp.rp_id, display_name=rp.display_name, max_level=rp.max_level)
 
 
-async def rp_for(ctx: Context, conn: Conn, bucket: str) -> RelyingParty:
-    """The connection's relying party, one request taken from its ``bucket`` quota:
-    ``open`` (open_session, the registered quota) or ``fetch`` (fetch_result, its own
-    bucket of ``fetch_quota_factor`` times that)."""
+async def authenticated(ctx: Context, conn: Conn) -> RelyingParty:
+    """The connection's relying party, if it is still active."""
     if conn.rp is None:
         raise NotAuthenticated()
-    rp = await ctx.relying_party(conn.rp.rp_id)
-    per_minute = rp.quota_per_minute
-    if bucket == "fetch":
-        per_minute = int(per_minute * ctx.config.limits.fetch_quota_factor)
-    try:
-        await ctx.quotas.take(rp.rp_id, bucket, per_minute, ctx.clock())
-    except RateLimited:
-        ctx.metrics.rate_limited.inc()
-        raise
-    return rp
+    return await ctx.relying_party(conn.rp.rp_id)
 
 
 async def handle_open_session(ctx: Context, conn: Conn, req: P.OpenSession) -> P.SessionOpened:
     from ..challenge import new_challenge
 
-    rp = await rp_for(ctx, conn, "open")
+    rp = await authenticated(ctx, conn)
     if P.level_rank(req.level) > P.level_rank(rp.max_level):
         raise LevelNotAllowed()
     lim, ch = ctx.config.limits, ctx.config.challenge
@@ -73,7 +62,11 @@ async def handle_open_session(ctx: Context, conn: Conn, req: P.OpenSession) -> P
         created_at=now,
         expires_at=now + lim.session_ttl,
     )
-    await ctx.state.open(session, now=now, max_open=lim.max_open_sessions)
+    try:  # the open_session quota is taken in the same step as the session is kept
+        await ctx.state.open(session, now=now, max_open=lim.max_open_sessions, quota=rp.quota_per_minute)
+    except RateLimited:
+        ctx.metrics.rate_limited.inc()
+        raise
     qr = P.QrPayload(
         session_id=session.session_id,
         rp_name=rp.display_name,
@@ -89,6 +82,11 @@ async def handle_open_session(ctx: Context, conn: Conn, req: P.OpenSession) -> P
 
 
 async def handle_fetch_result(ctx: Context, conn: Conn, req: P.FetchResult) -> P.ResultMsg:
-    rp = await rp_for(ctx, conn, "fetch")
+    rp = await authenticated(ctx, conn)
+    try:  # a bucket of its own: a relying party at its open_session quota still collects its results
+        await ctx.quotas.take(rp.rp_id, "fetch", int(rp.quota_per_minute * ctx.config.limits.fetch_quota_factor), ctx.clock())
+    except RateLimited:
+        ctx.metrics.rate_limited.inc()
+        raise
     sealed = await ctx.state.result(req.session_id, rp.rp_id)
     return P.ResultMsg(id=req.id, session_id=req.session_id, sealed=sealed)

@@ -8,11 +8,13 @@ reported lost, re-applied for) is refused with the error that says why.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
 from ..errors import UnknownCredential
+from ..ops.layer_cpu import LayerCpu
 from engine.inference.speaker import SpeakerEmbedding, enrollment_band
 from ..store import Credential, Store, raise_unless_active
 from .index import normalise
@@ -50,15 +52,19 @@ class StoreMatcher:
     """Face: best cosine over the enrolled faces. Voice: as the score model calibrated it
     (centroid or best), normalised for the bands of the enrollment and the probe."""
 
-    def __init__(self, store: Store, templates: TemplateSealer, scores: Any, *, face_dim: int, voice_dim: int) -> None:
+    def __init__(
+        self, store: Store, templates: TemplateSealer, scores: Any, *, face_dim: int, voice_dim: int, cpu: LayerCpu | None = None,
+    ) -> None:
         self.store = store
+        self.cpu = cpu  # the store's read counted as the store layer's
         self.templates = templates
         self.scores = scores
         self.face_dim = face_dim
         self.voice_dim = voice_dim
 
     def enrolled(self, credential_id: str) -> Enrolled:
-        cred, rows = self.store.credential_with_templates(credential_id)
+        read = functools.partial(self.store.credential_with_templates, credential_id)
+        cred, rows = self.cpu.call("store", read) if self.cpu is not None else read()
         cred = raise_unless_active(cred)
         faces = [self.templates.open_face(r.ciphertext, cred.card_number) for r in rows if r.modality == "face"]
         voices = [self.templates.open_voice(r.ciphertext, cred.card_number) for r in rows if r.modality == "voice"]

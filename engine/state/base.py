@@ -42,8 +42,11 @@ class Delivery(NamedTuple):
 
 @runtime_checkable
 class SessionState(Protocol):
-    async def open(self, session: Session, *, now: float, max_open: int) -> None:
-        """Keep a new session; ``Overloaded`` when ``max_open`` sessions are open."""
+    async def open(self, session: Session, *, now: float, max_open: int, quota: int = 0) -> None:
+        """Keep a new session; ``Overloaded`` when ``max_open`` sessions are open. With a
+        ``quota`` (requests per minute), one request is first taken from the relying
+        party's ``open`` bucket of the state's ``Quotas`` (``RateLimited`` when it is spent,
+        and nothing kept): one step, one round trip on a shared service."""
         ...
 
     async def claim(self, session_id: str, nonce: bytes, now: float) -> Session:

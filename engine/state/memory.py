@@ -37,14 +37,16 @@ class MemorySessionState:
     """Single-use sessions with expiry in a dict, swept every second, and a
     :class:`ResultHub` for the streams."""
 
-    def __init__(self) -> None:
+    def __init__(self, quotas: MemoryQuotas | None = None) -> None:
         self._entries: dict[str, _Entry] = {}
         self.hub = ResultHub()
+        self.quotas = quotas if quotas is not None else MemoryQuotas()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    async def open(self, session: Session, *, now: float, max_open: int) -> None:
+    async def open(self, session: Session, *, now: float, max_open: int, quota: int = 0) -> None:
+        await self.quotas.take(session.rp_id, "open", quota, now)
         if len(self._entries) >= max_open:
             self.sweep(now)
             if len(self._entries) >= max_open:

@@ -9,7 +9,8 @@ In Redis, under a key prefix (``?prefix=`` of the state URL, default ``netid``):
 - ``P:q:<rp>:<bucket>``: a relying party's token bucket (hash), expiring once full again;
 - channel ``P:r:<rp>``: the relying party's results, published to the nodes holding its streams.
 
-Each transition is one Lua script, so it is atomic across nodes. A claim (or the failed
+Each transition is one Lua script, so it is atomic across nodes (an open takes its relying
+party's quota in the same script). A claim (or the failed
 attempt that closes a session) is then recorded in PostgreSQL, which decides for good: a
 nonce stays consumed across a Redis restart. A result is written to PostgreSQL before it is
 pushed to this node's streams and published; the node that hands it to a stream marks it
@@ -59,6 +60,9 @@ REDIS_THREADS = 8
 DURABLE_THREADS = 4
 #: Seconds between re-sends of undelivered results to the streams of this node.
 REDELIVER_EVERY = 2.0
+#: Seconds between the batched marks of results pushed here as delivered (under
+#: ``REDELIVER_EVERY``, so a result pushed is marked before a re-send would pick it up).
+MARK_EVERY = 1.0
 #: Seconds between sweeps of expired results and consumed sessions in PostgreSQL.
 SWEEP_EVERY = 30.0
 #: Seconds a claimed session stays in Redis past its expiry, waiting for its result.
@@ -69,7 +73,30 @@ CLAIMED_GRACE = 300.0
 LISTEN_WAIT = 0.5
 _PREFIX_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
-_OPEN = """
+# a token bucket holding a minute's worth (key, per minute, now) -> 0 taken, else
+# milliseconds until one is back: the body of _TAKE, and the start of _OPEN
+_BUCKET = """
+local function take(key, cap, now)
+  local rate = cap / 60.0
+  local v = redis.call('HMGET', key, 't', 'last')
+  local tokens = tonumber(v[1]) or cap
+  local last = tonumber(v[2]) or now
+  if now > last then tokens = math.min(cap, tokens + (now - last) * rate) else now = last end
+  local wait = 0
+  if tokens < 1 then wait = math.floor((1 - tokens) / rate * 1000) + 1 else tokens = tokens - 1 end
+  redis.call('HSET', key, 't', string.format('%.6f', tokens), 'last', string.format('%.6f', now))
+  redis.call('PEXPIRE', key, 61000)
+  return wait
+end
+"""
+_TAKE = _BUCKET + "return take(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))"
+# -> 1 kept; 0 too many open; -wait: the relying party's open quota (ARGV[9] per minute,
+# bucket KEYS[3]) is spent
+_OPEN = _BUCKET + """
+if tonumber(ARGV[9]) > 0 then
+  local wait = take(KEYS[3], tonumber(ARGV[9]), tonumber(ARGV[1]))
+  if wait > 0 then return -wait end
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then return 0 end
 redis.call('HSET', KEYS[1], 'session', ARGV[4], 'digest', ARGV[5], 'expires', ARGV[6], 'rp', ARGV[7],
@@ -104,21 +131,6 @@ if n < tonumber(ARGV[3]) then return {4} end
 redis.call('HSET', KEYS[1], 'used', '1')
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return {1, v[1], v[4]}
-"""
-# a token bucket holding a minute's worth; -> 0 taken, else milliseconds until one is back
-_TAKE = """
-local cap = tonumber(ARGV[1])
-local now = tonumber(ARGV[2])
-local rate = cap / 60.0
-local v = redis.call('HMGET', KEYS[1], 't', 'last')
-local tokens = tonumber(v[1]) or cap
-local last = tonumber(v[2]) or now
-if now > last then tokens = math.min(cap, tokens + (now - last) * rate) else now = last end
-local wait = 0
-if tokens < 1 then wait = math.floor((1 - tokens) / rate * 1000) + 1 else tokens = tokens - 1 end
-redis.call('HSET', KEYS[1], 't', string.format('%.6f', tokens), 'last', string.format('%.6f', now))
-redis.call('PEXPIRE', KEYS[1], 61000)
-return wait
 """
 
 #: what a claim or a counted failure answers for a session not open with the nonce given
@@ -168,6 +180,10 @@ class _Redis:
     async def script(self, name: str, keys: list[str], args: list[Any]) -> Any:
         return await self.run(self.scripts[name], keys=keys, args=args)
 
+    def bucket(self, rp_id: str, bucket: str) -> str:
+        """The key of a relying party's quota bucket."""
+        return f"{self.prefix}:q:{rp_id}:{bucket}"
+
 
 def _ms(seconds: float) -> int:
     return max(1000, int(seconds * 1000))
@@ -200,13 +216,16 @@ class RedisSessionState:
         return await trio.to_thread.run_sync(self.r.cpu.call, "state", functools.partial(fn, *args, **kwargs), limiter=self._durable_limiter)
 
     # ---- sessions --------------------------------------------------------------------------------
-    async def open(self, session: Session, *, now: float, max_open: int) -> None:
+    async def open(self, session: Session, *, now: float, max_open: int, quota: int = 0) -> None:
         blob = msgspec.msgpack.encode(session)
         digest = hashlib.sha256(session.nonce).digest()
-        ok = await self.r.script("open", [self._key(session.session_id), f"{self.r.prefix}:open"], [
+        keys = [self._key(session.session_id), f"{self.r.prefix}:open", self.r.bucket(session.rp_id, "open")]
+        got = await self.r.script("open", keys, [
             repr(now), max_open, session.session_id, blob, digest, repr(session.expires_at), session.rp_id,
-            _ms(session.expires_at - now + 5.0)])
-        if not ok:
+            _ms(session.expires_at - now + 5.0), max(0, quota)])
+        if got < 0:
+            raise RateLimited(retry_after_ms=-int(got))
+        if not got:
             raise Overloaded("too many open sessions", retry_after_ms=1000)
 
     async def claim(self, session_id: str, nonce: bytes, now: float) -> Session:
@@ -366,7 +385,7 @@ class RedisSessionState:
                 nursery.start_soon(functools.partial(trio.to_thread.run_sync, self._listen, stop, trio.lowlevel.current_trio_token(),
                                                      abandon_on_cancel=True, thread_name="netid-state-subscriber"))
                 nursery.start_soon(self._catch_up_loop)
-                nursery.start_soon(self._every, 0.5, self._mark_delivered)
+                nursery.start_soon(self._every, MARK_EVERY, self._mark_delivered)
                 nursery.start_soon(self._every, REDELIVER_EVERY, lambda: self._redeliver(self._local_rps()))
                 nursery.start_soon(self._every, SWEEP_EVERY, lambda: self._durable(self.durable.sweep, self._clock()))
                 task_status.started()
@@ -479,7 +498,7 @@ class RedisQuotas:
     async def take(self, rp_id: str, bucket: str, per_minute: int, now: float) -> None:
         if per_minute <= 0:
             return
-        wait = await self.r.script("take", [f"{self.r.prefix}:q:{rp_id}:{bucket}"], [per_minute, repr(now)])
+        wait = await self.r.script("take", [self.r.bucket(rp_id, bucket)], [per_minute, repr(now)])
         if wait:
             raise RateLimited(retry_after_ms=int(wait))
 
