@@ -18,7 +18,9 @@ JSON line: arrivals, answered, unanswered, errors, p50/p99 (from each arrival's 
 time to the holder's reply), the engine's RSS (and with its workers), fuzz frames and idle
 reconnections. Then a summary line with the
 checks (0 unanswered, p99 <= 1 s in every window, RSS of the last window within 10 % of the
-second) and a human summary.
+second) and a human summary. The limit is measured again at the end, with the same layout:
+how much the machine's own speed moved over the soak, apart from the engine's CPU per
+verification in each window.
 """
 
 from __future__ import annotations
@@ -66,9 +68,14 @@ async def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         refused = await enroll_all(gen, random.Random(args.seed))
         stderr(f"  enrolled {len(gen.residents)} residents ({refused or 'none refused'})")
         capacity = args.capacity_rps
+        measured = None  # the limit as measured before the soak, to measure it again after
         if capacity is None:
-            limit = args.limit_rps or (await trio.to_thread.run_sync(measure_limit, args, args.challenge_check))["limit_rps"]
-            out["limit_rps"] = limit
+            if args.limit_rps:
+                out["limit_rps"] = args.limit_rps
+            else:
+                measured = await trio.to_thread.run_sync(measure_limit, args, args.challenge_check)
+                out["limit_rps"] = measured["limit_rps"]
+                out["limit_cpu_ms_per_verification"] = measured["best"]["cpu_ms_per_verification"]
         async with trio.open_nursery() as routers:
             await _connect_all(gen)
             for rp in gen.rps:
@@ -114,6 +121,12 @@ async def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             idle = final.pop("idle", {"connects": 0, "connect_failed": 0})
             out["fuzz"] = {"sent": 0, "closed_without_error": 0, "internal": 0, **final}
             out["idle"] = idle
+            if measured is not None:  # the machine's own drift over the soak, apart from the engine's
+                b = measured["best"]
+                again = await trio.to_thread.run_sync(
+                    measure_limit, args, args.challenge_check, [f"{b['batch']},{b['threads']},{b['intra']},{b.get('processes', 1)}"])
+                out["limit_rps_after"] = again["limit_rps"]
+                out["limit_cpu_ms_per_verification_after"] = again["best"]["cpu_ms_per_verification"]
             await gen.connections.aclose()
             routers.cancel_scope.cancel()
     finally:
@@ -181,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         f"(with workers {[w['rss_tree_mib'] for w in ws]}); fuzz {out['fuzz']['sent']:,} frames, closed without an error "
         f"{out['fuzz']['closed_without_error']}, internal {out['fuzz']['internal']}; idle reconnections {out['idle']['connects']:,}"
     )
+    cpu = [w.get("engine_cpu_ms_per_verification") for w in ws]
+    print(f"  engine CPU per verification per window (side load included) {cpu} ms")
+    if "limit_rps_after" in out:
+        print(f"  the models alone (netid bench limit) before / after: {out['limit_rps']:.2f} / {out['limit_rps_after']:.2f} per s, "
+              f"{out['limit_cpu_ms_per_verification']} / {out['limit_cpu_ms_per_verification_after']} CPU ms per verification")
     for name, check in out["checks"].items():
         print(f"  check {name}: {'PASS' if check['pass'] else 'FAIL'} {({k: v for k, v in check.items() if k != 'pass'})}")
     return 0
