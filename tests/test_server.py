@@ -220,6 +220,18 @@ async def test_rp_auth_failures(env):
             pass
 
 
+async def test_made_up_relying_party_names_are_not_kept(env):
+    running, rp_keys, _ = env
+    wrong = nacl.signing.SigningKey.generate()
+    for k in range(20):
+        with pytest.raises(E.UnknownRelyingParty):
+            async with open_relying_party("127.0.0.1", running.port, rp_id=f"nobody-{k}", signing_key=wrong, box_key=rp_keys.box):
+                pass
+    async with open_relying_party("127.0.0.1", running.port, rp_id="hotel", signing_key=rp_keys.signing, box_key=rp_keys.box) as rp:
+        assert (await rp.open_session()).session_id
+    assert set(running.engine.ctx._rp_cache) == {"hotel"}
+
+
 async def test_rp_with_several_addresses_takes_the_first_that_answers(env):
     running, rp_keys, _ = env
     with socket.socket() as unused:  # bound, never listening: connections to it are refused

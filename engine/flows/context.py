@@ -54,7 +54,8 @@ class Context:
     scores: Any
     metrics: Metrics
     clock: Callable[[], float]
-    _rp_cache: dict[str, tuple[float, RelyingParty | None]] = field(default_factory=dict)
+    #: registered relying parties only, so that names a client makes up cannot grow it
+    _rp_cache: dict[str, tuple[float, RelyingParty]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.store_limiter = trio.CapacityLimiter(self.config.store_threads)
@@ -79,7 +80,10 @@ class Context:
         cached = self._rp_cache.get(rp_id)
         if fresh or cached is None or now - cached[0] > RP_CACHE_SECONDS:
             rp = await self.db(self.store.get_relying_party, rp_id)
-            self._rp_cache[rp_id] = (now, rp)
+            if rp is not None:
+                self._rp_cache[rp_id] = (now, rp)
+            else:
+                self._rp_cache.pop(rp_id, None)
         else:
             rp = cached[1]
         if rp is None:
