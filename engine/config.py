@@ -34,10 +34,10 @@ class LimitsConfig:
     #: Refuse new biometric requests while the model queues' backlog is estimated to take
     #: longer than this (seconds), once at least ``min_admitted`` are in progress. With the
     #: models sharing their worker processes the estimate is all the work queued ahead of
-    #: a new verification; at 80 % of capacity 0.5 s refused 4 % of the verifications
-    #: (p99 of the rest 688-783 ms), 1.0 s under 1 % (p99 979-1,006 ms; benchmarks/TUNING.md
-    #: section 6).
-    admission_wait: float = 1.0
+    #: a new verification, and an admitted one takes its own model time (0.2-0.3 s at
+    #: 80 % of capacity) on top: 0.75 s keeps the p99 under 1 s (benchmarks/TUNING.md
+    #: section 6 has the measured trade-off with the share refused).
+    admission_wait: float = 0.75
     min_admitted: int = 4
     request_deadline: float = 10.0  # seconds for any one request, set at the boundary
     #: Verify attempts on one session that do not count (not signed by the key bound to an
