@@ -35,8 +35,9 @@ class LimitsConfig:
     #: longer than this (seconds), once at least ``min_admitted`` are in progress. With the
     #: models sharing their worker processes the estimate is all the work queued ahead of
     #: a new verification, and an admitted one takes its own model time (0.2-0.3 s at
-    #: 80 % of capacity) on top: 0.75 s keeps the p99 under 1 s (benchmarks/TUNING.md
-    #: section 6 has the measured trade-off with the share refused).
+    #: 80 % of capacity) on top: at 0.75 s the 30-minute soak's p99 was under 1 s in five
+    #: windows of six, at 1.0 s in one (benchmarks/TUNING.md section 6 has the measured
+    #: trade-off with the share refused).
     admission_wait: float = 0.75
     min_admitted: int = 4
     request_deadline: float = 10.0  # seconds for any one request, set at the boundary

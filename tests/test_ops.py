@@ -316,13 +316,13 @@ def test_the_services_cpu_per_verification_is_what_the_step_added_to_their_idle_
                 for i in range(20)]
     from engine.ops.top import Snapshot
 
-    def layers(store: float, state: float) -> Snapshot:
-        return Snapshot(at=0.0, samples={("netid_layer_cpu_seconds_total", (("layer", "store"),)): store,
+    def layers(at: float, store: float, state: float) -> Snapshot:
+        return Snapshot(at=at, samples={("netid_layer_cpu_seconds_total", (("layer", "store"),)): store,
                                          ("netid_layer_cpu_seconds_total", (("layer", "state"),)): state})
 
     # 3 ms a second with nothing offered in the servers, 1 ms in the state's threads
     gen = SimpleNamespace(pushed={}, services_idle_cpu=0.003, layer_idle_cpu={"state": 0.001, "store": 0.0})
-    row = summarise(Step("x", 1.0, 20.0), 100.0, outcomes, layers(1.0, 2.0), layers(1.02, 2.06),
+    row = summarise(Step("x", 1.0, 20.0), 100.0, outcomes, layers(0.0, 1.0, 2.0), layers(20.0, 1.02, 2.06),
                     {"wall_s": 20.0, "services_cpu_s": 0.1}, gen)
     assert row["services_idle_cpu_ms_per_s"] == 3.0
     assert row["services_cpu_raw_ms_per_verification"] == 5.0  # 100 ms over 20 verifications

@@ -263,8 +263,8 @@ async def _run_steps(gen: Generator, args: argparse.Namespace, limit_rps: float 
         await _connect_all(gen)
         for rp in gen.rps:
             routers.start_soon(_route_pushes, gen, rp)
-        if gen.services:
-            await measure_idle(gen)
+        if gen.services and gen.layer_idle_cpu is None:
+            await measure_idle(gen)  # once, before the generator's first step
         if steps:
             for k, st in enumerate(steps):
                 rows.append(await _do_step(gen, st, args.seed + k))
@@ -289,13 +289,21 @@ async def _limit_after(args: argparse.Namespace, challenge: bool, limit: dict[st
     """The limit again, with the layout found before, now that the engine idles again: the
     ratio uses the mean of the two, so that a machine that got faster or slower during the
     steps does not tilt it."""
-    layout = ",".join(str(limit["best"][k]) for k in ("batch", "threads", "intra", "processes"))
-    try:
-        after = await trio.to_thread.run_sync(measure_limit, args, challenge, [layout])
-    except (RuntimeError, subprocess.TimeoutExpired) as exc:
-        stderr(f"the limit after the steps could not be measured ({exc}); the ratio uses the one before")
+    after = await measure_limit_again(args, challenge, limit)
+    if after is None:
+        stderr("the ratio uses the limit before the steps")
         return {**limit, "limit_rps_before": limit["limit_rps"], "limit_rps_after": None}
     return bracket_limit(limit, after)
+
+
+async def measure_limit_again(args: argparse.Namespace, challenge: bool, limit: dict[str, Any]) -> dict[str, Any] | None:
+    """``measure_limit`` with the layout ``limit`` found best; None (said) if it failed."""
+    layout = ",".join(str(limit["best"][k]) for k in ("batch", "threads", "intra", "processes"))
+    try:
+        return await trio.to_thread.run_sync(measure_limit, args, challenge, [layout])
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        stderr(f"the limit could not be measured again ({exc})")
+        return None
 
 
 async def _do_step(gen: Generator, step: Step, seed: int) -> dict[str, Any]:

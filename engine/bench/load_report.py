@@ -195,9 +195,10 @@ def human_summary(s: dict[str, Any]) -> None:
             f"{f', PostgreSQL and Redis processes {services}' if services is not None else ''})"
         )
         if s.get("services_idle_cpu_ms_per_s") is not None:
-            print(f"    what the verifications added to the idle rates (processes {s['services_idle_cpu_ms_per_s']} ms/s, "
-                  f"engine threads {s.get('layer_idle_cpu_ms_per_s')} ms/s); with the idle work: processes "
-                  f"{s['services_cpu_raw_ms_per_verification']} ms, engine threads {s.get('layer_cpu_raw_ms_per_verification')} ms")
+            print(f"    counted above the idle rates of the processes, {s['services_idle_cpu_ms_per_s']} ms/s, and of the engine threads, "
+                  f"{s.get('layer_idle_cpu_ms_per_s')} ms/s; with the idle work: processes "
+                  f"{s['services_cpu_raw_ms_per_verification']} ms, engine threads {s.get('layer_cpu_raw_ms_per_verification')} ms "
+                  f"(match: the opening and scoring of templates, not in the sum)")
     base = s.get("baseline")
     if base:
         print(

@@ -108,8 +108,9 @@ class Generator:
         #: CPU seconds per second the services spend with the nodes up and idle (their own
         #: timers, the nodes' health checks and subscriber wake-ups): not per verification
         self.services_idle_cpu: float = 0.0
-        #: the same for the nodes' layers (netid_layer_cpu_seconds_total), by layer
-        self.layer_idle_cpu: dict[str, float] = {}
+        #: the same for the nodes' layers (netid_layer_cpu_seconds_total), by layer; None
+        #: until measured
+        self.layer_idle_cpu: dict[str, float] | None = None
         self.connections: Any = None  # AsyncExitStack of the long-lived connections
 
     def node(self, k: int) -> tuple[str, int]:
@@ -258,8 +259,8 @@ async def run_step(gen: Generator, step: Step, seed: int) -> dict[str, Any]:
 
 
 async def measure_idle(gen: Generator, seconds: float = IDLE_SECONDS) -> None:
-    """CPU seconds per second of the database servers and of the nodes' store and state
-    layers while nothing is offered (their timers: health probes, re-sends, the subscriber's
+    """CPU seconds per second of the database servers and of the nodes' layers (store,
+    state, match) while nothing is offered (their timers: health probes, re-sends, the subscriber's
     wake-ups), so that a step's figures per verification are what its verifications added."""
     from engine.ops.top import _by, _delta
 
@@ -269,8 +270,9 @@ async def measure_idle(gen: Generator, seconds: float = IDLE_SECONDS) -> None:
     wall = time.perf_counter() - t0
     gen.services_idle_cpu = (services_cpu_seconds(gen.services) - c0) / wall
     after = await _scrape(gen)
+    gen.layer_idle_cpu = {}
     if before is not None and after is not None:
-        gen.layer_idle_cpu = {k: v / wall for k, v in _by(_delta(before, after, "netid_layer_cpu_seconds_total"), "layer").items()}
+        gen.layer_idle_cpu = {k: v / max(after.at - before.at, 1e-3) for k, v in _by(_delta(before, after, "netid_layer_cpu_seconds_total"), "layer").items()}
 
 
 async def _scrape(gen: Generator):
@@ -352,8 +354,8 @@ def summarise(step: Step, t0: float, outcomes: list[Outcome], before, after, cpu
         layers = _by(_delta(before, after, "netid_layer_cpu_seconds_total"), "layer")
         if results and layers:
             # what the verifications added to the layers' idle rate, per verification
-            idle = getattr(gen, "layer_idle_cpu", {})
-            wall = cpu.get("wall_s") or 0.0
+            idle = getattr(gen, "layer_idle_cpu", None) or {}
+            wall = after.at - before.at  # the layers' counters cover the scrapes' interval
             row["layer_cpu_ms_per_verification"] = {k: round(1000 * max(0.0, v - idle.get(k, 0.0) * wall) / len(results), 2)
                                                     for k, v in sorted(layers.items())}
             if idle:

@@ -18,7 +18,8 @@ JSON line: arrivals, answered, unanswered, errors, p50/p99 (from each arrival's 
 time to the holder's reply), the engine's RSS (and with its workers), fuzz frames and idle
 reconnections. Then a summary line with the
 checks (0 unanswered, p99 <= 1 s in every window, RSS of the last window within 10 % of the
-second) and a human summary. The limit is measured again at the end, with the same layout:
+second) and a human summary. A limit measured at the start is measured again at the end
+(the side load stopped), with the same layout:
 how much the machine's own speed moved over the soak, apart from the engine's CPU per
 verification in each window.
 """
@@ -42,7 +43,9 @@ from ._common import data_root, emit, load_people, screen_people, stderr
 from ._engine import EngineProcess
 from .fuzz import rss_kib
 from .side_load import read_stats
-from .load import DEFAULT_MIX, Generator, Step, _connect_all, _route_pushes, enroll_all, measure_limit, prepare_data, run_step
+from .load import (
+    DEFAULT_MIX, Generator, Step, _connect_all, _route_pushes, enroll_all, measure_limit, measure_limit_again, prepare_data, run_step,
+)
 
 __all__ = ["main"]
 
@@ -122,11 +125,10 @@ async def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             out["fuzz"] = {"sent": 0, "closed_without_error": 0, "internal": 0, **final}
             out["idle"] = idle
             if measured is not None:  # the machine's own drift over the soak, apart from the engine's
-                b = measured["best"]
-                again = await trio.to_thread.run_sync(
-                    measure_limit, args, args.challenge_check, [f"{b['batch']},{b['threads']},{b['intra']},{b.get('processes', 1)}"])
-                out["limit_rps_after"] = again["limit_rps"]
-                out["limit_cpu_ms_per_verification_after"] = again["best"]["cpu_ms_per_verification"]
+                again = await measure_limit_again(args, args.challenge_check, measured)
+                if again is not None:
+                    out["limit_rps_after"] = again["limit_rps"]
+                    out["limit_cpu_ms_per_verification_after"] = again["best"]["cpu_ms_per_verification"]
             await gen.connections.aclose()
             routers.cancel_scope.cancel()
     finally:

@@ -63,7 +63,11 @@ class Context:
 
     # ---- the store, from worker threads ------------------------------------------------------
     async def db(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return await trio.to_thread.run_sync(self.metrics.layer_cpu.call, "store", functools.partial(fn, *args, **kwargs),
+        return await self._in_thread("store", fn, *args, **kwargs)
+
+    async def _in_thread(self, layer: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn`` in a store worker thread, its CPU counted for ``layer``."""
+        return await trio.to_thread.run_sync(self.metrics.layer_cpu.call, layer, functools.partial(fn, *args, **kwargs),
                                              limiter=self.store_limiter)
 
     async def audit(self, **kw: Any) -> None:
@@ -111,8 +115,7 @@ class Context:
     async def match(self, credential_id: str, face: np.ndarray, voice: SpeakerEmbedding) -> Match:
         """1:1 against the credential's templates as they are now; its status error if it
         is no longer active (card lost, re-applied for while the models ran)."""
-        m: Match = await trio.to_thread.run_sync(self.metrics.layer_cpu.call, "match",
-                                                 functools.partial(self.matcher.match, credential_id, face, voice), limiter=self.store_limiter)
+        m: Match = await self._in_thread("match", self.matcher.match, credential_id, face, voice)
         self.metrics.voice_bands.labels(enrolled=m.enrolled_band, probe=voice.band).inc()
         return m
 

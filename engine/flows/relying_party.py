@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 import trio
@@ -44,6 +45,15 @@ async def authenticated(ctx: Context, conn: Conn) -> RelyingParty:
     return await ctx.relying_party(conn.rp.rp_id)
 
 
+async def _counted(ctx: Context, step: Awaitable[None]) -> None:
+    """Await a step that takes from a quota; a refusal is counted in the metrics."""
+    try:
+        await step
+    except RateLimited:
+        ctx.metrics.rate_limited.inc()
+        raise
+
+
 async def handle_open_session(ctx: Context, conn: Conn, req: P.OpenSession) -> P.SessionOpened:
     from ..challenge import new_challenge
 
@@ -62,11 +72,8 @@ async def handle_open_session(ctx: Context, conn: Conn, req: P.OpenSession) -> P
         created_at=now,
         expires_at=now + lim.session_ttl,
     )
-    try:  # the open_session quota is taken in the same step as the session is kept
-        await ctx.state.open(session, now=now, max_open=lim.max_open_sessions, quota=rp.quota_per_minute)
-    except RateLimited:
-        ctx.metrics.rate_limited.inc()
-        raise
+    # the open_session quota is taken in the same step as the session is kept
+    await _counted(ctx, ctx.state.open(session, now=now, max_open=lim.max_open_sessions, quota=rp.quota_per_minute))
     qr = P.QrPayload(
         session_id=session.session_id,
         rp_name=rp.display_name,
@@ -83,10 +90,7 @@ async def handle_open_session(ctx: Context, conn: Conn, req: P.OpenSession) -> P
 
 async def handle_fetch_result(ctx: Context, conn: Conn, req: P.FetchResult) -> P.ResultMsg:
     rp = await authenticated(ctx, conn)
-    try:  # a bucket of its own: a relying party at its open_session quota still collects its results
-        await ctx.quotas.take(rp.rp_id, "fetch", int(rp.quota_per_minute * ctx.config.limits.fetch_quota_factor), ctx.clock())
-    except RateLimited:
-        ctx.metrics.rate_limited.inc()
-        raise
+    # a bucket of its own: a relying party at its open_session quota still collects its results
+    await _counted(ctx, ctx.quotas.take(rp.rp_id, "fetch", int(rp.quota_per_minute * ctx.config.limits.fetch_quota_factor), ctx.clock()))
     sealed = await ctx.state.result(req.session_id, rp.rp_id)
     return P.ResultMsg(id=req.id, session_id=req.session_id, sealed=sealed)
