@@ -34,8 +34,8 @@ class LimitsConfig:
     #: Refuse new biometric requests while the model queues' backlog is estimated to take
     #: longer than this (seconds), once at least ``min_admitted`` are in progress. With the
     #: models sharing their worker processes the estimate is all the work queued ahead of
-    #: a new verification, and an admitted one takes its own model time (0.2-0.3 s at
-    #: 80 % of capacity) on top: at 0.75 s the 30-minute soak's p99 was under 1 s in five
+    #: a new verification, and an admitted one takes its own model time on top (p50 at 50 %
+    #: of capacity: 130-175 ms): at 0.75 s the 30-minute soak's p99 was under 1 s in five
     #: windows of six, at 1.0 s in one (benchmarks/TUNING.md section 6 has the measured
     #: trade-off with the share refused).
     admission_wait: float = 0.75

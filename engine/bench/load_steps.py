@@ -356,8 +356,7 @@ def summarise(step: Step, t0: float, outcomes: list[Outcome], before, after, cpu
             # what the verifications added to the layers' idle rate, per verification
             idle = getattr(gen, "layer_idle_cpu", None) or {}
             wall = after.at - before.at  # the layers' counters cover the scrapes' interval
-            row["layer_cpu_ms_per_verification"] = {k: round(1000 * max(0.0, v - idle.get(k, 0.0) * wall) / len(results), 2)
-                                                    for k, v in sorted(layers.items())}
+            row["layer_cpu_ms_per_verification"] = {k: _added_ms(v, idle.get(k, 0.0), wall, len(results)) for k, v in sorted(layers.items())}
             if idle:
                 row["layer_cpu_raw_ms_per_verification"] = {k: round(1000 * v / len(results), 2) for k, v in sorted(layers.items())}
                 row["layer_idle_cpu_ms_per_s"] = {k: round(1000 * v, 2) for k, v in sorted(idle.items())}
@@ -366,11 +365,16 @@ def summarise(step: Step, t0: float, outcomes: list[Outcome], before, after, cpu
         row["engine_cpu_ms_per_verification"] = round(1000 * engine_cpu / len(results), 1)
     if cpu.get("services_cpu_s") is not None and len(results):
         # what the verifications added to the services' idle rate, per verification
-        idle = getattr(gen, "services_idle_cpu", 0.0) * (cpu.get("wall_s") or 0.0)
-        row["services_cpu_ms_per_verification"] = round(1000 * max(0.0, cpu["services_cpu_s"] - idle) / len(results), 2)
+        row["services_cpu_ms_per_verification"] = _added_ms(cpu["services_cpu_s"], getattr(gen, "services_idle_cpu", 0.0),
+                                                             cpu.get("wall_s") or 0.0, len(results))
         row["services_cpu_raw_ms_per_verification"] = round(1000 * cpu["services_cpu_s"] / len(results), 2)
         row["services_idle_cpu_ms_per_s"] = round(1000 * getattr(gen, "services_idle_cpu", 0.0), 2)
     return row
+
+
+def _added_ms(spent: float, idle_rate: float, seconds: float, n: int) -> float:
+    """Milliseconds per verification of ``spent`` CPU seconds above ``idle_rate`` per second."""
+    return round(1000 * max(0.0, spent - idle_rate * seconds) / n, 2)
 
 
 def _ms(x: float) -> float | None:

@@ -40,6 +40,8 @@ class MemorySessionState:
     def __init__(self, quotas: MemoryQuotas | None = None) -> None:
         self._entries: dict[str, _Entry] = {}
         self.hub = ResultHub()
+        #: the buckets an open takes its quota from: the engine's ``Quotas`` (app.py passes
+        #: them), else buckets of its own
         self.quotas = quotas if quotas is not None else MemoryQuotas()
 
     def __len__(self) -> int:
