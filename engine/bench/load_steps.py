@@ -351,6 +351,9 @@ def summarise(step: Step, t0: float, outcomes: list[Outcome], before, after, cpu
         row["engine_verify_p99_ms"] = _ms(histogram_quantile(lat_b, 0.99))
         row["engine_overloaded"] = {k: int(v) for k, v in _by(_delta(before, after, "netid_overloaded_total"), "where").items() if v}
         row["abandoned"] = {k: int(v) for k, v in _by(_delta(before, after, "netid_batch_abandoned_total"), "model").items() if v}
+        model_s = _by(_delta(before, after, "netid_model_seconds_sum"), "model")
+        if results and model_s:  # wall time in the models' calls: what a CPU rise is made of
+            row["model_ms_per_verification"] = {k: round(1000 * v / len(results), 1) for k, v in sorted(model_s.items())}
         layers = _by(_delta(before, after, "netid_layer_cpu_seconds_total"), "layer")
         if results and layers:
             # what the verifications added to the layers' idle rate, per verification

@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     cpu = [w.get("engine_cpu_ms_per_verification") for w in ws]
     print(f"  engine CPU per verification per window (side load included) {cpu} ms")
+    models = [round(sum(w.get("model_ms_per_verification", {}).values()), 1) for w in ws]
+    print(f"  model time per verification per window (wall, all models) {models} ms")
     if "limit_rps_after" in out:
         print(f"  the models alone (netid bench limit) before / after: {out['limit_rps']:.2f} / {out['limit_rps_after']:.2f} per s, "
               f"{out['limit_cpu_ms_per_verification']} / {out['limit_cpu_ms_per_verification_after']} CPU ms per verification")

@@ -256,7 +256,7 @@ class RelyingPartyClient:
             assert conn is not None
             try:
                 return await conn.request(msg_type, **fields)
-            except trio.BrokenResourceError:
+            except (trio.BrokenResourceError, trio.ClosedResourceError):  # closed: by the drop, while sending
                 if self._pushes is None:  # one address: no fail-over
                     raise
                 while self.conn is conn:  # the stream dropped: wait for the next node's
