@@ -242,6 +242,8 @@ async def test_rp_with_several_addresses_takes_the_first_that_answers(env):
             async with open_relying_party(hosts=f"127.0.0.1:{dead},127.0.0.1:{running.port}", **keys) as rp:
                 assert rp.address == ("127.0.0.1", running.port)
                 assert (await rp.open_session()).session_id
+            with pytest.raises(trio.ClosedResourceError):  # after the block: an error, not a wait for a fail-over
+                await rp.open_session()
             with pytest.raises(OSError):  # a whole round refused before any stream: the last error
                 async with open_relying_party(hosts=[("127.0.0.1", dead)], **keys):
                     pass

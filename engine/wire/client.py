@@ -249,9 +249,12 @@ class RelyingPartyClient:
         self.connections = 0
         self._pushes: trio.MemoryReceiveChannel | None = None  # across fail-overs; else the stream's own
         self._switched = trio.Event()  # set (and replaced) each time ``conn`` changes
+        self._closed = False  # the ``open_relying_party`` block has ended (several addresses)
 
     async def _request(self, msg_type: type, **fields: Any) -> Any:
         while True:
+            if self._closed:
+                raise trio.ClosedResourceError("the relying party client is closed")
             conn = self.conn
             assert conn is not None
             try:
@@ -259,8 +262,13 @@ class RelyingPartyClient:
             except (trio.BrokenResourceError, trio.ClosedResourceError):  # closed: by the drop, while sending
                 if self._pushes is None:  # one address: no fail-over
                     raise
-                while self.conn is conn:  # the stream dropped: wait for the next node's
+                while self.conn is conn and not self._closed:  # the stream dropped: wait for the next node's
                     await self._switched.wait()
+
+    def _close(self) -> None:
+        """No more fail-overs: a request waiting for the next stream, or made after, raises."""
+        self._closed = True
+        self._switched.set()
 
     async def open_session(self, *, level: str = "basic", purpose: str = "") -> OpenedSession:
         reply: P.SessionOpened = await self._request(P.OpenSession, level=level, purpose=purpose)
@@ -389,6 +397,7 @@ async def open_relying_party(
             try:
                 yield client
             finally:
+                client._close()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:  # the caller's own exception, or the first connection's
         if len(group.exceptions) == 1:
