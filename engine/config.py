@@ -35,9 +35,9 @@ class LimitsConfig:
     #: longer than this (seconds), once at least ``min_admitted`` are in progress. With the
     #: models sharing their worker processes the estimate is all the work queued ahead of
     #: a new verification, and an admitted one takes its own model time on top (p50 at 50 %
-    #: of capacity: 130-175 ms): at 0.75 s the 30-minute soak's p99 was under 1 s in five
-    #: windows of six, at 1.0 s in one (benchmarks/TUNING.md section 6 has the measured
-    #: trade-off with the share refused).
+    #: of capacity: 130-175 ms): at 0.75 s two 30-minute soaks kept the p99 under 1 s in
+    #: every window (821-898 ms, 1.0-4.1 % refused); at 1.0 s, with the machine slower, it was
+    #: over 1 s in four windows of six (benchmarks/TUNING.md section 6).
     admission_wait: float = 0.75
     min_admitted: int = 4
     request_deadline: float = 10.0  # seconds for any one request, set at the boundary

@@ -318,7 +318,8 @@ def test_the_services_cpu_per_verification_is_what_the_step_added_to_their_idle_
 
     def layers(at: float, store: float, state: float) -> Snapshot:
         return Snapshot(at=at, samples={("netid_layer_cpu_seconds_total", (("layer", "store"),)): store,
-                                         ("netid_layer_cpu_seconds_total", (("layer", "state"),)): state})
+                                         ("netid_layer_cpu_seconds_total", (("layer", "state"),)): state,
+                                         ("netid_model_seconds_sum", (("model", "face"),)): 50 * store})
 
     # 3 ms a second with nothing offered in the servers, 1 ms in the state's threads
     gen = SimpleNamespace(pushed={}, services_idle_cpu=0.003, layer_idle_cpu={"state": 0.001, "store": 0.0})
@@ -330,6 +331,7 @@ def test_the_services_cpu_per_verification_is_what_the_step_added_to_their_idle_
     assert row["layer_cpu_raw_ms_per_verification"] == {"state": 3.0, "store": 1.0}
     assert row["layer_cpu_ms_per_verification"] == {"state": 2.0, "store": 1.0}  # less the state's idle 20 ms
     assert row["layer_idle_cpu_ms_per_s"] == {"state": 1.0, "store": 0.0}
+    assert row["model_ms_per_verification"] == {"face": 50.0}  # 1 s in the face model's calls over 20 verifications
 
 
 def test_load_limit_is_the_mean_of_before_and_after():
